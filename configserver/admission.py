@@ -1,0 +1,131 @@
+"""The checks a poll passes before it may get a script, in order, each with its own reason.
+
+Pure rules: facts and query in, a DeviceIdentity out, or Refused with the reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from functools import lru_cache
+
+from .certificates import CertificateError, CertificateVerifier, CheckedCert
+from .forwarded import ClientFacts
+from .identity import BROKEN_MODEL_NAMES, DeviceIdentity, InvalidDeviceName, parse_device_name, query_names_other_device
+from .names import DistinguishedName, DNError, parse_dn
+from .refusals import (
+    CERTIFICATE_MISMATCH,
+    DEVICE_MISMATCH,
+    HTTPS_REQUIRED,
+    INVALID_DEVICE_NAME,
+    NOT_A_DEVICE,
+    NOT_VERIFIED,
+    WRONG_CA,
+    Refused,
+)
+
+# Header DNs repeat on every poll of the same device: parse each distinct string once.
+_parse_dn_cached = lru_cache(maxsize=65536)(parse_dn)
+
+
+def device_cn(subject: DistinguishedName) -> str | None:
+    """The CN of an innovaphone device subject (exactly C=DE, O=innovaphone, CN=...), else None."""
+    rdns = subject.rdns
+    if len(rdns) != 3 or any(len(rdn) != 1 for rdn in rdns):
+        return None
+    (c,), (o,), (cn,) = rdns
+    if c != ("C", "DE") or o != ("O", "innovaphone") or cn[0] != "CN":
+        return None
+    return cn[1]
+
+
+class Gate:
+    """Admits a poll as a device, or refuses it with the reason of the first check it fails."""
+
+    def __init__(
+        self,
+        accepted_issuers: Iterable[str],
+        verifier: CertificateVerifier,
+        *,
+        require_client_cert: bool = False,
+        cn_fixes: Mapping[str, str] | None = None,
+    ) -> None:
+        self._accepted = frozenset(parse_dn(dn) for dn in accepted_issuers)
+        self._verifier = verifier
+        self._require_cert = require_client_cert
+        self._fixes = {**BROKEN_MODEL_NAMES, **(cn_fixes or {})}
+
+    @property
+    def cn_fixes(self) -> Mapping[str, str]:
+        return self._fixes
+
+    def admit(self, facts: ClientFacts, query: Mapping[str, list[str]], now: dt.datetime) -> DeviceIdentity:
+        """Run the checks in order; return the device, or raise Refused naming the failed check."""
+        if facts.empty:
+            raise Refused(HTTPS_REQUIRED)
+        if facts.verify != "SUCCESS":
+            raise Refused(NOT_VERIFIED, f"verify={facts.verify!r}")
+
+        checked: CheckedCert | None = None
+        cert_error: str | None = None
+        if facts.cert is not None:
+            try:
+                checked = self._verifier.check(facts.cert)
+            except CertificateError as exc:
+                cert_error = str(exc)
+
+        issuer = self._dn(facts.issuer_dn, WRONG_CA, "issuer") if facts.issuer_dn else None
+        if issuer is None and checked is not None:
+            issuer = checked.issuer  # lighttpd exports no issuer DN; the certificate is checked below
+        if issuer is None:
+            raise Refused(WRONG_CA, "no issuer DN and no readable certificate")
+        if issuer not in self._accepted:
+            raise Refused(WRONG_CA, f"issuer {issuer}")
+
+        subject = self._dn(facts.subject_dn, NOT_A_DEVICE, "subject") if facts.subject_dn else None
+        if subject is None and checked is not None:
+            subject = checked.subject
+        if subject is None:
+            raise Refused(NOT_A_DEVICE, "no subject DN and no readable certificate")
+        cn = device_cn(subject)
+        if cn is None:
+            raise Refused(NOT_A_DEVICE, f"subject {subject}")
+        try:
+            name = parse_device_name(cn, self._fixes)
+        except InvalidDeviceName:
+            raise Refused(INVALID_DEVICE_NAME, f"CN {cn!r}") from None
+
+        if facts.cert is not None:
+            if checked is None:
+                raise Refused(CERTIFICATE_MISMATCH, cert_error)
+            problem = checked.problem(now)
+            if problem:
+                raise Refused(CERTIFICATE_MISMATCH, problem)
+            if checked.subject != subject:
+                raise Refused(CERTIFICATE_MISMATCH, f"certificate subject {checked.subject} is not {subject}")
+            if checked.issuer != issuer:
+                raise Refused(CERTIFICATE_MISMATCH, f"certificate issuer {checked.issuer} is not {issuer}")
+        elif self._require_cert:
+            raise Refused(CERTIFICATE_MISMATCH, "no certificate forwarded and require_client_cert is set")
+
+        device = DeviceIdentity(
+            hwid=name.hwid,
+            model=name.model,
+            mac=name.mac,
+            cn=cn,
+            issuer=str(issuer),
+            fingerprint_sha256=checked.fingerprint_sha256 if checked else None,
+            serial=checked.serial if checked else None,
+            not_after=checked.not_after if checked else None,
+        )
+        other = query_names_other_device(device, query, self._fixes)
+        if other:
+            raise Refused(DEVICE_MISMATCH, f"query names {other}, certificate is {device.hwid}")
+        return device
+
+    @staticmethod
+    def _dn(text: str, reason: str, what: str) -> DistinguishedName:
+        try:
+            return _parse_dn_cached(text)
+        except DNError as exc:
+            raise Refused(reason, f"unreadable {what} DN: {exc}") from None

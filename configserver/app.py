@@ -1,0 +1,212 @@
+"""The web layer: one path from a request to a device's script, and the service's own routes.
+
+Every GET or HEAD path other than the service's own is an update poll, so admins can register
+whatever URL they like in my.innovaphone. A poll goes, top to bottom:
+
+    transport facts (forwarded.py) -> checks (admission.py) -> template and vars (templates.py)
+    -> render -> answer -> one log line, one metrics count, one inventory record
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+
+from .admission import Gate
+from .certificates import CertificateVerifier, load_ca_bundle
+from .forwarded import TrustedProxies, facts_from_headers, facts_from_tls
+from .logs import configure_logging
+from .polls import PollRecord
+from .refusals import Refused
+from .settings import Settings, load_settings
+from .templates import ConfigurationError, TemplateStore
+
+log = logging.getLogger("configserver.poll")
+
+SERVICE_PATHS = frozenset({"/healthz", "/metrics"})
+RELOAD_SECONDS = 1.0
+
+_PLAIN = b"text/plain; charset=utf-8"
+_NO_STORE = (b"cache-control", b"no-store")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """`request` in templates: what the device asked for. `query` is the device's word only."""
+
+    path: str
+    query: dict[str, str]
+    client_ip: str | None
+
+
+class ConfigServer:
+    """The ASGI application: polls are answered here, service routes by a small FastAPI app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        cas = load_ca_bundle(settings.ca_bundle) if settings.ca_bundle else None
+        self.verifier = CertificateVerifier(cas)
+        self.gate = Gate(
+            settings.accepted_issuers,
+            self.verifier,
+            require_client_cert=settings.require_client_cert,
+            cn_fixes=settings.cn_fixes,
+        )
+        self.trusted = TrustedProxies(settings.trusted_proxies)
+        self.store = TemplateStore(
+            settings.templates, settings.vars, grace_seconds=settings.grace_seconds, cn_fixes=settings.cn_fixes
+        )
+        self.recorders: list[Callable[[PollRecord], None]] = []
+        self.registry = CollectorRegistry()
+        self._polls = Counter(
+            "configserver_polls", "Polls answered, by status and refusal reason",
+            ["status", "reason"], registry=self.registry,
+        )
+        self._counters: dict[tuple[int, str], Any] = {}
+        self.api = self._service_routes()
+
+    # -- the service's own routes and lifecycle ---------------------------------------------
+
+    def _service_routes(self) -> FastAPI:
+        api = FastAPI(lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+        @api.get("/healthz", response_class=PlainTextResponse)
+        def healthz() -> str:
+            return "ok\n"
+
+        @api.get("/metrics")
+        def metrics() -> Response:
+            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+        return api
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(self.store.refresh)
+        reloader = asyncio.create_task(self._reload_forever())
+        try:
+            yield
+        finally:
+            reloader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reloader
+
+    async def _reload_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RELOAD_SECONDS)
+            try:
+                await asyncio.to_thread(self.store.refresh)
+            except Exception:  # a scan must never stop the reloads that follow
+                log.exception("template scan failed", extra={"fields": {"event": "reload_failed"}})
+
+    # -- ASGI entry ---------------------------------------------------------------------------
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] == "http" and scope["path"] not in SERVICE_PATHS:
+            await self.poll(scope, send)
+        else:
+            await self.api(scope, receive, send)
+
+    async def poll(self, scope: dict[str, Any], send: Callable[..., Any]) -> None:
+        """Answer one update poll: the device's own script, or a one-line `# reason` comment."""
+        started = time.perf_counter()
+        now = dt.datetime.now(dt.timezone.utc)
+        query = urllib.parse.parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        record = PollRecord(
+            time=now.timestamp(), client_ip=None, path=scope["path"], status=200, reason=None,
+            query={key: values[0] for key, values in query.items()},
+        )
+        if scope["method"] not in ("GET", "HEAD"):
+            record.status, body = 405, b"# method not allowed\n"
+            client = scope.get("client")
+            record.client_ip = client[0] if client else None
+        else:
+            try:
+                body = self._answer(scope, query, now, record)
+            except Exception:  # a bug must cost one answer, never the script of another device
+                log.exception("poll failed", extra={"fields": {"event": "poll_failed", "path": record.path}})
+                record.status, record.reason, body = 500, "internal error", b"# internal error\n"
+        await send({
+            "type": "http.response.start",
+            "status": record.status,
+            "headers": [(b"content-type", _PLAIN), (b"content-length", str(len(body)).encode()), _NO_STORE],
+        })
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+        record.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        self._finish(record)
+
+    def _answer(self, scope: dict[str, Any], query: dict[str, list[str]], now: dt.datetime, record: PollRecord) -> bytes:
+        """Everything between the transport and the bytes sent; fills in `record` as it goes."""
+        try:
+            facts = facts_from_tls(scope) if self.settings.builtin_tls else facts_from_headers(scope, self.trusted)
+            record.client_ip = facts.client_ip
+            device = self.gate.admit(facts, query, now)
+        except Refused as refusal:
+            if record.client_ip is None:
+                client = scope.get("client")
+                record.client_ip = client[0] if client else None
+            record.status, record.reason, record.detail = 403, refusal.reason, refusal.detail
+            return f"# {refusal.reason}\n".encode()
+        record.hwid, record.mac, record.model = device.hwid, device.mac, device.model
+
+        choice = self.store.snapshot.choose(device)
+        record.template = choice.template
+        try:
+            if choice.problem:
+                raise ConfigurationError(choice.problem)
+            if choice.template is None:
+                record.status, record.reason = 404, "no configuration"
+                return f"# no configuration for {device.hwid}\n".encode()
+            context = {
+                "device": device,
+                "vars": choice.variables,
+                "request": RequestInfo(scope["path"], record.query, record.client_ip),
+                "now": now,
+            }
+            script = self.store.render(choice.template, context).encode("utf-8")
+        except ConfigurationError as error:
+            record.status, record.reason, record.detail = 500, "configuration error", str(error)
+            return b"# configuration error\n"
+        record.script_sha256 = hashlib.sha256(script).hexdigest()
+        return script
+
+    def _finish(self, record: PollRecord) -> None:
+        level = logging.INFO if record.status < 500 else logging.ERROR
+        log.log(level, "poll", extra={"fields": record.log_fields()})
+        key = (record.status, record.reason or "")
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self._polls.labels(str(record.status), record.reason or "")
+        counter.inc()
+        for recorder in self.recorders:
+            recorder(record)
+
+
+def create_app(settings: Settings) -> ConfigServer:
+    """Build the service for `settings`. Nothing happens at import time; build as many as you like."""
+    return ConfigServer(settings)
+
+
+def create_app_from_environment() -> ConfigServer:
+    """The uvicorn factory: settings from `CONFIGSERVER_CONFIG_FILE` (if set) and the environment.
+
+    `configserver serve` hands its settings to every worker process this way.
+    """
+    config_file = os.environ.get("CONFIGSERVER_CONFIG_FILE")
+    settings = load_settings(config_file=Path(config_file) if config_file else None)
+    configure_logging(settings.log_level)
+    return create_app(settings)

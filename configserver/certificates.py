@@ -1,0 +1,179 @@
+"""Forwarded client certificates: decoding the four encodings terminators use, and verifying.
+
+Encodings seen on the wire (../shared/docs/terminators.md):
+- URL-escaped PEM: nginx `$ssl_client_escaped_cert`, lighttpd through mod_magnet, Apache `escape:`
+- PEM with every newline turned into a space: Apache `%{SSL_CLIENT_CERT}s`
+- one line of base64 DER: HAProxy `ssl_c_der,base64`
+- plain PEM: the ASGI TLS extension of the built-in listener
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import re
+import threading
+import urllib.parse
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+
+from .names import DistinguishedName
+
+_PEM_BODY = re.compile(r"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
+_MAX_ENCODED = 16384
+
+
+class CertificateError(ValueError):
+    """A forwarded certificate cannot be decoded or does not verify; the text says why."""
+
+
+class CABundleError(ValueError):
+    """The CA bundle file is unreadable or holds no CA certificate."""
+
+
+def decode_forwarded_cert(value: str) -> x509.Certificate:
+    """Decode a certificate in any of the encodings terminators forward.
+
+    Raises CertificateError when the value is empty, `(null)`, or not one certificate.
+    """
+    text = value.strip()
+    if not text or text == "(null)":
+        raise CertificateError("no certificate in the header")
+    if len(text) > _MAX_ENCODED:
+        raise CertificateError("certificate header too large")
+    if "%" in text:
+        # not unquote_plus: Apache's escape: keeps '+' literal, and '+' is base64
+        text = urllib.parse.unquote(text)
+    bodies = _PEM_BODY.findall(text)
+    if len(bodies) > 1:
+        raise CertificateError("more than one certificate in the header")
+    body = bodies[0] if bodies else text
+    try:
+        der = base64.b64decode("".join(body.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise CertificateError("certificate is neither PEM nor base64 DER") from None
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise CertificateError(f"not an X.509 certificate: {exc}") from None
+
+
+def load_ca_bundle(path: Path) -> list[x509.Certificate]:
+    """Read the PEM bundle of accepted device CAs.
+
+    Raises CABundleError when the file cannot be read, is not PEM, or holds no CA certificate.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CABundleError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise CABundleError(f"{path} holds no PEM certificate") from None
+    cas = [c for c in certs if _is_ca(c)]
+    if not cas:
+        raise CABundleError(f"{path} holds no CA certificate (basicConstraints CA:TRUE)")
+    return cas
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        # X.509 v1 roots (old CAs) carry no extensions at all; a self-signed v1 is a root.
+        return cert.version == x509.Version.v1 and cert.issuer == cert.subject
+
+
+@dataclass(frozen=True)
+class CheckedCert:
+    """A decoded certificate, the facts we keep, and whether our CA bundle vouches for it."""
+
+    subject: DistinguishedName
+    issuer: DistinguishedName
+    fingerprint_sha256: str
+    serial: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    signature_problem: str | None  # None: signed by a CA in the bundle
+
+    def problem(self, now: dt.datetime) -> str | None:
+        """Why this certificate must not be trusted at `now`, or None when it may."""
+        if self.signature_problem:
+            return self.signature_problem
+        if now < self.not_before:
+            return "certificate not yet valid"
+        if now > self.not_after:
+            return "certificate expired"
+        return None
+
+
+class CertificateVerifier:
+    """Decodes forwarded certificates, checks them against the CA bundle, remembers verdicts.
+
+    Devices poll every few minutes with the same certificate: after the first poll the
+    verdict costs one dictionary lookup. Bad certificates are remembered too, so a client
+    cannot make us redo signature checks by repeating one. Only validity against the clock
+    is evaluated per poll (`CheckedCert.problem`).
+    """
+
+    def __init__(self, cas: list[x509.Certificate] | None, *, cache_size: int = 65536) -> None:
+        self._cas = cas
+        self._cache: OrderedDict[str, CheckedCert | CertificateError] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def check(self, encoded: str) -> CheckedCert:
+        """Decode a forwarded certificate and check its signature, from cache when seen before.
+
+        Raises CertificateError when the value is not one decodable certificate.
+        """
+        with self._lock:
+            verdict = self._cache.get(encoded)
+            if verdict is not None:
+                self._cache.move_to_end(encoded)
+        if verdict is None:
+            try:
+                verdict = self._check_uncached(encoded)
+            except CertificateError as exc:
+                verdict = exc
+            with self._lock:
+                self._cache[encoded] = verdict
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        if isinstance(verdict, CertificateError):
+            raise verdict
+        return verdict
+
+    def _check_uncached(self, encoded: str) -> CheckedCert:
+        cert = decode_forwarded_cert(encoded)
+        not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
+        problem: str | None = "not signed by any CA in ca_bundle"
+        if self._cas is None:
+            problem = "no ca_bundle configured: a forwarded certificate cannot be verified"
+        for ca in self._cas or ():
+            if ca.subject != cert.issuer:
+                continue
+            try:
+                cert.verify_directly_issued_by(ca)
+            except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+                continue  # e.g. a forged CA with the same name: try the next one, then refuse
+            problem = None
+            not_before = max(not_before, ca.not_valid_before_utc)
+            not_after = min(not_after, ca.not_valid_after_utc)
+            break
+        return CheckedCert(
+            subject=DistinguishedName.from_x509(cert.subject),
+            issuer=DistinguishedName.from_x509(cert.issuer),
+            fingerprint_sha256=cert.fingerprint(hashes.SHA256()).hex(),
+            serial=format(cert.serial_number, "x"),
+            not_before=not_before,
+            not_after=not_after,
+            signature_problem=problem,
+        )

@@ -1,0 +1,128 @@
+"""What the connection tells us about the client: certificate facts and the client's address.
+
+Behind a TLS terminator the facts arrive as request headers, which count only when the TCP
+peer is a trusted proxy (or a unix socket, whose access the folder permissions control). With
+the built-in listener they arrive through the ASGI TLS extension and headers count for nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .refusals import DUPLICATE_HEADER, UNTRUSTED_PROXY, Refused
+
+VERIFY = b"x-ssl-client-verify"
+SUBJECT_DN = b"x-ssl-client-s-dn"
+ISSUER_DN = b"x-ssl-client-i-dn"
+CERT = b"x-ssl-client-cert"
+IDENTITY_HEADERS = (VERIFY, SUBJECT_DN, ISSUER_DN, CERT)
+_FORWARDED_FOR = b"x-forwarded-for"
+_REAL_IP = b"x-real-ip"
+
+# What terminators send for "nothing here": Apache `(null)`, HAProxy an empty value.
+_ABSENT = ("", "(null)")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientFacts:
+    """The client-certificate facts of one request, as its transport reported them."""
+
+    verify: str | None       # "SUCCESS" when the terminator (or our handshake) verified the chain
+    subject_dn: str | None
+    issuer_dn: str | None
+    cert: str | None         # the certificate, in whatever encoding the terminator used
+    client_ip: str | None
+
+    @property
+    def empty(self) -> bool:
+        return self.verify is None and self.subject_dn is None and self.issuer_dn is None and self.cert is None
+
+
+class TrustedProxies:
+    """Which TCP peers may hand us client-certificate headers. Answers are cached per address."""
+
+    def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        self._networks = tuple(networks)
+        self._known: dict[str, bool] = {}
+
+    def __contains__(self, host: str) -> bool:
+        known = self._known.get(host)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                return False
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            known = any(address in net for net in self._networks)
+            if len(self._known) < 4096:
+                self._known[host] = known
+        return known
+
+
+def facts_from_tls(scope: dict[str, Any]) -> ClientFacts:
+    """Facts from the built-in listener: the handshake verified the certificate already."""
+    client = scope.get("client")
+    client_ip = client[0] if client else None
+    tls = scope.get("extensions", {}).get("tls") or {}
+    chain = tls.get("client_cert_chain") or []
+    if not chain:
+        return ClientFacts(None, None, None, None, client_ip)
+    verify = "SUCCESS" if tls.get("client_cert_error") is None else f"FAILED:{tls['client_cert_error']}"
+    return ClientFacts(verify, None, None, chain[0], client_ip)
+
+
+def facts_from_headers(scope: dict[str, Any], trusted: TrustedProxies) -> ClientFacts:
+    """Facts a TLS terminator forwarded as headers.
+
+    Raises Refused("untrusted proxy") when the peer is not a trusted proxy, whatever it sent,
+    and Refused("duplicate header") when an identity header arrives more than once: a
+    terminator that appends instead of replacing would let a client smuggle its value in first.
+    """
+    client = scope.get("client")
+    if client:
+        peer = client[0]
+        if peer not in trusted:
+            raise Refused(UNTRUSTED_PROXY, f"peer {peer}")
+    elif not _is_unix_socket(scope):
+        raise Refused(UNTRUSTED_PROXY, "peer address unknown")
+    else:
+        peer = None
+
+    seen: dict[bytes, str] = {}
+    forwarded_for: list[str] = []
+    real_ip: str | None = None
+    for name, value in scope["headers"]:
+        # ASGI servers give lower-case names; every name we care about starts with "x-"
+        if name[:2] != b"x-":
+            continue
+        if name in IDENTITY_HEADERS:
+            if name in seen:
+                raise Refused(DUPLICATE_HEADER, name.decode())
+            seen[name] = value.decode("latin-1").strip()
+        elif name == _FORWARDED_FOR:
+            forwarded_for.extend(part.strip() for part in value.decode("latin-1").split(","))
+        elif name == _REAL_IP:
+            real_ip = value.decode("latin-1").strip()
+
+    # Terminators append to what the client sent: only the right-most entry is theirs.
+    client_ip = (forwarded_for[-1] if forwarded_for and forwarded_for[-1] else None) or real_ip or peer
+    return ClientFacts(
+        verify=seen.get(VERIFY),
+        subject_dn=_present(seen.get(SUBJECT_DN)),
+        issuer_dn=_present(seen.get(ISSUER_DN)),
+        cert=_present(seen.get(CERT)),
+        client_ip=client_ip,
+    )
+
+
+def _present(value: str | None) -> str | None:
+    return None if value is None or value in _ABSENT else value
+
+
+def _is_unix_socket(scope: dict[str, Any]) -> bool:
+    server = scope.get("server")
+    return bool(server) and server[1] is None

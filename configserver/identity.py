@@ -1,0 +1,113 @@
+"""From a certificate's common name to a device: the name pattern, broken early CNs, hwid, MAC.
+
+An innovaphone device certificate's CN is `<model>-xx-xx-xx`: the model, then the last three
+bytes of the device's MAC, whose OUI is innovaphone's 00-90-33. Nothing that fails this pattern
+ever reaches the file system.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+INNOVAPHONE_OUI = "00-90-33"
+
+# Some early certificates carry a model name that is not the product's ("some early
+# certificates where broken", innovaphone's own update server). Only the model part is fixed.
+BROKEN_MODEL_NAMES: Mapping[str, str] = {
+    "IP222s": "IP222",
+    "IP232s": "IP232",
+    "IP240a": "IP240",
+    "IP200a": "IP200",
+}
+
+# re.ASCII: \d and friends must not admit Unicode digits or look-alikes; fullmatch with \Z-like
+# semantics: no trailing newline slips through.
+_DEVICE_NAME = re.compile(
+    r"(?P<model>[A-Za-z0-9]{1,24}(?:-[A-Za-z0-9]{1,8})?)"
+    r"-(?P<b1>[0-9A-Fa-f]{2})-(?P<b2>[0-9A-Fa-f]{2})-(?P<b3>[0-9A-Fa-f]{2})",
+    re.ASCII,
+)
+_MAC = re.compile(r"(?:[0-9A-Fa-f]{2}[-:]?){5}[0-9A-Fa-f]{2}", re.ASCII)
+
+
+class InvalidDeviceName(ValueError):
+    """The name is not `<model>-xx-xx-xx`."""
+
+
+@dataclass(frozen=True)
+class DeviceName:
+    """The parts of a device name, with broken early model names fixed."""
+
+    hwid: str        # "IP222-30-00-af": fixed model, lower-case hex
+    model: str       # "IP222"
+    mac: str         # "00-90-33-30-00-af"
+
+
+def parse_device_name(name: str, fixes: Mapping[str, str] = BROKEN_MODEL_NAMES) -> DeviceName:
+    """Split a CN (or a hwid from a URL) into hwid, model and MAC, fixing broken model names.
+
+    Raises InvalidDeviceName when `name` is not exactly `<model>-xx-xx-xx`.
+    """
+    match = _DEVICE_NAME.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise InvalidDeviceName(f"{name!r} is not <model>-xx-xx-xx")
+    model = match["model"]
+    model = fixes.get(model, model)
+    tail = f"{match['b1']}-{match['b2']}-{match['b3']}".lower()
+    return DeviceName(hwid=f"{model}-{tail}", model=model, mac=f"{INNOVAPHONE_OUI}-{tail}")
+
+
+def normalize_mac(text: str) -> str | None:
+    """`0090333000AF`, `00:90:33:30:00:af` or `00-90-33-30-00-af` as `00-90-33-30-00-af`; None if not a MAC."""
+    if not _MAC.fullmatch(text):
+        return None
+    digits = re.sub(r"[-:]", "", text).lower()
+    return "-".join(digits[i:i + 2] for i in range(0, 12, 2))
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """Who is polling, as proven by its certificate. This is `device` in templates."""
+
+    hwid: str
+    model: str
+    mac: str
+    cn: str                                  # the CN as presented, before any fix
+    issuer: str                              # the accepted CA that issued it (RFC 4514)
+    fingerprint_sha256: str | None = None    # when the certificate itself is known
+    serial: str | None = None                # hex
+    not_after: dt.datetime | None = None
+    groups: tuple[str, ...] = field(default=())
+
+    @property
+    def mac_plain(self) -> str:
+        """The MAC as innovaphone's `sn` argument carries it: `0090333000af`."""
+        return self.mac.replace("-", "")
+
+
+def query_names_other_device(
+    device: DeviceIdentity, query: Mapping[str, list[str]], fixes: Mapping[str, str] = BROKEN_MODEL_NAMES
+) -> str | None:
+    """Whether the device's query names another device, the way innovaphone's server compares.
+
+    `hwid` is compared after the CN fix, `sn` and `mac` without dashes or colons, all without
+    regard to case. Returns a description of the first mismatch, or None. Empty values name
+    nothing (a URL whose placeholder the device left empty).
+    """
+    for value in query.get("hwid", ()):
+        if not value:
+            continue
+        try:
+            claimed = parse_device_name(value, fixes).hwid
+        except InvalidDeviceName:
+            claimed = value
+        if claimed.lower() != device.hwid.lower():
+            return f"hwid={value}"
+    for key in ("sn", "mac"):
+        for value in query.get(key, ()):
+            if value and re.sub(r"[-:]", "", value).lower() != device.mac_plain:
+                return f"{key}={value}"
+    return None

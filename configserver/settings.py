@@ -1,0 +1,201 @@
+"""The one settings object every entry point funnels into.
+
+Values come, strongest first, from: explicit overrides (command-line flags), environment
+variables `CONFIGSERVER_<KEY>`, the TOML file (`configserver.toml` in the working directory or
+`--config PATH`), and the defaults below, which serve the lab out of the box.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .certificates import CABundleError, load_ca_bundle
+from .names import DNError, parse_dn
+
+DEFAULT_CONFIG_FILE = Path("configserver.toml")
+
+# The legacy form reads root first and cannot be confused with RFC 4514's leaf-first order.
+INNOVAPHONE_DEVICE_CAS = [
+    "/C=DE/O=innovaphone/OU=innovaphone Device Certification Authority",
+    "/C=DE/O=innovaphone/OU=innovaphone Device Certification Authority 2",
+]
+
+FinalCommand = Literal["iresetn", "ireset", "resetn", "reset", "ser"]
+TLSVersionName = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SettingsError(Exception):
+    """A setting is missing, malformed or points at something unusable; the text names it."""
+
+
+_toml_file: ContextVar[Path] = ContextVar("configserver_toml_file", default=DEFAULT_CONFIG_FILE)
+
+
+def _comma_list(value: Any) -> Any:
+    """Environment variables give lists as `a,b,c` (or JSON); TOML gives real lists."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every option of the service, validated once at start-up. See README, "Settings"."""
+
+    model_config = SettingsConfigDict(env_prefix="CONFIGSERVER_", extra="forbid", frozen=True)
+
+    # Content
+    templates: Path = Path("templates")
+    vars: Path = Path("vars")
+    grace_seconds: float = Field(1.0, ge=0, le=60)
+
+    # Listening
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    uds: Path | None = None
+    workers: int = Field(1, ge=1, le=64)
+
+    # Who may tell us about client certificates, and which certificates we accept
+    trusted_proxies: Annotated[list[Network], NoDecode] = Field(
+        default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+    )
+    ca_bundle: Path | None = None
+    accepted_issuers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(INNOVAPHONE_DEVICE_CAS)
+    )
+    require_client_cert: bool = False
+    cn_fixes: dict[str, str] = Field(default_factory=dict)
+
+    # Built-in TLS listener
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_min_version: TLSVersionName = "TLSv1.2"
+    tls_security_level: int | None = Field(None, ge=0, le=5)
+
+    # Applying each change once (mod cmd UP1 check)
+    apply_once: bool = True
+    final_command: FinalCommand = "iresetn"
+    groups: dict[str, list[str]] = Field(default_factory=dict)
+
+    # Inventory and audit
+    database: str = "sqlite:///configserver.db"
+    audit_retention_days: int = Field(90, ge=1)
+    audit_queue_size: int = Field(10000, ge=100)
+
+    # Logging
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        value = _comma_list(value)
+        if isinstance(value, list):
+            return [ipaddress.ip_network(str(v).strip(), strict=False) for v in value]
+        return value
+
+    @field_validator("accepted_issuers", mode="before")
+    @classmethod
+    def _issuers(cls, value: Any) -> Any:
+        value = _comma_list(value) if isinstance(value, str) and value.strip().startswith("[") else value
+        if isinstance(value, str):
+            # a single DN: commas belong to it, several DNs come as JSON or a TOML list
+            value = [value]
+        return value
+
+    @field_validator("accepted_issuers")
+    @classmethod
+    def _issuers_parse(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one issuer DN is needed")
+        for dn in value:
+            try:
+                parse_dn(dn)
+            except DNError as exc:
+                raise ValueError(f"{dn!r} is not a distinguished name: {exc}") from None
+        return value
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _bundle(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                load_ca_bundle(value)
+            except CABundleError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "Settings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        return self
+
+    @property
+    def builtin_tls(self) -> bool:
+        """True when the service terminates TLS itself instead of trusting a terminator."""
+        return self.tls_cert is not None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, _toml_file.get())
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build and validate the settings.
+
+    `config_file` names a TOML file that must exist; without it `configserver.toml` in the
+    working directory is read when present. `overrides` beat every other source.
+    Raises SettingsError naming the key (and the file) at fault.
+    """
+    path = config_file if config_file is not None else DEFAULT_CONFIG_FILE
+    if config_file is not None and not path.is_file():
+        raise SettingsError(f"config file {path} not found")
+    token = _toml_file.set(path)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, path)) from None
+    finally:
+        _toml_file.reset(token)
+
+
+def _describe(exc: ValidationError, path: Path) -> str:
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = f"unknown setting (in {path} or the environment)"
+        lines.append(f"setting {key!r}: {message}")
+    return "; ".join(lines)

@@ -1,0 +1,348 @@
+"""Templates and variables: what is on disk, which of it a device gets, and rendering.
+
+A background scan (`TemplateStore.refresh`, run off the event loop) turns the two folders into
+an immutable `Snapshot`; a poll only ever reads the current snapshot, so its cost does not grow
+with the number of files. A file modified less than `grace_seconds` ago is not read yet: the
+snapshot keeps the last version that was complete, so a file being written never yields half a
+script.
+
+Lookup, first file that exists wins:
+    templates/devices/<hwid>.j2, templates/devices/<mac>.j2, templates/models/<model>.j2,
+    templates/default.j2
+Variables, later layers override earlier ones (tables merged key by key):
+    vars/default.toml, vars/models/<model>.toml, vars/devices/<mac>.toml,
+    vars/devices/<hwid>.toml, the `mac` row and the `hwid` row of vars/devices.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import re
+import threading
+import time
+import tomllib
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import jinja2
+
+from .identity import BROKEN_MODEL_NAMES, DeviceIdentity, InvalidDeviceName, normalize_mac, parse_device_name
+
+log = logging.getLogger("configserver.templates")
+
+TEMPLATE_SUFFIX = ".j2"
+_MAX_FILE_BYTES = 4 * 1024 * 1024
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+class ConfigurationError(Exception):
+    """A device's configuration cannot be produced; the text names the file, line and cause."""
+
+    def __init__(self, cause: str, file: str | None = None, line: int | None = None) -> None:
+        where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
+        super().__init__(f"{where}{cause}")
+        self.cause, self.file, self.line = cause, file, line
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    """One file as read at one moment: its text (or parsed data) and what identifies that version."""
+
+    name: str            # path relative to its folder, with '/'
+    stamp: tuple[int, int, int]  # (mtime_ns, size, inode): a different stamp is a different version
+    text: str
+    data: Any = None     # parsed TOML (dict) or CSV rows
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a device gets: the template to render, the variables, and where they came from."""
+
+    template: str | None
+    vars_files: tuple[str, ...]
+    variables: Mapping[str, Any]
+    problem: str | None = None   # a vars file this device reads could not be parsed
+
+
+def device_key(stem: str, fixes: Mapping[str, str] = BROKEN_MODEL_NAMES) -> str:
+    """The lookup key of a per-device file name: a MAC or a hwid, matched without regard to case."""
+    mac = normalize_mac(stem)
+    if mac:
+        return mac
+    try:
+        return parse_device_name(stem, fixes).hwid.casefold()
+    except InvalidDeviceName:
+        return stem.casefold()
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _merge(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class Snapshot:
+    """Templates and variables as one consistent view. Never changed once published."""
+
+    templates: dict[str, SourceFile] = field(default_factory=dict)
+    vars: dict[str, SourceFile] = field(default_factory=dict)
+    lookup: dict[str, str] = field(default_factory=dict)   # "devices/<key>", "models/<model>", "default"
+    vars_lookup: dict[str, str] = field(default_factory=dict)
+    csv_rows: dict[str, dict[str, str]] = field(default_factory=dict)  # device key -> row
+    fixes: Mapping[str, str] = field(default_factory=lambda: BROKEN_MODEL_NAMES)
+    _choices: dict[str, Choice] = field(default_factory=dict)
+
+    def choose(self, device: DeviceIdentity) -> Choice:
+        """The template and variables for `device`; computed once per device per snapshot."""
+        choice = self._choices.get(device.hwid)
+        if choice is None:
+            choice = self._choose(device)
+            if len(self._choices) < 1_000_000:
+                self._choices[device.hwid] = choice
+        return choice
+
+    def _choose(self, device: DeviceIdentity) -> Choice:
+        hwid, mac, model = device.hwid.casefold(), device.mac, device.model.casefold()
+        template = None
+        for key in (f"devices/{hwid}", f"devices/{mac}", f"models/{model}", "default"):
+            template = self.lookup.get(key)
+            if template:
+                break
+        variables: dict[str, Any] = {}
+        used: list[str] = []
+        problem = None
+        for key in ("default", f"models/{model}", f"devices/{mac}", f"devices/{hwid}"):
+            name = self.vars_lookup.get(key)
+            if name is None:
+                continue
+            source = self.vars[name]
+            if source.error:
+                problem = problem or f"{name}: {source.error}"
+                continue
+            variables = _merge(variables, source.data)
+            used.append(name)
+        for key in (mac, hwid):
+            row = self.csv_rows.get(key)
+            if row is not None:
+                variables = _merge(variables, row)
+                used.append("devices.csv")
+        return Choice(template, tuple(dict.fromkeys(used)), _freeze(variables), problem)
+
+
+class _SnapshotLoader(jinja2.BaseLoader):
+    """Serves template sources from the current snapshot: no file system access while rendering,
+    and no name that is not a file below the templates folder can ever be loaded."""
+
+    def __init__(self, store: "TemplateStore") -> None:
+        self._store = store
+
+    def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Callable[[], bool]]:
+        source = self._store.snapshot.templates.get(template)
+        if source is None:
+            raise jinja2.TemplateNotFound(template)
+        store = self._store
+        return source.text, str(store.templates_dir / template), lambda: store.snapshot.templates.get(template) is source
+
+    def list_templates(self) -> list[str]:
+        return sorted(self._store.snapshot.templates)
+
+
+class TemplateStore:
+    """The templates and vars folders, scanned into snapshots, and the Jinja environment."""
+
+    def __init__(
+        self,
+        templates_dir: Path,
+        vars_dir: Path,
+        *,
+        grace_seconds: float = 1.0,
+        cn_fixes: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.templates_dir = Path(templates_dir).absolute()
+        self.vars_dir = Path(vars_dir).absolute()
+        self.grace_seconds = grace_seconds
+        self._fixes = {**BROKEN_MODEL_NAMES, **(cn_fixes or {})}
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.snapshot = Snapshot(fixes=self._fixes)
+        self.environment = jinja2.Environment(
+            loader=_SnapshotLoader(self),
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,
+            keep_trailing_newline=True,
+            auto_reload=True,
+            cache_size=-1,
+        )
+
+    # -- scanning (off the event loop) -------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Rescan both folders; publish a new snapshot when anything changed. Returns whether it did."""
+        with self._lock:
+            old = self.snapshot
+            now = self._clock()
+            templates = self._scan(self.templates_dir, old.templates, now, lambda name, text: (None, None))
+            variables = self._scan(self.vars_dir, old.vars, now, self._parse_vars)
+            if templates == old.templates and variables == old.vars:
+                return False
+            self.snapshot = self._index(templates, variables)
+            log.info("templates reloaded", extra={"fields": {"event": "reload", "templates": len(templates), "vars": len(variables)}})
+            return True
+
+    def _scan(
+        self,
+        root: Path,
+        previous: dict[str, SourceFile],
+        now: float,
+        parse: Callable[[str, str], tuple[Any, str | None]],
+    ) -> dict[str, SourceFile]:
+        found: dict[str, SourceFile] = {}
+        if not root.is_dir():
+            return found
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for filename in filenames:
+                if filename.startswith(".") or filename.endswith(("~", ".swp", ".tmp", ".part")):
+                    continue
+                path = Path(dirpath, filename)
+                name = path.relative_to(root).as_posix()
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                if not path.is_file():
+                    continue
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+                before = previous.get(name)
+                if before is not None and before.stamp == stamp:
+                    found[name] = before
+                    continue
+                if now - st.st_mtime_ns / 1e9 < self.grace_seconds:
+                    # being written, perhaps: keep the last complete version, if any
+                    if before is not None:
+                        found[name] = before
+                    continue
+                found[name] = self._read(path, name, stamp, parse)
+        return found
+
+    @staticmethod
+    def _read(path: Path, name: str, stamp: tuple[int, int, int], parse: Callable[[str, str], tuple[Any, str | None]]) -> SourceFile:
+        try:
+            if stamp[1] > _MAX_FILE_BYTES:
+                raise ValueError(f"larger than {_MAX_FILE_BYTES} bytes")
+            text = path.read_bytes().decode("utf-8")
+        except (OSError, ValueError) as exc:
+            return SourceFile(name, stamp, "", None, f"cannot read: {exc}")
+        data, error = parse(name, text)
+        return SourceFile(name, stamp, text, data, error)
+
+    @staticmethod
+    def _parse_vars(name: str, text: str) -> tuple[Any, str | None]:
+        if name.endswith(".toml"):
+            try:
+                return tomllib.loads(text), None
+            except tomllib.TOMLDecodeError as exc:
+                return None, f"not valid TOML: {exc}"
+        if name.endswith(".csv"):
+            try:
+                return list(csv.DictReader(io.StringIO(text))), None
+            except csv.Error as exc:
+                return None, f"not valid CSV: {exc}"
+        return None, None
+
+    def _index(self, templates: dict[str, SourceFile], variables: dict[str, SourceFile]) -> Snapshot:
+        snapshot = Snapshot(templates=templates, vars=variables, fixes=self._fixes)
+        for name in sorted(templates):
+            key = self._lookup_key(name, TEMPLATE_SUFFIX)
+            if key is None:
+                continue
+            if key in snapshot.lookup:
+                log.warning("two templates for one key", extra={"fields": {"event": "template_conflict", "key": key, "used": snapshot.lookup[key], "ignored": name}})
+                continue
+            snapshot.lookup[key] = name
+        for name in sorted(variables):
+            key = self._lookup_key(name, ".toml")
+            if key is not None and key not in snapshot.vars_lookup:
+                snapshot.vars_lookup[key] = name
+        table = variables.get("devices.csv")
+        if table is not None and table.data:
+            for row in table.data:
+                ident = (row.get("hwid") or row.get("mac") or "").strip()
+                if not ident:
+                    continue
+                values = {k: v for k, v in row.items() if k and k not in ("hwid", "mac") and v not in (None, "")}
+                snapshot.csv_rows[device_key(ident, self._fixes)] = values
+        return snapshot
+
+    def _lookup_key(self, name: str, suffix: str) -> str | None:
+        if not name.endswith(suffix):
+            return None
+        stem = name[: -len(suffix)]
+        if stem == "default":
+            return "default"
+        folder, _, rest = stem.partition("/")
+        if not rest or "/" in rest:
+            return None
+        if folder == "devices":
+            return f"devices/{device_key(rest, self._fixes)}"
+        if folder == "models":
+            return f"models/{rest.casefold()}"
+        return None
+
+    # -- rendering (on the event loop: CPU only, no I/O) -------------------------------------
+
+    def render(self, template: str, context: Mapping[str, Any]) -> str:
+        """Render `template` with `context` into a complete script with CRLF line ends.
+
+        Raises ConfigurationError naming the template file, line and cause of any failure
+        (syntax error, undefined variable, missing include...). Never returns half a script.
+        """
+        try:
+            text = self.environment.get_template(template).render(context)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ConfigurationError(f"syntax error: {exc.message}", exc.name or template, exc.lineno) from None
+        except jinja2.TemplateNotFound as exc:
+            file, line = self._where(exc, template)
+            raise ConfigurationError(f"template not found: {exc.name}", file, line) from None
+        except Exception as exc:  # anything a template raises: undefined variables, type errors...
+            file, line = self._where(exc, template)
+            message = exc.message if isinstance(exc, jinja2.TemplateError) and exc.message else str(exc)
+            raise ConfigurationError(f"{type(exc).__name__}: {message}", file, line) from None
+        return to_crlf(text)
+
+    def _where(self, exc: BaseException, template: str) -> tuple[str, int | None]:
+        root = str(self.templates_dir) + os.sep
+        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+            if frame.filename.startswith(root):
+                return frame.filename[len(root):], frame.lineno
+        return template, None
+
+
+def to_crlf(text: str) -> str:
+    """Every line ending in CRLF, whatever line endings the template file had."""
+    lines = _LINE_BREAK.split(text)
+    if lines and lines[-1] == "":
+        lines.pop()
+    return "".join(line + "\r\n" for line in lines)
