@@ -1,0 +1,298 @@
+"""A device polls through a terminator and gets its own script; nothing else gets anything."""
+
+import json
+import logging
+
+import pytest
+
+from conftest import call, terminator_headers
+
+MODEL = "# model {{ device.model }} for {{ device.hwid }}\nconfig change SIP0 /pwd {{ vars.password }}\n"
+OWN = "# own script of {{ device.hwid }}\nconfig change SIP0 /pwd {{ vars.password }}\n"
+
+
+@pytest.fixture
+def app(site):
+    site.write("templates/models/IP232.j2", MODEL)
+    site.write("templates/devices/IP232-30-00-af.j2", OWN)
+    site.write("templates/models/IP1202.j2", MODEL)
+    site.write("templates/devices/IP222-30-00-b0.j2", OWN)
+    site.write("vars/default.toml", 'password = "default-secret"\n')
+    site.write("vars/devices/IP232-30-00-af.toml", 'password = "phone-secret"\n')
+    return site.app()
+
+
+@pytest.mark.parametrize("style", ["apache", "nginx", "lighttpd", "haproxy", "dn-only"])
+def test_device_gets_its_own_script_through_every_terminator(app, pki, style):
+    answer = call(app, "/init", terminator_headers(pki.phone, style))
+    assert answer.status == 200, answer.text
+    assert answer.text == "# own script of IP232-30-00-af\r\nconfig change SIP0 /pwd phone-secret\r\n"
+    assert answer.headers["content-type"] == "text/plain; charset=utf-8"
+    assert answer.headers["cache-control"] == "no-store"
+
+
+def test_other_device_of_the_model_gets_the_model_script(app, pki, ca_bundle):
+    other = pki.ca1.issue_device("IP232-30-00-c4")
+    answer = call(app, "/", terminator_headers(other))
+    assert answer.status == 200
+    assert answer.text == "# model IP232 for IP232-30-00-c4\r\nconfig change SIP0 /pwd default-secret\r\n"
+
+
+def test_device_from_second_ca_is_served(app, pki):
+    answer = call(app, "/", terminator_headers(pki.gateway, "nginx"))
+    assert answer.status == 200
+    assert "IP1202-35-fe-4d" in answer.text
+
+
+def test_broken_early_cn_is_served_under_its_fixed_name(app, pki):
+    answer = call(app, "/", terminator_headers(pki.broken, "lighttpd"))
+    assert answer.status == 200
+    assert answer.text.startswith("# own script of IP222-30-00-b0\r\n")
+
+
+def test_head_answers_headers_only(app, pki):
+    answer = call(app, "/", terminator_headers(pki.phone), method="HEAD")
+    assert answer.status == 200 and answer.body == b""
+    assert int(answer.headers["content-length"]) > 0
+
+
+def test_other_methods_are_refused(app, pki):
+    assert call(app, "/", terminator_headers(pki.phone), method="PUT").status == 405
+
+
+# -- every refusal reason, in the order the checks run ------------------------------------
+
+def refused(answer, reason):
+    assert answer.status == 403, answer.text
+    assert answer.text == f"# {reason}\n"
+    assert "secret" not in answer.text
+
+
+def test_untrusted_proxy_is_refused_whatever_it_carries(app, pki):
+    refused(call(app, "/", terminator_headers(pki.phone), client=("192.0.2.7", 5000)), "untrusted proxy")
+    refused(call(app, "/", [], client=("192.0.2.7", 5000)), "untrusted proxy")
+
+
+def test_unix_socket_peer_is_trusted(app, pki):
+    answer = call(app, "/", terminator_headers(pki.phone), client=None, server=("/run/configserver/app.sock", None))
+    assert answer.status == 200
+
+
+def test_trusted_proxies_setting_admits_other_networks(site, pki):
+    site.write("templates/default.j2", "ok\n")
+    app = site.app(trusted_proxies="10.0.0.0/8, 192.0.2.7")
+    assert call(app, "/", terminator_headers(pki.phone), client=("192.0.2.7", 1)).status == 200
+    assert call(app, "/", terminator_headers(pki.phone), client=("10.9.8.7", 1)).status == 200
+    refused(call(app, "/", terminator_headers(pki.phone), client=("127.0.0.1", 1)), "untrusted proxy")
+
+
+@pytest.mark.parametrize("name", ["X-SSL-Client-Verify", "X-SSL-Client-S-DN", "X-SSL-Client-I-DN", "x-ssl-client-cert"])
+def test_identity_header_sent_twice_is_refused(app, pki, name):
+    headers = terminator_headers(pki.phone)
+    smuggled = [(name, dict(terminator_headers(pki.gateway)).get(name.title().replace("Ssl", "SSL").replace("-Dn", "-DN"), "x"))]
+    refused(call(app, "/", smuggled + headers), "duplicate header")
+
+
+def test_no_certificate_facts_means_https_required(app):
+    refused(call(app, "/", [("User-Agent", "innovaphone")]), "https required")
+
+
+@pytest.mark.parametrize("verify", ["NONE", "GENEROUS", "FAILED:unable to verify the first certificate", "success", ""])
+def test_anything_but_success_is_not_verified(app, pki, verify):
+    headers = [("X-SSL-Client-Verify", verify)] + terminator_headers(pki.phone)[1:]
+    refused(call(app, "/", headers), "certificates not verified")
+
+
+def test_missing_verify_header_is_not_verified(app, pki):
+    refused(call(app, "/", terminator_headers(pki.phone)[1:]), "certificates not verified")
+
+
+def test_certificate_from_a_foreign_ca_is_wrong_ca(app, pki):
+    refused(call(app, "/", terminator_headers(pki.unrelated)), "wrong CA")
+    refused(call(app, "/", terminator_headers(pki.unrelated, "lighttpd")), "wrong CA")
+
+
+def test_no_issuer_and_no_certificate_is_wrong_ca(app, pki):
+    headers = [("X-SSL-Client-Verify", "SUCCESS"), ("X-SSL-Client-S-DN", "C = DE, O = innovaphone, CN = IP232-30-00-af")]
+    refused(call(app, "/", headers), "wrong CA")
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "CN=IP232-30-00-af,O=Other,C=DE",
+        "CN=IP232-30-00-af,O=innovaphone,C=US",
+        "CN=IP232-30-00-af,CN=IP232-30-00-b0,O=innovaphone,C=DE",
+        "CN=IP232-30-00-af+OU=x,O=innovaphone,C=DE",
+        "O=innovaphone,C=DE",
+        "C=DE,O=innovaphone,CN=IP232-30-00-af",   # RFC 4514 order reversed: root last
+        "this is no DN",
+    ],
+)
+def test_subject_that_is_not_an_innovaphone_device(app, pki, subject):
+    headers = terminator_headers(pki.phone, "dn-only")
+    headers[1] = ("X-SSL-Client-S-DN", subject)
+    refused(call(app, "/", headers), "not an innovaphone device")
+
+
+@pytest.mark.parametrize("cn", ["IP232-30-00-zz", "..%2F..%2Fetc", "IP232-30-00-\u0430f", "IP232-30-00-af\\ ", "../../x-30-00-af"])
+def test_cn_that_is_no_device_name(app, pki, cn):
+    headers = terminator_headers(pki.phone, "dn-only")
+    headers[1] = ("X-SSL-Client-S-DN", f"CN={cn},O=innovaphone,C=DE".encode().decode("latin-1"))
+    refused(call(app, "/", headers), "invalid device name")
+
+
+def test_forged_ca_certificate_with_genuine_dns_is_a_mismatch(app, pki):
+    # The forged CA has CA 1's exact name: only the signature tells them apart.
+    refused(call(app, "/", terminator_headers(pki.forged)), "certificate mismatch")
+    refused(call(app, "/", terminator_headers(pki.forged, "lighttpd")), "certificate mismatch")
+
+
+def test_expired_certificate_is_a_mismatch(app, pki):
+    refused(call(app, "/", terminator_headers(pki.expired, "haproxy")), "certificate mismatch")
+
+
+def test_certificate_of_another_device_under_these_dns_is_a_mismatch(app, pki):
+    headers = terminator_headers(pki.phone)
+    headers[3] = terminator_headers(pki.gateway)[3]
+    refused(call(app, "/", headers), "certificate mismatch")
+
+
+def test_undecodable_certificate_is_a_mismatch(app, pki):
+    headers = terminator_headers(pki.phone)
+    headers[3] = ("X-SSL-Client-Cert", "-----BEGIN CERTIFICATE----- bm9wZQ== -----END CERTIFICATE-----")
+    refused(call(app, "/", headers), "certificate mismatch")
+
+
+def test_require_client_cert_refuses_dn_only_polls(site, pki):
+    site.write("templates/default.j2", "ok\n")
+    app = site.app(require_client_cert=True)
+    refused(call(app, "/", terminator_headers(pki.phone, "dn-only")), "certificate mismatch")
+    assert call(app, "/", terminator_headers(pki.phone)).status == 200
+
+
+def test_forwarded_certificate_without_ca_bundle_is_refused(site, pki):
+    site.write("templates/default.j2", "ok\n")
+    app = site.app(ca_bundle=None)
+    refused(call(app, "/", terminator_headers(pki.phone)), "certificate mismatch")
+
+
+@pytest.mark.parametrize("query", ["hwid=IP232-30-00-b0", "sn=0090333000b0", "mac=00-90-33-30-00-b0", "hwid=IP232-30-00-af&hwid=IP1202-35-fe-4d"])
+def test_query_naming_another_device_is_a_device_mismatch(app, pki, query):
+    refused(call(app, "/", terminator_headers(pki.phone), query=query), "device mismatch")
+
+
+def test_query_in_innovaphone_form_naming_the_device_itself_is_served(app, pki):
+    query = "sn=0090333000AF&hwid=IP232-30-00-AF&type=IP232&CHECK=&PROT=13r3"
+    assert call(app, "/", terminator_headers(pki.phone), query=query).status == 200
+
+
+# -- answers when the content is missing or broken ----------------------------------------
+
+def test_no_template_is_404(site, pki):
+    answer = call(site.app(), "/", terminator_headers(pki.phone))
+    assert answer.status == 404
+    assert answer.text == "# no configuration for IP232-30-00-af\n"
+
+
+@pytest.mark.parametrize(
+    "template, where",
+    [
+        ("line one\n{% if %}\n", "syntax error"),
+        ("line one\n{{ vars.nope }}\n", "nope"),
+        ("line one\n{% include 'common/missing.j2' %}\n", "common/missing.j2"),
+        ("{{ 1 / 0 }}\n", "ZeroDivisionError"),
+    ],
+)
+def test_broken_template_is_500_and_never_a_partial_script(site, pki, caplog, template, where):
+    site.write("templates/devices/IP232-30-00-af.j2", template)
+    site.write("templates/default.j2", "fine for {{ device.hwid }}\n")
+    app = site.app()
+    with caplog.at_level(logging.INFO, logger="configserver.poll"):
+        answer = call(app, "/", terminator_headers(pki.phone))
+    assert answer.status == 500
+    assert answer.text == "# configuration error\n"
+    record = caplog.records[-1].fields
+    assert record["template"] == "devices/IP232-30-00-af.j2"
+    assert where in record["detail"]
+    assert "devices/IP232-30-00-af.j2:" in record["detail"]  # file and line for the admin
+    # other devices are unaffected
+    assert call(app, "/", terminator_headers(pki.gateway)).text == "fine for IP1202-35-fe-4d\r\n"
+
+
+def test_error_names_the_line_of_the_included_template(site, pki, caplog):
+    site.write("templates/common/sip.j2", "ok\nok\n{{ vars.missing }}\n")
+    site.write("templates/default.j2", "first\n{% include 'common/sip.j2' %}\n")
+    with caplog.at_level(logging.INFO, logger="configserver.poll"):
+        assert call(site.app(), "/", terminator_headers(pki.phone)).status == 500
+    assert caplog.records[-1].fields["detail"].startswith("common/sip.j2:3: ")
+
+
+def test_broken_vars_file_is_a_configuration_error(site, pki):
+    site.write("templates/default.j2", "{{ vars.x }}\n")
+    site.write("vars/default.toml", "x = \n")
+    assert call(site.app(), "/", terminator_headers(pki.phone)).status == 500
+
+
+def test_templates_may_include_and_extend_others(site, pki):
+    site.write("templates/base.j2", "head\n{% block body %}{% endblock %}tail\n")
+    site.write("templates/parts/sip.j2", "config change SIP0 /user {{ device.hwid }}\n")
+    site.write("templates/models/IP232.j2", "{% extends 'base.j2' %}{% block body %}{% include 'parts/sip.j2' %}{% endblock %}")
+    answer = call(site.app(), "/", terminator_headers(pki.phone))
+    assert answer.text == "head\r\nconfig change SIP0 /user IP232-30-00-af\r\ntail\r\n"
+
+
+def test_every_line_ends_in_crlf_whatever_the_template_file_has(site, pki):
+    site.write("templates/default.j2", "a\r\nb\rc\nd")
+    assert call(site.app(), "/", terminator_headers(pki.phone)).body == b"a\r\nb\r\nc\r\nd\r\n"
+
+
+def test_template_context_carries_device_request_and_time(site, pki):
+    site.write(
+        "templates/default.j2",
+        "{{ device.hwid }} {{ device.mac }} {{ device.model }} {{ device.cn }}\n"
+        "{{ device.issuer }}\n{{ device.serial == '%x' % 0 }} {{ device.fingerprint_sha256 | length }}\n"
+        "{{ request.path }} {{ request.query.type }} {{ request.client_ip }}\n{{ now.tzinfo }}\n",
+    )
+    headers = terminator_headers(pki.broken) + [("X-Forwarded-For", "6.6.6.6, 198.51.100.4")]
+    answer = call(site.app(), "/phones/update", headers, query="type=IP222&sn=0090333000B0")
+    assert answer.text.split("\r\n")[:5] == [
+        "IP222-30-00-b0 00-90-33-30-00-b0 IP222 IP222s-30-00-b0",
+        "OU=innovaphone Device Certification Authority 2,O=innovaphone,C=DE",
+        "False 64",
+        "/phones/update IP222 198.51.100.4",   # the right-most X-Forwarded-For entry
+        "UTC",
+    ]
+
+
+def test_poll_log_line_has_the_facts_and_never_the_script(app, pki, caplog):
+    with caplog.at_level(logging.INFO, logger="configserver.poll"):
+        answer = call(app, "/init", terminator_headers(pki.phone) + [("X-Forwarded-For", "203.0.113.9")])
+    fields = caplog.records[-1].fields
+    assert fields["hwid"] == "IP232-30-00-af" and fields["status"] == 200 and fields["client_ip"] == "203.0.113.9"
+    assert fields["path"] == "/init" and fields["template"] == "devices/IP232-30-00-af.j2"
+    import hashlib
+    assert fields["script_sha256"] == hashlib.sha256(answer.body).hexdigest()
+    assert "duration_ms" in fields
+    assert "phone-secret" not in json.dumps(fields)
+
+
+def test_refusal_log_line_names_the_reason(app, pki, caplog):
+    with caplog.at_level(logging.INFO, logger="configserver.poll"):
+        call(app, "/", terminator_headers(pki.forged))
+    fields = caplog.records[-1].fields
+    assert fields["reason"] == "certificate mismatch" and fields["status"] == 403
+    assert "not signed" in fields["detail"]
+
+
+def test_metrics_count_polls_by_reason(app, pki):
+    call(app, "/", terminator_headers(pki.phone))
+    call(app, "/", terminator_headers(pki.unrelated))
+    text = call(app, "/metrics").text
+    assert 'configserver_polls_total{reason="",status="200"} 1.0' in text
+    assert 'configserver_polls_total{reason="wrong CA",status="403"} 1.0' in text
+
+
+def test_healthz_is_the_service_own(app):
+    answer = call(app, "/healthz", client=("192.0.2.1", 1))
+    assert answer.status == 200 and answer.text == "ok\n"
