@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
 
 from .certificates import CertificateError, CertificateVerifier, CheckedCert
 from .forwarded import ClientFacts
@@ -24,8 +23,7 @@ from .refusals import (
     Refused,
 )
 
-# Header DNs repeat on every poll of the same device: parse each distinct string once.
-_parse_dn_cached = lru_cache(maxsize=65536)(parse_dn)
+_VERDICTS_KEPT = 65536
 
 
 def device_cn(subject: DistinguishedName) -> str | None:
@@ -54,15 +52,44 @@ class Gate:
         self._verifier = verifier
         self._require_cert = require_client_cert
         self._fixes = {**BROKEN_MODEL_NAMES, **(cn_fixes or {})}
+        self._verdicts: dict[tuple[str | None, ...], tuple[DeviceIdentity, CheckedCert | None] | Refused] = {}
 
     @property
     def cn_fixes(self) -> Mapping[str, str]:
         return self._fixes
 
     def admit(self, facts: ClientFacts, query: Mapping[str, list[str]], now: dt.datetime) -> DeviceIdentity:
-        """Run the checks in order; return the device, or raise Refused naming the failed check."""
+        """Run the checks in order; return the device, or raise Refused naming the failed check.
+
+        Everything but the clock and the query depends only on the forwarded facts, which repeat
+        on every poll of a device: that verdict is computed once and remembered.
+        """
         if facts.empty:
             raise Refused(HTTPS_REQUIRED)
+        key = (facts.verify, facts.subject_dn, facts.issuer_dn, facts.cert)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            try:
+                verdict = self._identify(facts)
+            except Refused as refusal:
+                verdict = refusal
+            if len(self._verdicts) >= _VERDICTS_KEPT:
+                del self._verdicts[next(iter(self._verdicts))]
+            self._verdicts[key] = verdict
+        if isinstance(verdict, Refused):
+            raise Refused(verdict.reason, verdict.detail)
+        device, checked = verdict
+        if checked is not None:
+            problem = checked.problem(now)
+            if problem:
+                raise Refused(CERTIFICATE_MISMATCH, problem)
+        other = query_names_other_device(device, query, self._fixes)
+        if other:
+            raise Refused(DEVICE_MISMATCH, f"query names {other}, certificate is {device.hwid}")
+        return device
+
+    def _identify(self, facts: ClientFacts) -> tuple[DeviceIdentity, CheckedCert | None]:
+        """The checks that depend on the forwarded facts alone, up to the certificate's signature."""
         if facts.verify != "SUCCESS":
             raise Refused(NOT_VERIFIED, f"verify={facts.verify!r}")
 
@@ -98,9 +125,8 @@ class Gate:
         if facts.cert is not None:
             if checked is None:
                 raise Refused(CERTIFICATE_MISMATCH, cert_error)
-            problem = checked.problem(now)
-            if problem:
-                raise Refused(CERTIFICATE_MISMATCH, problem)
+            if checked.signature_problem:
+                raise Refused(CERTIFICATE_MISMATCH, checked.signature_problem)
             if checked.subject != subject:
                 raise Refused(CERTIFICATE_MISMATCH, f"certificate subject {checked.subject} is not {subject}")
             if checked.issuer != issuer:
@@ -118,14 +144,11 @@ class Gate:
             serial=checked.serial if checked else None,
             not_after=checked.not_after if checked else None,
         )
-        other = query_names_other_device(device, query, self._fixes)
-        if other:
-            raise Refused(DEVICE_MISMATCH, f"query names {other}, certificate is {device.hwid}")
-        return device
+        return device, checked
 
     @staticmethod
     def _dn(text: str, reason: str, what: str) -> DistinguishedName:
         try:
-            return _parse_dn_cached(text)
+            return parse_dn(text)
         except DNError as exc:
             raise Refused(reason, f"unreadable {what} DN: {exc}") from None

@@ -186,7 +186,9 @@ class ConfigServer:
 
     def _finish(self, record: PollRecord) -> None:
         level = logging.INFO if record.status < 500 else logging.ERROR
-        log.log(level, "poll", extra={"fields": record.log_fields()})
+        if log.isEnabledFor(level):
+            # makeRecord + handle: the same record log.log() builds, without its stack walk
+            log.handle(log.makeRecord(log.name, level, "", 0, "poll", (), None, extra={"fields": record.log_fields()}))
         key = (record.status, record.reason or "")
         counter = self._counters.get(key)
         if counter is None:

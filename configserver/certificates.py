@@ -13,9 +13,7 @@ import base64
 import binascii
 import datetime as dt
 import re
-import threading
 import urllib.parse
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,43 +113,22 @@ class CheckedCert:
 
 
 class CertificateVerifier:
-    """Decodes forwarded certificates, checks them against the CA bundle, remembers verdicts.
+    """Decodes forwarded certificates and checks their signature against the CA bundle.
 
-    Devices poll every few minutes with the same certificate: after the first poll the
-    verdict costs one dictionary lookup. Bad certificates are remembered too, so a client
-    cannot make us redo signature checks by repeating one. Only validity against the clock
-    is evaluated per poll (`CheckedCert.problem`).
+    Callers remember the verdict (admission.Gate does, per set of forwarded facts): devices
+    poll every few minutes with the same certificate, and bad certificates are remembered too,
+    so a client cannot make us redo signature checks by repeating one. Only validity against
+    the clock is evaluated per poll (`CheckedCert.problem`).
     """
 
-    def __init__(self, cas: list[x509.Certificate] | None, *, cache_size: int = 65536) -> None:
+    def __init__(self, cas: list[x509.Certificate] | None) -> None:
         self._cas = cas
-        self._cache: OrderedDict[str, CheckedCert | CertificateError] = OrderedDict()
-        self._cache_size = cache_size
-        self._lock = threading.Lock()
 
     def check(self, encoded: str) -> CheckedCert:
-        """Decode a forwarded certificate and check its signature, from cache when seen before.
+        """Decode a forwarded certificate and check its signature.
 
         Raises CertificateError when the value is not one decodable certificate.
         """
-        with self._lock:
-            verdict = self._cache.get(encoded)
-            if verdict is not None:
-                self._cache.move_to_end(encoded)
-        if verdict is None:
-            try:
-                verdict = self._check_uncached(encoded)
-            except CertificateError as exc:
-                verdict = exc
-            with self._lock:
-                self._cache[encoded] = verdict
-                if len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        if isinstance(verdict, CertificateError):
-            raise verdict
-        return verdict
-
-    def _check_uncached(self, encoded: str) -> CheckedCert:
         cert = decode_forwarded_cert(encoded)
         not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
         problem: str | None = "not signed by any CA in ca_bundle"

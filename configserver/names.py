@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -87,7 +88,11 @@ class DistinguishedName:
         return [value for rdn in self.rdns for kind, value in rdn if kind == attribute]
 
     def __str__(self) -> str:
-        """RFC 4514 form, leaf first, for logs."""
+        return self.rfc4514
+
+    @cached_property
+    def rfc4514(self) -> str:
+        """RFC 4514 form, leaf first, for logs and templates."""
         return ",".join("+".join(f"{k}={_escape_4514(v)}" for k, v in rdn) for rdn in reversed(self.rdns))
 
     @classmethod

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -32,6 +32,12 @@ class PollRecord:
 
     def log_fields(self) -> dict[str, Any]:
         """The fields of the poll's log line: everything but the device's raw query."""
-        fields = asdict(self)
-        del fields["query"]
-        return {"event": "poll", **{k: v for k, v in fields.items() if v is not None}}
+        out: dict[str, Any] = {"event": "poll"}
+        for name in _LOGGED:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+_LOGGED = tuple(f.name for f in fields(PollRecord) if f.name != "query")

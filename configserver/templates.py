@@ -345,4 +345,4 @@ def to_crlf(text: str) -> str:
     lines = _LINE_BREAK.split(text)
     if lines and lines[-1] == "":
         lines.pop()
-    return "".join(line + "\r\n" for line in lines)
+    return "\r\n".join(lines) + "\r\n" if lines else ""
