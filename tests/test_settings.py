@@ -1,0 +1,86 @@
+"""One validated settings object: TOML, environment overrides, and errors that name the key."""
+
+import ipaddress
+import subprocess
+import sys
+
+import pytest
+
+from configserver.settings import SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for key in list(__import__("os").environ):
+        if key.startswith("CONFIGSERVER_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_serve_the_lab():
+    s = load_settings()
+    assert (s.host, s.port, str(s.templates), str(s.vars)) == ("127.0.0.1", 8080, "templates", "vars")
+    assert ipaddress.ip_address("127.0.0.1") in s.trusted_proxies[0]
+    assert s.ca_bundle is None and not s.require_client_cert and not s.builtin_tls
+
+
+def test_toml_file_in_the_working_directory_is_read(tmp_path):
+    (tmp_path / "configserver.toml").write_text('port = 9000\ntrusted_proxies = ["10.0.0.0/8"]\n')
+    s = load_settings()
+    assert s.port == 9000
+    assert s.trusted_proxies == [ipaddress.ip_network("10.0.0.0/8")]
+
+
+def test_environment_overrides_the_file(tmp_path, monkeypatch):
+    (tmp_path / "configserver.toml").write_text("port = 9000\n")
+    monkeypatch.setenv("CONFIGSERVER_PORT", "9100")
+    monkeypatch.setenv("CONFIGSERVER_TRUSTED_PROXIES", "10.0.0.1, 192.0.2.0/24")
+    s = load_settings()
+    assert s.port == 9100
+    assert [str(n) for n in s.trusted_proxies] == ["10.0.0.1/32", "192.0.2.0/24"]
+
+
+def test_explicit_config_file_must_exist(tmp_path):
+    with pytest.raises(SettingsError, match="not found"):
+        load_settings(config_file=tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    "toml, key",
+    [
+        ("port = 0\n", "port"),
+        ("port = 'x'\n", "port"),
+        ("trusted_proxies = ['not-an-ip']\n", "trusted_proxies"),
+        ("accepted_issuers = ['no dn here']\n", "accepted_issuers"),
+        ("ca_bundle = 'missing.pem'\n", "ca_bundle"),
+        ("tls_min_version = 'SSLv3'\n", "tls_min_version"),
+        ("final_command = 'reboot'\n", "final_command"),
+        ("templtes = 'typo'\n", "templtes"),
+    ],
+)
+def test_bad_setting_names_the_key(tmp_path, toml, key):
+    (tmp_path / "configserver.toml").write_text(toml)
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    assert repr(key) in str(error.value)
+
+
+def test_ca_bundle_without_a_ca_stops_start_up(tmp_path, pki):
+    (tmp_path / "leaf.pem").write_bytes(pki.phone.cert_pem)
+    (tmp_path / "junk.pem").write_text("hello")
+    for name, message in (("leaf.pem", "no CA certificate"), ("junk.pem", "no PEM certificate")):
+        with pytest.raises(SettingsError, match=message):
+            load_settings(ca_bundle=tmp_path / name)
+
+
+def test_broken_toml_names_the_file(tmp_path):
+    (tmp_path / "configserver.toml").write_text("port = \n")
+    with pytest.raises(SettingsError, match="configserver.toml: not valid TOML"):
+        load_settings()
+
+
+def test_serve_with_a_bad_setting_exits_with_the_message(tmp_path):
+    (tmp_path / "configserver.toml").write_text("port = 70000\n")
+    result = subprocess.run([sys.executable, "-m", "configserver", "serve"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "setting 'port'" in result.stderr
