@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import terminator_headers  # noqa: E402  (the same header forms the tests use)
+from driving import terminator_headers  # noqa: E402  (the same header forms the tests use)
 
 from configserver import create_app, load_settings  # noqa: E402
 from configserver.lab.pki import CertificateAuthority  # noqa: E402

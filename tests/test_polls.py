@@ -5,7 +5,14 @@ import logging
 
 import pytest
 
-from conftest import call, terminator_headers
+from configserver.apply_once import digest
+from driving import call, terminator_headers
+
+
+def applied(script: str) -> str:
+    """The whole answer to a device that has not applied `script` yet (see test_apply_once.py)."""
+    return script + f"config write\r\nconfig activate\r\nmod cmd UP1 check ser {digest(script)}\r\niresetn\r\n"
+
 
 MODEL = "# model {{ device.model }} for {{ device.hwid }}\nconfig change SIP0 /pwd {{ vars.password }}\n"
 OWN = "# own script of {{ device.hwid }}\nconfig change SIP0 /pwd {{ vars.password }}\n"
@@ -26,7 +33,7 @@ def app(site):
 def test_device_gets_its_own_script_through_every_terminator(app, pki, style):
     answer = call(app, "/init", terminator_headers(pki.phone, style))
     assert answer.status == 200, answer.text
-    assert answer.text == "# own script of IP232-30-00-af\r\nconfig change SIP0 /pwd phone-secret\r\n"
+    assert answer.text == applied("# own script of IP232-30-00-af\r\nconfig change SIP0 /pwd phone-secret\r\n")
     assert answer.headers["content-type"] == "text/plain; charset=utf-8"
     assert answer.headers["cache-control"] == "no-store"
 
@@ -35,7 +42,7 @@ def test_other_device_of_the_model_gets_the_model_script(app, pki, ca_bundle):
     other = pki.ca1.issue_device("IP232-30-00-c4")
     answer = call(app, "/", terminator_headers(other))
     assert answer.status == 200
-    assert answer.text == "# model IP232 for IP232-30-00-c4\r\nconfig change SIP0 /pwd default-secret\r\n"
+    assert answer.text == applied("# model IP232 for IP232-30-00-c4\r\nconfig change SIP0 /pwd default-secret\r\n")
 
 
 def test_device_from_second_ca_is_served(app, pki):
@@ -217,7 +224,7 @@ def test_broken_template_is_500_and_never_a_partial_script(site, pki, caplog, te
     assert where in record["detail"]
     assert "devices/IP232-30-00-af.j2:" in record["detail"]  # file and line for the admin
     # other devices are unaffected
-    assert call(app, "/", terminator_headers(pki.gateway)).text == "fine for IP1202-35-fe-4d\r\n"
+    assert call(app, "/", terminator_headers(pki.gateway)).text == applied("fine for IP1202-35-fe-4d\r\n")
 
 
 def test_error_names_the_line_of_the_included_template(site, pki, caplog):
@@ -239,12 +246,12 @@ def test_templates_may_include_and_extend_others(site, pki):
     site.write("templates/parts/sip.j2", "config change SIP0 /user {{ device.hwid }}\n")
     site.write("templates/models/IP232.j2", "{% extends 'base.j2' %}{% block body %}{% include 'parts/sip.j2' %}{% endblock %}")
     answer = call(site.app(), "/", terminator_headers(pki.phone))
-    assert answer.text == "head\r\nconfig change SIP0 /user IP232-30-00-af\r\ntail\r\n"
+    assert answer.text == applied("head\r\nconfig change SIP0 /user IP232-30-00-af\r\ntail\r\n")
 
 
 def test_every_line_ends_in_crlf_whatever_the_template_file_has(site, pki):
     site.write("templates/default.j2", "a\r\nb\rc\nd")
-    assert call(site.app(), "/", terminator_headers(pki.phone)).body == b"a\r\nb\r\nc\r\nd\r\n"
+    assert call(site.app(), "/", terminator_headers(pki.phone)).body == applied("a\r\nb\r\nc\r\nd\r\n").encode()
 
 
 def test_template_context_carries_device_request_and_time(site, pki):
