@@ -1,0 +1,38 @@
+"""The fleet's inventory and the audit of every poll, in SQLite (default) or PostgreSQL.
+
+The app records each poll with `Inventory.record()`, which only queues; a writer task stores the
+queue in batches. The CLI asks with `list_devices()` and `device_history()`.
+
+    inventory = Inventory.from_settings(settings)
+    await inventory.start()
+    inventory.record(poll_record)   # never blocks, never raises
+    await inventory.close()
+"""
+
+from ._commands import (
+    device_history,
+    devices_json,
+    devices_table,
+    history_table,
+    list_devices,
+    migrate_database,
+)
+from ._database import SCHEMA_VERSION, InventoryError, database_url
+from ._queries import Device, Poll, parse_duration
+from ._recorder import Inventory
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Device",
+    "Inventory",
+    "InventoryError",
+    "Poll",
+    "database_url",
+    "device_history",
+    "devices_json",
+    "devices_table",
+    "history_table",
+    "list_devices",
+    "migrate_database",
+    "parse_duration",
+]

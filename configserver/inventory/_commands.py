@@ -1,0 +1,180 @@
+"""What `configserver devices`, `history` and `migrate` do: blocking calls and their output."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from ._database import InventoryError
+from ._queries import Device, Poll, parse_duration
+from ._recorder import Inventory
+
+T = TypeVar("T")
+
+_CELL = 48
+
+
+def _run(database: str, action: Callable[[Inventory], Awaitable[T]]) -> T:
+    """Run one action against the database (schema brought up to date first), from sync code."""
+    inventory = Inventory(database)
+
+    async def run() -> T:
+        try:
+            await inventory.migrate()
+            return await action(inventory)
+        except (SQLAlchemyError, OSError) as exc:
+            raise InventoryError(
+                f"cannot use the inventory database {inventory.database} (setting 'database'): "
+                f"{_first_line(exc)}"
+            ) from None
+        finally:
+            await inventory.close(timeout=0)
+
+    return asyncio.run(run())
+
+
+def _first_line(exc: BaseException) -> str:
+    original = getattr(exc, "orig", None) or exc
+    return str(original).splitlines()[0] if str(original) else type(original).__name__
+
+
+def migrate_database(database: str) -> int:
+    """Create or migrate the inventory schema in `database`. Returns the schema version.
+
+    Raises InventoryError when the URL is unusable or the database cannot be reached.
+    """
+    return _run(database, lambda inventory: inventory.migrate())
+
+
+def _seconds(name: str, value: str | float | None) -> float | None:
+    if not isinstance(value, str):
+        return value
+    try:
+        return parse_duration(value)
+    except InventoryError as exc:
+        raise InventoryError(f"{name}: {exc}") from None
+
+
+def list_devices(
+    database: str,
+    *,
+    model: str | None = None,
+    since: str | float | None = None,
+    status: int | None = None,
+    stale: str | float | None = None,
+    now: float | None = None,
+) -> list[Device]:
+    """Devices in `database` matching every filter given, most recently seen first.
+
+    `since` and `stale` are durations (`30m`, `12h`, `7d`, `2w`) or seconds. Raises
+    InventoryError for a bad duration or a database that cannot be used.
+    """
+    since_s, stale_s = _seconds("since", since), _seconds("stale", stale)
+    return _run(
+        database,
+        lambda inventory: inventory.devices(model=model, since=since_s, status=status, stale=stale_s, now=now),
+    )
+
+
+def device_history(database: str, device: str, *, limit: int = 20) -> list[Poll]:
+    """The newest `limit` polls of one device (hwid or MAC, any case or separator).
+
+    Raises InventoryError for a database that cannot be used or a limit below 1.
+    """
+    return _run(database, lambda inventory: inventory.history(device, limit=limit))
+
+
+def devices_json(devices: Sequence[Device]) -> list[dict[str, Any]]:
+    """Devices in the shape of innovaphone's discovery list, plus our own fields.
+
+    Shared fields: `mac`, `time` (last seen, unix seconds), `ip` (as seen by us), `localip` and
+    `devattrs` (`mac`, `hwid`, `type`, `firm`, `boot`, `ver`, `localip`), with `""` for unknown
+    text as the discovery list has it. Ours: `status`, `reason`, `template`, `script_sha256`,
+    `first_seen`, `served_at`.
+    """
+    return [
+        {
+            "mac": device.mac or "",
+            "time": int(device.last_seen),
+            "ip": device.client_ip or "",
+            "localip": device.local_ip or "",
+            "devattrs": {
+                "mac": device.mac or "",
+                "hwid": device.hwid or "",
+                "type": device.model or "",
+                "firm": device.firmware or "",
+                "boot": device.boot or "",
+                "ver": device.version or "",
+                "localip": device.local_ip or "",
+            },
+            "status": device.status,
+            "reason": device.reason,
+            "template": device.template,
+            "script_sha256": device.script_sha256,
+            "first_seen": int(device.first_seen),
+            "served_at": int(device.served_at) if device.served_at is not None else None,
+        }
+        for device in devices
+    ]
+
+
+def devices_table(devices: Sequence[Device], now: float | None = None) -> str:
+    """Devices as an aligned text table, one line per device (and a header)."""
+    if not devices:
+        return "no devices\n"
+    now = time.time() if now is None else now
+    rows = [
+        [
+            device.hwid, device.mac, device.model, device.firmware, _when(device.last_seen),
+            _age(now - device.last_seen), str(device.status), device.reason, device.template, device.client_ip,
+        ]
+        for device in devices
+    ]
+    header = ["HWID", "MAC", "MODEL", "FIRMWARE", "LAST SEEN (UTC)", "AGO", "STATUS", "REASON", "TEMPLATE", "IP"]
+    return _table(header, rows)
+
+
+def history_table(polls: Sequence[Poll]) -> str:
+    """Polls as an aligned text table, in the order given (newest first from `device_history`)."""
+    if not polls:
+        return "no polls\n"
+    rows = [
+        [
+            _when(poll.time), str(poll.status), poll.reason or poll.decision, poll.client_ip, poll.path,
+            poll.template, (poll.script_sha256 or "")[:12], poll.firmware,
+            f"{poll.duration_ms:.1f}" if poll.duration_ms is not None else None,
+        ]
+        for poll in polls
+    ]
+    header = ["TIME (UTC)", "STATUS", "REASON", "IP", "PATH", "TEMPLATE", "SCRIPT", "FIRMWARE", "MS"]
+    return _table(header, rows)
+
+
+def _table(header: list[str], rows: list[list[str | None]]) -> str:
+    cells = [header] + [[_cell(value) for value in row] for row in rows]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
+    return "".join("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() + "\n" for row in cells)
+
+
+def _cell(value: str | None) -> str:
+    """Printable on a terminal: devices choose part of this text, so escape control characters."""
+    if value is None or value == "":
+        return "-"
+    text = "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in value)
+    return text if len(text) <= _CELL else text[: _CELL - 1] + "…"
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+
+
+def _age(seconds: float) -> str:
+    seconds = max(seconds, 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"

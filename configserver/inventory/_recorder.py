@@ -1,0 +1,382 @@
+"""Recording polls without slowing them: a bounded queue in front of a batching, retrying writer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from ..polls import PollRecord
+from ._database import database_url, describe, migrate, open_engine, polls
+from ._queries import Device, Poll, select_devices, select_history
+from ._rows import device_row, merge, poll_row, upsert
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+log = logging.getLogger("configserver.inventory")
+
+_PURGE_CHUNK = 5000
+_DROP_REPORT_SECONDS = 10.0
+
+
+class Inventory:
+    """The fleet's inventory and the audit of its polls, in SQLite or PostgreSQL.
+
+    `record()` is all a poll ever touches: it queues and returns. A writer task started by
+    `start()` creates or migrates the schema, writes the queue in batches, retries with backoff
+    while the database is away, and deletes audit rows older than the retention period.
+    """
+
+    def __init__(
+        self,
+        database: str,
+        *,
+        retention_days: float = 90,
+        queue_size: int = 10000,
+        batch_size: int = 500,
+        flush_interval: float = 0.5,
+        retry_first: float = 0.5,
+        retry_max: float = 10.0,
+        retention_interval: float = 3600.0,
+    ) -> None:
+        """Check `database` (see `database_url`) and set up; connects nothing.
+
+        `queue_size` bounds the polls waiting while the database is slow or away; a full queue
+        drops (and counts) new ones. Raises InventoryError for an unusable `database`.
+        """
+        self._url = database_url(database)
+        self._engine = open_engine(self._url)
+        self.retention_days = retention_days
+        self.queue_size = queue_size
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._retry_first = retry_first
+        self._retry_max = retry_max
+        self._retention_interval = retention_interval
+        # A deque: append and popleft are atomic, so record() is safe from any thread.
+        self._queue: deque[PollRecord] = deque()
+        self._inflight = 0
+        self._written = self._dropped = self._failures = self._rejected = 0
+        self._dropped_reported = 0
+        self._drops_logged_at = 0.0
+        self._ready = False
+        self._closing = self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **tuning: Any) -> Inventory:
+        """The inventory the settings ask for (`database`, `audit_retention_days`, `audit_queue_size`).
+
+        `tuning` passes batch and timing knobs through to the constructor. Raises InventoryError.
+        """
+        return cls(
+            settings.database,
+            retention_days=settings.audit_retention_days,
+            queue_size=settings.audit_queue_size,
+            **tuning,
+        )
+
+    @property
+    def database(self) -> str:
+        """The database URL, password hidden."""
+        return describe(self._url)
+
+    # -- the poll path -------------------------------------------------------------------------
+
+    def record(self, record: PollRecord) -> None:
+        """Queue one poll for the audit and the inventory. Never blocks, never raises.
+
+        When the queue is full (the database has been away for a while) the poll is dropped and
+        counted; the writer reports drops in the log.
+        """
+        try:
+            if self._closed or len(self._queue) >= self.queue_size:
+                self._dropped += 1
+                return
+            self._queue.append(record)
+            if len(self._queue) == self._batch_size:
+                self._wake()
+        except Exception:  # noqa: BLE001 - a poll must never fail because of its audit
+            self._dropped += 1
+
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics and logs.
+
+        `queued`: waiting or being written; `written`: stored; `dropped`: lost to a full queue or
+        to shutting down with the database away; `failures`: failed attempts to reach or write
+        the database; `rejected`: polls the database refused even when reachable (logged).
+        """
+        return {
+            "queued": len(self._queue) + self._inflight,
+            "written": self._written,
+            "dropped": self._dropped,
+            "failures": self._failures,
+            "rejected": self._rejected,
+        }
+
+    def _wake(self) -> None:
+        loop, wakeup = self._loop, self._wakeup
+        if loop is None or wakeup is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        try:
+            if running is loop:
+                wakeup.set()
+            else:
+                loop.call_soon_threadsafe(wakeup.set)
+        except RuntimeError:  # the loop is closed: the writer is gone anyway
+            pass
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the writer task. Returns at once, whether or not the database is up.
+
+        The writer creates or migrates the schema first, retrying in the background (and
+        logging) until the database answers; polls queue meanwhile.
+        """
+        if self._task is not None or self._closed:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="inventory-writer")
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, waiting at most `timeout` seconds, then stop the writer.
+
+        What is still queued after that (the database is away) is dropped, counted and logged.
+        """
+        if self._closed:
+            return
+        self._closing = True
+        task = self._task
+        if task is not None:
+            self._wake()
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if not done:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._closed = True
+        self._report_drops(force=True)
+        lost = len(self._queue) + self._inflight
+        self._queue.clear()
+        self._inflight = 0
+        if lost:
+            self._dropped += lost
+            log.warning("inventory closed with polls unwritten", extra={"fields": {
+                **self.stats(), "event": "inventory_dropped", "lost": lost,
+                "reason": "closed with the database away", "database": self.database,
+            }})
+        await self._engine.dispose()
+
+    async def migrate(self) -> int:
+        """Create or migrate the schema now. Returns its version; raises when the database fails."""
+        version = await migrate(self._engine)
+        self._ready = True
+        return version
+
+    # -- querying ------------------------------------------------------------------------------
+
+    async def devices(
+        self,
+        *,
+        model: str | None = None,
+        since: float | None = None,
+        status: int | None = None,
+        stale: float | None = None,
+        now: float | None = None,
+    ) -> list[Device]:
+        """Devices matching every filter given (durations in seconds), most recently seen first."""
+        return await select_devices(self._engine, model=model, since=since, status=status, stale=stale, now=now)
+
+    async def history(self, device: str, *, limit: int = 20) -> list[Poll]:
+        """A device's polls (by hwid or MAC, any case or separator), newest first."""
+        return await select_history(self._engine, device, limit=limit)
+
+    async def purge(self, now: float | None = None) -> int:
+        """Delete audit rows older than the retention period. Returns how many went.
+
+        Works in chunks so a first purge of a large table never holds up the writes for long.
+        """
+        cutoff = (time.time() if now is None else now) - self.retention_days * 86400
+        oldest = sa.select(polls.c.id).where(polls.c.time < cutoff).limit(_PURGE_CHUNK)
+        deleted = 0
+        while True:
+            async with self._engine.begin() as connection:
+                result = await connection.execute(sa.delete(polls).where(polls.c.id.in_(oldest)))
+            deleted += result.rowcount
+            if result.rowcount < _PURGE_CHUNK:
+                return deleted
+
+    # -- the writer ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        try:
+            await self._retrying(self.migrate, "inventory_migrate_failed")
+            next_purge = time.monotonic()
+            while not (self._closing and not self._queue):
+                if len(self._queue) < self._batch_size and not self._closing:
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), self._flush_interval)
+                if self._queue:
+                    await self._write([self._queue.popleft() for _ in range(min(len(self._queue), self._batch_size))])
+                self._report_drops()
+                if time.monotonic() >= next_purge and not self._closing:
+                    next_purge = time.monotonic() + await self._purge_quietly()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("inventory writer stopped", extra={"fields": {
+                "event": "inventory_writer_crashed", "database": self.database, **self.stats(),
+            }})
+
+    async def _retrying(self, action: Any, event: str) -> None:
+        delay = self._retry_first
+        while True:
+            try:
+                await action()
+                return
+            except Exception as exc:  # noqa: BLE001 - whatever the database says, try again later
+                self._failures += 1
+                self._log_failure(event, exc, delay)
+                self._report_drops()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+
+    async def _write(self, records: list[PollRecord]) -> None:
+        """Store one batch, retrying until it is in; only rows the database itself refuses are lost."""
+        self._inflight = len(records)
+        rows: list[dict[str, Any]] = []
+        for record in records:
+            try:
+                rows.append(poll_row(record))
+            except Exception as exc:  # noqa: BLE001 - not a PollRecord: nothing to store
+                self._reject(exc, record)
+        delay, refusals, outage_started = self._retry_first, 0, None
+        while rows:
+            try:
+                if not self._ready:
+                    await self.migrate()
+                await self._store(rows)
+                self._written += len(rows)
+                rows = []
+            except Exception as exc:  # noqa: BLE001 - the database is away, or refuses a row
+                self._failures += 1
+                self._ready = False  # a database recreated meanwhile gets its tables again
+                outage_started = outage_started or time.monotonic()
+                if await self._reachable():
+                    refusals += 1
+                    if refusals >= 2:
+                        # Up, yet the batch failed twice: one of its rows is at fault. Find it.
+                        rows = await self._store_one_by_one(rows)
+                        if not rows:
+                            break
+                self._log_failure("inventory_write_failed", exc, delay)
+                self._report_drops()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+        if outage_started is not None:
+            log.info("inventory writes resumed", extra={"fields": {
+                "event": "inventory_recovered", "database": self.database,
+                "outage_seconds": round(time.monotonic() - outage_started, 1), **self.stats(),
+            }})
+        self._inflight = 0
+
+    async def _store(self, rows: list[dict[str, Any]]) -> None:
+        folded: dict[str, dict[str, Any]] = {}
+        for poll in rows:
+            device = device_row(poll)
+            if device is not None:
+                key = device["device"]
+                folded[key] = merge(folded[key], device) if key in folded else device
+        async with self._engine.begin() as connection:
+            await connection.execute(sa.insert(polls), rows)
+            if folded:
+                # One order for every writer, so two instances never wait on each other in a cycle.
+                await connection.execute(upsert(connection.dialect.name), [folded[key] for key in sorted(folded)])
+
+    async def _store_one_by_one(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store rows singly, rejecting those the database refuses; returns the unwritten rest
+        when the database goes away meanwhile."""
+        for index, row in enumerate(rows):
+            try:
+                await self._store([row])
+                self._written += 1
+            except Exception as exc:  # noqa: BLE001
+                if not await self._reachable():
+                    return rows[index:]
+                self._reject(exc, row)
+        return []
+
+    async def _reachable(self) -> bool:
+        try:
+            async with self._engine.connect() as connection:
+                await connection.execute(sa.select(1))
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    async def _purge_quietly(self) -> float:
+        """Purge; returns the seconds until the next purge (sooner after a failure)."""
+        try:
+            deleted = await self.purge()
+        except Exception as exc:  # noqa: BLE001 - retention can wait; polls cannot
+            self._failures += 1
+            self._log_failure("inventory_purge_failed", exc, None)
+            return min(self._retention_interval, 60.0)
+        if deleted:
+            log.info("old polls deleted", extra={"fields": {
+                "event": "inventory_purged", "deleted": deleted, "retention_days": self.retention_days,
+            }})
+        return self._retention_interval
+
+    # -- telling the admin ---------------------------------------------------------------------
+
+    def _log_failure(self, event: str, exc: BaseException, retry_in: float | None) -> None:
+        fields: dict[str, Any] = {
+            "event": event, "database": self.database, "error": _short(exc), **self.stats(),
+        }
+        if retry_in is not None:
+            fields["retry_in"] = retry_in
+        log.warning("inventory database failed", extra={"fields": fields})
+
+    def _reject(self, exc: BaseException, row: Any) -> None:
+        self._rejected += 1
+        log.error("inventory refused a poll", extra={"fields": {
+            "event": "inventory_rejected", "database": self.database, "error": _short(exc),
+            "hwid": row.get("hwid") if isinstance(row, dict) else getattr(row, "hwid", None),
+        }})
+
+    def _report_drops(self, force: bool = False) -> None:
+        """Drops are counted in record() (no I/O there) and logged here, at most every 10 s."""
+        dropped = self._dropped
+        now = time.monotonic()
+        due = force or now - self._drops_logged_at >= _DROP_REPORT_SECONDS
+        if dropped != self._dropped_reported and due:
+            log.warning("inventory queue full, polls dropped", extra={"fields": {
+                **self.stats(), "event": "inventory_dropped", "lost": dropped - self._dropped_reported,
+                "reason": "queue full", "queue_size": self.queue_size,
+            }})
+            self._dropped_reported, self._drops_logged_at = dropped, now
+
+
+def _short(exc: BaseException) -> str:
+    """One line about a database error: SQLAlchemy's messages run to many lines with the SQL."""
+    original = getattr(exc, "orig", None) or exc
+    text = f"{type(original).__name__}: {original}".splitlines()[0]
+    return text[:300]
+
