@@ -1,0 +1,237 @@
+"""The built-in HTTPS listener: mutual TLS in uvicorn, and the ASGI TLS extension it lacks.
+
+With `tls_cert` and `tls_key` set, `configserver serve` terminates TLS itself: a client
+certificate is required and verified against `ca_bundle` during the handshake, so a device from
+a foreign or forged CA never gets as far as HTTP. The verified certificate then reaches the app
+through `scope["extensions"]["tls"]` (ASGI TLS extension 0.2), the same way it would with any
+server that implements the extension.
+
+uvicorn 0.54 does not fill that extension. The two protocol classes below do, and they are the
+only part of this module that knows uvicorn's internals: the day uvicorn ships the extension,
+delete them and drop the `http` entry from `uvicorn_options()`.
+
+    options = uvicorn_options(settings)      # {} unless built-in TLS is configured
+    uvicorn.run(app, host=..., port=..., **options)
+"""
+
+from __future__ import annotations
+
+import ssl
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from cryptography import x509
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .settings import SettingsError
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .settings import Settings
+
+__all__ = [
+    "ServerTLS",
+    "TLSH11Protocol",
+    "TLSHttpToolsProtocol",
+    "server_ssl_context",
+    "tls_extension",
+    "uvicorn_options",
+]
+
+ASGIApp = Callable[..., Any]
+
+# ssl.SSLObject.version() names -> the protocol numbers the extension wants.
+_TLS_VERSIONS = {"SSLv3": 0x0300, "TLSv1": 0x0301, "TLSv1.1": 0x0302, "TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+
+# OpenSSL cipher name -> IANA cipher suite number; filled from the first context that knows it.
+_CIPHER_SUITES: dict[str, int] = {}
+
+
+# --- The ASGI TLS extension -------------------------------------------------------------------
+
+
+def tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:
+    """The `scope["extensions"]["tls"]` value for one established TLS connection.
+
+    Takes the connection's SSL object after the handshake; returns the dict that ASGI TLS
+    extension 0.2 describes. `client_cert_chain` holds the client's leaf certificate only (PEM):
+    Python before 3.13 does not expose the rest of the verified chain. `client_cert_error` is
+    always None because the listener requires a verified certificate to finish the handshake.
+    `server_cert` is None: Python's ssl does not expose our own certificate on a connection.
+    """
+    der = ssl_object.getpeercert(binary_form=True)
+    return {
+        "server_cert": None,
+        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
+        "client_cert_name": x509.load_der_x509_certificate(der).subject.rfc4514_string() if der else None,
+        "client_cert_error": None,
+        "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
+        "cipher_suite": _cipher_suite(ssl_object),
+    }
+
+
+def _cipher_suite(ssl_object: ssl.SSLObject) -> int | None:
+    cipher = ssl_object.cipher()
+    if cipher is None:
+        return None
+    name = cipher[0]
+    if name not in _CIPHER_SUITES:
+        # OpenSSL ids are 0x0300xxxx with the IANA number in the low 16 bits.
+        for known in ssl_object.context.get_ciphers():
+            _CIPHER_SUITES[known["name"]] = known["id"] & 0xFFFF
+    return _CIPHER_SUITES.get(name)
+
+
+def _with_tls_extension(app: ASGIApp, extension: dict[str, Any]) -> ASGIApp:
+    async def app_with_tls(scope: dict[str, Any], receive: Any, send: Any) -> Any:
+        if scope["type"] in ("http", "websocket"):
+            tls = dict(extension, client_cert_chain=list(extension["client_cert_chain"]))
+            scope.setdefault("extensions", {})["tls"] = tls
+        return await app(scope, receive, send)
+
+    return app_with_tls
+
+
+class _FillsTLSExtension:
+    """Mixed into a uvicorn HTTP protocol: one instance serves one connection.
+
+    asyncio calls `connection_made` once the TLS handshake is complete, and both of uvicorn's
+    HTTP protocols read `self.app` afresh for every request on the connection, so wrapping it
+    here puts the extension into every request's scope, keep-alive ones included.
+    """
+
+    app: ASGIApp
+
+    def connection_made(self, transport: "asyncio.Transport") -> None:  # type: ignore[override]
+        super().connection_made(transport)  # type: ignore[misc]
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:  # the spec forbids the extension on plain HTTP
+            self.app = _with_tls_extension(self.app, tls_extension(ssl_object))
+
+
+class TLSH11Protocol(_FillsTLSExtension, H11Protocol):
+    """uvicorn's h11 protocol, filling the ASGI TLS extension."""
+
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools is optional in uvicorn
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+    TLSHttpToolsProtocol = None  # type: ignore[assignment,misc]
+else:
+
+    class TLSHttpToolsProtocol(_FillsTLSExtension, HttpToolsProtocol):  # type: ignore[no-redef]
+        """uvicorn's httptools protocol, filling the ASGI TLS extension."""
+
+
+# --- The server's SSL context -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """What the built-in listener needs from the settings. Small and picklable, so that
+    uvicorn can hand it to each worker process, where it builds the SSL context."""
+
+    cert: Path
+    key: Path
+    ca_bundle: Path
+    min_version: str = "TLSv1.2"
+    security_level: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "ServerTLS":
+        """Raises SettingsError when built-in TLS is not configured or has no `ca_bundle`."""
+        if settings.tls_cert is None or settings.tls_key is None:
+            raise SettingsError("setting 'tls_cert': built-in TLS needs tls_cert and tls_key")
+        if settings.ca_bundle is None:
+            raise SettingsError(
+                "setting 'ca_bundle': built-in TLS (tls_cert, tls_key) verifies device certificates "
+                "against ca_bundle, which is not set"
+            )
+        if (
+            settings.tls_min_version in ("TLSv1", "TLSv1.1")
+            and settings.tls_security_level != 0
+            and ssl.OPENSSL_VERSION_INFO >= (3,)
+        ):
+            raise SettingsError(
+                f"setting 'tls_min_version': {settings.tls_min_version} needs tls_security_level = 0; "
+                "OpenSSL 3 refuses TLS 1.0 and 1.1 at any higher level"
+            )
+        return cls(
+            cert=settings.tls_cert,
+            key=settings.tls_key,
+            ca_bundle=settings.ca_bundle,
+            min_version=settings.tls_min_version,
+            security_level=settings.tls_security_level,
+        )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server context that requires a client certificate issued by a CA in `ca_bundle`.
+
+        Raises SettingsError naming `tls_cert`, `tls_key` or `ca_bundle` when a file is
+        unusable.
+        """
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingsError(
+                f"setting 'tls_cert'/'tls_key': cannot use {self.cert} with {self.key}: {_reason(exc)}"
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED
+        try:
+            context.load_verify_locations(cafile=self.ca_bundle)
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingsError(f"setting 'ca_bundle': cannot load {self.ca_bundle}: {_reason(exc)}") from None
+        with warnings.catch_warnings():
+            # Python deprecates TLS 1.0/1.1; the setting exists for devices that know nothing newer.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.minimum_version = ssl.TLSVersion[self.min_version.replace(".", "_")]
+        if self.security_level is not None:
+            # OpenSSL's own DEFAULT list, not Python's stricter one: old firmware may know only
+            # RSA key exchange. The level also governs which certificates verify (SHA-1, RSA-1024).
+            context.set_ciphers(f"DEFAULT:@SECLEVEL={self.security_level}")
+        return context
+
+    def uvicorn_context_factory(self, config: Any, default_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        """uvicorn's `ssl_context_factory`: called in each worker process."""
+        return self.ssl_context()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.lower().replace("_", " ")
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def server_ssl_context(settings: "Settings") -> ssl.SSLContext:
+    """The SSL context of the built-in listener for these settings.
+
+    Raises SettingsError naming the key at fault (`ca_bundle` when it is not set).
+    """
+    return ServerTLS.from_settings(settings).ssl_context()
+
+
+def uvicorn_options(settings: "Settings") -> dict[str, Any]:
+    """Keyword arguments for `uvicorn.run` / `uvicorn.Config` that turn on the built-in listener.
+
+    Returns {} when `tls_cert` and `tls_key` are not set (a terminator does TLS). Otherwise the
+    SSL context factory (built once here, so that a bad file stops start-up with a message naming
+    its key) and the protocol class that fills the TLS extension (as an import string, so that
+    it works with several workers too). Raises SettingsError.
+
+    Run uvicorn with `proxy_headers=False` as well: nothing sits in front of the built-in
+    listener whose X-Forwarded-For could be believed.
+    """
+    if not settings.builtin_tls:
+        return {}
+    server_tls = ServerTLS.from_settings(settings)
+    server_tls.ssl_context()
+    protocol = "TLSHttpToolsProtocol" if TLSHttpToolsProtocol is not None else "TLSH11Protocol"
+    return {
+        "ssl_context_factory": server_tls.uvicorn_context_factory,
+        "http": f"{__name__}:{protocol}",
+    }
