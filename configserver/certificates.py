@@ -20,6 +20,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from .names import DistinguishedName
 
@@ -89,6 +90,29 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return cert.version == x509.Version.v1 and cert.issuer == cert.subject
 
 
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether `ca`'s key made `cert`'s signature.
+
+    Checked by hand rather than with `verify_directly_issued_by`, which refuses SHA-1: early
+    device certificates are SHA-1-signed, and whether to admit them is the TLS terminator's
+    decision (its security level), not ours. MD5 stays refused.
+    """
+    try:
+        algorithm = cert.signature_hash_algorithm
+        if algorithm is None or isinstance(algorithm, hashes.MD5):
+            return False
+        key = ca.public_key()
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
+        else:
+            cert.verify_directly_issued_by(ca)
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class CheckedCert:
     """A decoded certificate, the facts we keep, and whether our CA bundle vouches for it."""
@@ -137,9 +161,7 @@ class CertificateVerifier:
         for ca in self._cas or ():
             if ca.subject != cert.issuer:
                 continue
-            try:
-                cert.verify_directly_issued_by(ca)
-            except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+            if not _signed_by(cert, ca):
                 continue  # e.g. a forged CA with the same name: try the next one, then refuse
             problem = None
             not_before = max(not_before, ca.not_valid_before_utc)

@@ -1,0 +1,91 @@
+"""Forwarded certificates: the four encodings terminators use, and verification against the CAs."""
+
+import base64
+import shutil
+import subprocess
+import urllib.parse
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from configserver.certificates import CertificateError, CertificateVerifier, decode_forwarded_cert, load_ca_bundle
+from conftest import need_server
+
+
+def encodings(cert):
+    pem = cert.cert_pem.decode()
+    der = cert.certificate.public_bytes(serialization.Encoding.DER)
+    return {
+        "plain PEM (built-in listener)": pem,
+        "Apache: PEM with spaces": pem.replace("\n", " "),
+        "nginx: URL-escaped PEM": urllib.parse.quote(pem, safe=""),
+        "lighttpd: URL-escaped PEM, '/' literal": urllib.parse.quote(pem, safe="/"),
+        "Apache escape: lower-case, '+' literal": urllib.parse.quote(pem, safe="/+").replace("%0A", "%0a"),
+        "HAProxy: base64 DER": base64.b64encode(der).decode(),
+    }
+
+
+def test_every_encoding_decodes_to_the_same_certificate(pki):
+    for name, value in encodings(pki.phone).items():
+        assert decode_forwarded_cert(value) == pki.phone.certificate, name
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "(null)", "   ", "spoofed-cert", "-----BEGIN CERTIFICATE----- !!! -----END CERTIFICATE-----",
+     base64.b64encode(b"not DER").decode(), "x" * 20000],
+)
+def test_what_is_not_one_certificate_is_refused(value):
+    with pytest.raises(CertificateError):
+        decode_forwarded_cert(value)
+
+
+def test_two_certificates_in_one_header_are_refused(pki):
+    with pytest.raises(CertificateError, match="more than one"):
+        decode_forwarded_cert((pki.phone.cert_pem + pki.gateway.cert_pem).decode())
+
+
+def test_signature_decides_not_the_issuer_name(pki, ca_bundle):
+    verifier = CertificateVerifier(load_ca_bundle(ca_bundle))
+    assert verifier.check(pki.phone.cert_pem.decode()).signature_problem is None
+    assert verifier.check(pki.gateway.cert_pem.decode()).signature_problem is None
+    assert "not signed" in verifier.check(pki.forged.cert_pem.decode()).signature_problem
+    assert "not signed" in verifier.check(pki.unrelated.cert_pem.decode()).signature_problem
+
+
+def test_validity_is_judged_against_the_clock(pki, ca_bundle):
+    import datetime as dt
+
+    verifier = CertificateVerifier(load_ca_bundle(ca_bundle))
+    now = dt.datetime.now(dt.timezone.utc)
+    assert verifier.check(pki.expired.cert_pem.decode()).problem(now) == "certificate expired"
+    phone = verifier.check(pki.phone.cert_pem.decode())
+    assert phone.problem(now) is None
+    assert phone.problem(now - dt.timedelta(days=30)) == "certificate not yet valid"
+    assert phone.problem(now + dt.timedelta(days=365 * 30)) == "certificate expired"
+
+
+def test_without_a_ca_bundle_nothing_verifies(pki):
+    assert "no ca_bundle" in CertificateVerifier(None).check(pki.phone.cert_pem.decode()).signature_problem
+
+
+def test_sha1_signed_device_certificate_verifies(tmp_path):
+    # Early device certificates are SHA-1-signed; admitting them is the terminator's decision.
+    need_server(shutil.which("openssl") is not None, "openssl")
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "30",
+        "-sha1", "-subj", "/C=DE/O=innovaphone/OU=innovaphone Device Certification Authority")
+    run("req", "-newkey", "rsa:1024", "-nodes", "-keyout", "d.key", "-out", "d.csr", "-subj",
+        "/C=DE/O=innovaphone/CN=IP222s-30-00-b0")
+    run("x509", "-req", "-in", "d.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "d.pem",
+        "-days", "30", "-sha1")
+    verifier = CertificateVerifier(load_ca_bundle(tmp_path / "ca.pem"))
+    assert verifier.check((tmp_path / "d.pem").read_text()).signature_problem is None
+    run("x509", "-req", "-in", "d.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-out", "md5.pem", "-days", "30", "-md5")
+    assert verifier.check((tmp_path / "md5.pem").read_text()).signature_problem is not None
+
+
+def test_ca_bundle_must_hold_a_ca(tmp_path, pki):
+    (tmp_path / "b.pem").write_bytes(pki.phone.cert_pem + pki.ca1.cert_pem)
+    assert load_ca_bundle(tmp_path / "b.pem") == [pki.ca1.certificate]
