@@ -4,13 +4,15 @@ Every GET or HEAD path other than the service's own is an update poll, so admins
 whatever URL they like in my.innovaphone. A poll goes, top to bottom:
 
     transport facts (forwarded.py) -> checks (admission.py) -> template and vars (templates.py)
-    -> render -> answer -> one log line, one metrics count, one inventory record
+    -> render -> apply once (apply_once.py) -> answer -> one log line, one metrics count,
+    one inventory record
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -24,15 +26,18 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from .admission import Gate
+from .apply_once import apply_once
 from .certificates import CertificateVerifier, load_ca_bundle
 from .forwarded import TrustedProxies, facts_from_headers, facts_from_tls
+from .inventory import Inventory, InventoryError
+from .identity import DeviceIdentity
 from .logs import configure_logging
 from .polls import PollRecord
 from .refusals import Refused
-from .settings import Settings, load_settings
+from .settings import Settings, SettingsError, load_settings
 from .templates import ConfigurationError, TemplateStore
 
 log = logging.getLogger("configserver.poll")
@@ -68,13 +73,23 @@ class ConfigServer:
         )
         self.trusted = TrustedProxies(settings.trusted_proxies)
         self.store = TemplateStore(
-            settings.templates, settings.vars, grace_seconds=settings.grace_seconds, cn_fixes=settings.cn_fixes
+            settings.templates, settings.vars, grace_seconds=settings.grace_seconds, cn_fixes=settings.cn_fixes,
+            groups=settings.groups, apply_once=settings.apply_once, final_command=settings.final_command,
         )
-        self.recorders: list[Callable[[PollRecord], None]] = []
+        try:
+            self.inventory = Inventory.from_settings(settings)
+        except InventoryError as exc:
+            raise SettingsError(str(exc)) from None
+        self.recorders: list[Callable[[PollRecord], None]] = [self.inventory.record]
         self.registry = CollectorRegistry()
         self._polls = Counter(
             "configserver_polls", "Polls answered, by status and refusal reason",
             ["status", "reason"], registry=self.registry,
+        )
+        self._audit = Gauge(
+            "configserver_audit_records", "Poll records of this worker by state: queued, written, "
+            "dropped (queue full or database away at shutdown), failures (write attempts), rejected",
+            ["state"], registry=self.registry,
         )
         self._counters: dict[tuple[int, str], Any] = {}
         self.api = self._service_routes()
@@ -90,6 +105,8 @@ class ConfigServer:
 
         @api.get("/metrics")
         def metrics() -> Response:
+            for state, value in self.inventory.stats().items():
+                self._audit.labels(state).set(value)
             return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
         return api
@@ -98,12 +115,14 @@ class ConfigServer:
     async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(self.store.refresh)
         reloader = asyncio.create_task(self._reload_forever())
+        await self.inventory.start()  # returns at once; a database that is away is retried
         try:
             yield
         finally:
             reloader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reloader
+            await self.inventory.close()
 
     async def _reload_forever(self) -> None:
         while True:
@@ -161,8 +180,15 @@ class ConfigServer:
                 record.client_ip = client[0] if client else None
             record.status, record.reason, record.detail = 403, refusal.reason, refusal.detail
             return f"# {refusal.reason}\n".encode()
-        record.hwid, record.mac, record.model = device.hwid, device.mac, device.model
+        return self.script_for(device, RequestInfo(scope["path"], record.query, record.client_ip), now, record)
 
+    def script_for(self, device: DeviceIdentity, request: RequestInfo, now: dt.datetime, record: PollRecord) -> bytes:
+        """The answer for an admitted device: its script, wrapped to be applied once, or `# reason`.
+
+        Fills in `record`. `configserver render` calls this too, so a preview is the real answer.
+        """
+        record.hwid, record.mac, record.model = device.hwid, device.mac, device.model
+        record.check_reported = request.query.get("CHECK")
         choice = self.store.snapshot.choose(device)
         record.template = choice.template
         try:
@@ -172,17 +198,21 @@ class ConfigServer:
                 record.status, record.reason = 404, "no configuration"
                 return f"# no configuration for {device.hwid}\n".encode()
             context = {
-                "device": device,
+                "device": dataclasses.replace(device, groups=choice.groups) if choice.groups else device,
                 "vars": choice.variables,
-                "request": RequestInfo(scope["path"], record.query, record.client_ip),
+                "request": request,
                 "now": now,
             }
-            script = self.store.render(choice.template, context).encode("utf-8")
+            script = self.store.render(choice.template, context)
         except ConfigurationError as error:
             record.status, record.reason, record.detail = 500, "configuration error", str(error)
             return b"# configuration error\n"
-        record.script_sha256 = hashlib.sha256(script).hexdigest()
-        return script
+        if choice.apply_once:
+            applied = apply_once(script, record.check_reported, choice.final_command)
+            script, record.check_digest, record.decision = applied.script, applied.digest, applied.decision
+        body = script.encode("utf-8")
+        record.script_sha256 = hashlib.sha256(body).hexdigest()
+        return body
 
     def _finish(self, record: PollRecord) -> None:
         level = logging.INFO if record.status < 500 else logging.ERROR

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .settings import Settings, SettingsError, load_settings
 
@@ -22,17 +23,32 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     overrides = {"host": args.host, "port": args.port, "uds": args.uds, "workers": args.workers}
     settings = _settings(args, **overrides)
     configure_logging(settings.log_level)
+    from .app import create_app
+
+    create_app(settings)  # everything a worker builds, checked once here: a bad setting stops us now
     # Every worker builds its own app from the environment: hand it the same sources.
+    handed = {f"CONFIGSERVER_{key.upper()}": str(value) for key, value in overrides.items() if value is not None}
     if args.config is not None:
-        os.environ["CONFIGSERVER_CONFIG_FILE"] = str(Path(args.config).absolute())
-    for key, value in overrides.items():
-        if value is not None:
-            os.environ[f"CONFIGSERVER_{key.upper()}"] = str(value)
+        handed["CONFIGSERVER_CONFIG_FILE"] = str(Path(args.config).absolute())
     options: dict[str, object] = {}
     if settings.builtin_tls:
         from .tls import uvicorn_options
 
         options = uvicorn_options(settings)
+    saved = {key: os.environ.get(key) for key in handed}
+    os.environ.update(handed)
+    try:
+        _run_uvicorn(uvicorn, settings, options)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return 0
+
+
+def _run_uvicorn(uvicorn: Any, settings: Settings, options: dict[str, object]) -> None:
     uvicorn.run(
         "configserver.app:create_app_from_environment",
         factory=True,
@@ -48,6 +64,110 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,
         **options,
     )
+
+
+def _cmd_lab_init(args: argparse.Namespace) -> int:
+    from .lab import LabError, create_lab
+
+    try:
+        lab = create_lab(args.directory, force=args.force)
+    except LabError as exc:
+        print(f"configserver: {exc}", file=sys.stderr)
+        return 1
+    print(f"lab created in {lab.root} (never trust it in production)")
+    print(f"serve it:  configserver --config {lab.config} serve")
+    print(f"poll it:   configserver lab poll IP232-30-00-af --lab {lab.root}")
+    return 0
+
+
+def _cmd_lab_poll(args: argparse.Namespace) -> int:
+    from .lab import LabError, open_lab, poll, server_url, with_path
+
+    try:
+        lab = open_lab(args.lab)
+        device = lab.device(args.hwid)
+        url = args.url or server_url(load_settings(config_file=args.config or lab.config))
+        answer = poll(with_path(url, args.path), cert=device.cert, key=device.key, server_ca=lab.server_ca)
+    except LabError as exc:
+        print(f"configserver: lab poll {args.hwid}: {exc}", file=sys.stderr)
+        return 1
+    print(answer.status_line, flush=True)
+    sys.stdout.buffer.write(answer.body)
+    return 0 if answer.status < 300 else 1
+
+
+def _cmd_inventory(args: argparse.Namespace) -> int:
+    import json
+
+    from . import inventory
+
+    database = _settings(args).database
+    try:
+        if args.command == "migrate":
+            print(f"inventory schema at version {inventory.migrate_database(database)}")
+        elif args.command == "history":
+            print(inventory.history_table(inventory.device_history(database, args.device, limit=args.limit)), end="")
+        else:
+            found = inventory.list_devices(
+                database, model=args.model, since=args.since, status=args.status, stale=args.stale)
+            if args.json:
+                print(json.dumps(inventory.devices_json(found), indent=2))
+            else:
+                print(inventory.devices_table(found), end="")
+    except inventory.InventoryError as exc:
+        print(f"configserver {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .lint import check
+    from .settings import DEFAULT_CONFIG_FILE
+
+    settings = _settings(args)
+    config_file = args.config or (DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None)
+    problems = check(settings, config_file=config_file)
+    for problem in problems:
+        print(problem)
+    print(f"configserver check: {len(problems) or 'no'} problem{'' if len(problems) == 1 else 's'} "
+          f"in {settings.templates} and {settings.vars}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from .app import create_app
+    from .preview import UnknownDevice, preview
+
+    app = create_app(_settings(args, grace_seconds=0))   # the files as they are now
+    app.store.refresh()
+    query = []
+    for item in args.query:
+        key, equals, value = item.partition("=")
+        if not equals:
+            print(f"configserver render: --query {item!r}: give KEY=VALUE", file=sys.stderr)
+            return 2
+        query.append((key, value))
+    try:
+        answer = preview(app, args.device, args.path, query)
+    except UnknownDevice as exc:
+        print(f"configserver render: {exc}", file=sys.stderr)
+        return 2
+    for line in answer.headers():
+        print(line, file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.buffer.write(answer.body)
+    sys.stdout.flush()
+    return 0 if answer.record.status == 200 else 1
+
+
+def _cmd_trust_value(args: argparse.Namespace) -> int:
+    from .trust import TrustValueError, trust_value
+
+    try:
+        print(trust_value(args.certificate.read_bytes(), args.properties))
+    except (OSError, TrustValueError) as exc:
+        print(f"configserver trust-value: {args.certificate}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -69,7 +189,68 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="worker processes (setting: workers)")
     serve.set_defaults(run=_cmd_serve)
 
+    lab = commands.add_parser("lab", help="a lab PKI and device for trying and testing").add_subparsers(
+        dest="lab_command", required=True, metavar="LAB_COMMAND")
+    lab_init = lab.add_parser("init", help="create a lab: CAs, devices, server certificate, templates, settings")
+    lab_init.add_argument("directory", type=Path)
+    lab_init.add_argument("--force", action="store_true", help="replace the lab already in DIRECTORY")
+    lab_init.set_defaults(run=_cmd_lab_init)
+    lab_poll = lab.add_parser("poll", help="poll the server as a lab device; print the status line and script")
+    lab_poll.add_argument("hwid", help="the lab device's hwid or name (see lab/README.txt)")
+    lab_poll.add_argument("--path", help="path and query to poll (default: that of --url, or /)")
+    lab_poll.add_argument("--url", help="poll a terminator at this https:// URL instead of the configured server")
+    lab_poll.add_argument("--lab", type=Path, default=Path("lab"), help="the lab folder (default: lab)")
+    lab_poll.set_defaults(run=_cmd_lab_poll)
+
+    devices = commands.add_parser("devices", help="the devices that polled: last seen, status, firmware, template")
+    devices.add_argument("--json", action="store_true", help="JSON in the shape of innovaphone's discovery list")
+    devices.add_argument("--model", help="only this model (IP232, any case)")
+    devices.add_argument("--since", metavar="DURATION", help="only devices seen within DURATION (30m, 12h, 7d, 2w)")
+    devices.add_argument("--status", type=int, metavar="CODE", help="only devices whose last poll got this HTTP status")
+    devices.add_argument("--stale", metavar="DURATION", help="only devices not seen for DURATION: dead phones")
+    devices.set_defaults(run=_cmd_inventory)
+    history = commands.add_parser("history", help="one device's polls, newest first")
+    history.add_argument("device", metavar="HWID|MAC", help="IP232-30-00-af, 00-90-33-30-00-af, 0090333000af, ...")
+    history.add_argument("--limit", type=int, default=20, metavar="N", help="at most N polls (default: 20)")
+    history.set_defaults(run=_cmd_inventory)
+    migrate = commands.add_parser("migrate", help="create or update the inventory database's schema now")
+    migrate.set_defaults(run=_cmd_inventory)
+
+    from .cabundle import run_check
+
+    check_cas = commands.add_parser(
+        "check-cas", help="check a device CA bundle: innovaphone's CA 1 and CA 2, nothing else")
+    check_cas.add_argument("bundle", type=Path, help="the PEM file, e.g. /etc/configserver/innovaphone-device-cas.pem")
+    check_cas.set_defaults(run=lambda args: run_check(args.bundle, sys.stdout))
+
+    check = commands.add_parser(
+        "check", help="check the templates and vars folders; print file:line: problem, exit 1 on any")
+    check.set_defaults(run=_cmd_check)
+    render = commands.add_parser(
+        "render", help="print the answer a device would get now; how it was chosen goes to stderr")
+    render.add_argument("device", metavar="HWID|MAC", help="IP232-30-00-af, or a MAC when a file names its hwid")
+    render.add_argument("--path", default="/", help="the path (and query) the device polls (default: /)")
+    render.add_argument("--query", action="append", default=[], metavar="K=V",
+                        help="a query argument of the poll, e.g. CHECK=<serial> (repeatable)")
+    render.set_defaults(run=_cmd_render)
+    trust = commands.add_parser(
+        "trust-value", help="print the my.innovaphone Trust value for our server certificate")
+    trust.add_argument("certificate", type=Path, metavar="CERT.pem", help="the server certificate (PEM or DER), alone")
+    trust.add_argument("--properties", metavar="LIST",
+                       help="prefix the properties the device should be handed: type,ip or *")
+    trust.set_defaults(run=_cmd_trust_value)
+
+    _accept_config_after_subcommands(parser)
     return parser
+
+
+def _accept_config_after_subcommands(parser: argparse.ArgumentParser) -> None:
+    """`configserver serve --config F` works as well as `configserver --config F serve`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="settings file (TOML)")
+                _accept_config_after_subcommands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

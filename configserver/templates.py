@@ -8,7 +8,10 @@ script.
 
 Lookup, first file that exists wins:
     templates/devices/<hwid>.j2, templates/devices/<mac>.j2, templates/models/<model>.j2,
-    templates/default.j2
+    templates/groups/<group>.j2 (the model's groups in the groups table's order), templates/default.j2
+Groups: the `groups` setting, then the `groups` table of vars/default.toml (group -> models).
+A template a device is given may carry apply-once options, `{# configserver: ... #}`
+(apply_once.py), read once per version of the file.
 Variables, later layers override earlier ones (tables merged key by key):
     vars/default.toml, vars/models/<model>.toml, vars/devices/<mac>.toml,
     vars/devices/<hwid>.toml, the `mac` row and the `hwid` row of vars/devices.csv
@@ -25,7 +28,7 @@ import threading
 import time
 import tomllib
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -33,6 +36,7 @@ from typing import Any
 
 import jinja2
 
+from .apply_once import OptionsError, TemplateOptions, parse_options
 from .identity import BROKEN_MODEL_NAMES, DeviceIdentity, InvalidDeviceName, normalize_mac, parse_device_name
 
 log = logging.getLogger("configserver.templates")
@@ -70,6 +74,9 @@ class Choice:
     vars_files: tuple[str, ...]
     variables: Mapping[str, Any]
     problem: str | None = None   # a vars file this device reads could not be parsed
+    groups: tuple[str, ...] = ()  # the device's model's groups, in the table's order
+    apply_once: bool = True       # wrap the script for applying it once (apply_once.py)
+    final_command: str = "iresetn"
 
 
 def device_key(stem: str, fixes: Mapping[str, str] = BROKEN_MODEL_NAMES) -> str:
@@ -111,6 +118,13 @@ class Snapshot:
     vars_lookup: dict[str, str] = field(default_factory=dict)
     csv_rows: dict[str, dict[str, str]] = field(default_factory=dict)  # device key -> row
     fixes: Mapping[str, str] = field(default_factory=lambda: BROKEN_MODEL_NAMES)
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # group -> models, table order
+    model_groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # casefolded model -> groups
+    groups_problem: str | None = None
+    options: dict[str, TemplateOptions] = field(default_factory=dict)  # lookup template -> its options
+    options_problems: dict[str, str] = field(default_factory=dict)
+    apply_once: bool = True          # the settings' defaults, for templates that say nothing
+    final_command: str = "iresetn"
     _choices: dict[str, Choice] = field(default_factory=dict)
 
     def choose(self, device: DeviceIdentity) -> Choice:
@@ -124,14 +138,16 @@ class Snapshot:
 
     def _choose(self, device: DeviceIdentity) -> Choice:
         hwid, mac, model = device.hwid.casefold(), device.mac, device.model.casefold()
+        groups = self.model_groups.get(model, ())
         template = None
-        for key in (f"devices/{hwid}", f"devices/{mac}", f"models/{model}", "default"):
+        group_keys = (f"groups/{group.casefold()}" for group in groups)
+        for key in (f"devices/{hwid}", f"devices/{mac}", f"models/{model}", *group_keys, "default"):
             template = self.lookup.get(key)
             if template:
                 break
         variables: dict[str, Any] = {}
         used: list[str] = []
-        problem = None
+        problem = self.groups_problem or self.options_problems.get(template or "")
         for key in ("default", f"models/{model}", f"devices/{mac}", f"devices/{hwid}"):
             name = self.vars_lookup.get(key)
             if name is None:
@@ -147,7 +163,12 @@ class Snapshot:
             if row is not None:
                 variables = _merge(variables, row)
                 used.append("devices.csv")
-        return Choice(template, tuple(dict.fromkeys(used)), _freeze(variables), problem)
+        options = self.options.get(template or "", TemplateOptions())
+        return Choice(
+            template, tuple(dict.fromkeys(used)), _freeze(variables), problem, groups,
+            self.apply_once if options.apply_once is None else options.apply_once,
+            options.final_command or self.final_command,
+        )
 
 
 class _SnapshotLoader(jinja2.BaseLoader):
@@ -178,11 +199,16 @@ class TemplateStore:
         *,
         grace_seconds: float = 1.0,
         cn_fixes: Mapping[str, str] | None = None,
+        groups: Mapping[str, Sequence[str]] | None = None,
+        apply_once: bool = True,
+        final_command: str = "iresetn",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.templates_dir = Path(templates_dir).absolute()
         self.vars_dir = Path(vars_dir).absolute()
         self.grace_seconds = grace_seconds
+        self._groups = {name: tuple(models) for name, models in (groups or {}).items()}
+        self._apply_once, self._final_command = apply_once, final_command
         self._fixes = {**BROKEN_MODEL_NAMES, **(cn_fixes or {})}
         self._clock = clock
         self._lock = threading.Lock()
@@ -273,7 +299,10 @@ class TemplateStore:
         return None, None
 
     def _index(self, templates: dict[str, SourceFile], variables: dict[str, SourceFile]) -> Snapshot:
-        snapshot = Snapshot(templates=templates, vars=variables, fixes=self._fixes)
+        snapshot = Snapshot(
+            templates=templates, vars=variables, fixes=self._fixes,
+            apply_once=self._apply_once, final_command=self._final_command,
+        )
         for name in sorted(templates):
             key = self._lookup_key(name, TEMPLATE_SUFFIX)
             if key is None:
@@ -294,7 +323,38 @@ class TemplateStore:
                     continue
                 values = {k: v for k, v in row.items() if k and k not in ("hwid", "mac") and v not in (None, "")}
                 snapshot.csv_rows[device_key(ident, self._fixes)] = values
+        self._index_groups(snapshot, variables.get("default.toml"))
+        previous = self.snapshot   # a template version's options are parsed once
+        for name in set(snapshot.lookup.values()):
+            unchanged = previous.templates.get(name) is templates[name]
+            if unchanged and name in previous.options:
+                snapshot.options[name] = previous.options[name]
+            elif unchanged and name in previous.options_problems:
+                snapshot.options_problems[name] = previous.options_problems[name]
+            else:
+                try:
+                    snapshot.options[name] = parse_options(templates[name].text)
+                except OptionsError as error:
+                    snapshot.options_problems[name] = f"{name}:{error.line}: {error.message}"
         return snapshot
+
+    def _index_groups(self, snapshot: Snapshot, default: SourceFile | None) -> None:
+        table = dict(self._groups)
+        data = default.data if default is not None and isinstance(default.data, dict) else {}
+        extra = data.get("groups", {})
+        if not isinstance(extra, dict) or not all(
+            isinstance(models, list) and all(isinstance(m, str) for m in models) for models in extra.values()
+        ):
+            snapshot.groups_problem = "default.toml: groups must be a table of group = [model, ...]"
+            extra = {}
+        for name, models in extra.items():
+            table[name] = tuple(dict.fromkeys((*table.get(name, ()), *models)))
+        snapshot.groups = table
+        for name, models in table.items():
+            for model in models:
+                model = self._fixes.get(model, model).casefold()
+                if name not in snapshot.model_groups.get(model, ()):
+                    snapshot.model_groups[model] = (*snapshot.model_groups.get(model, ()), name)
 
     def _lookup_key(self, name: str, suffix: str) -> str | None:
         if not name.endswith(suffix):
@@ -309,6 +369,8 @@ class TemplateStore:
             return f"devices/{device_key(rest, self._fixes)}"
         if folder == "models":
             return f"models/{rest.casefold()}"
+        if folder == "groups" and suffix == TEMPLATE_SUFFIX:
+            return f"groups/{rest.casefold()}"
         return None
 
     # -- rendering (on the event loop: CPU only, no I/O) -------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,15 +10,6 @@ import pytest
 from configserver.lab.pki import CertificateAuthority, IssuedCert, innovaphone_ca_name
 
 from driving import Site
-
-
-def need_server(binary_found: bool, what: str) -> None:
-    """Tests that need a real server fail in CI when it is missing, and skip elsewhere."""
-    if binary_found:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} is not installed (scripts/install-test-servers installs it as root)")
-    pytest.skip(f"{what} is not installed")
 
 
 @dataclass(frozen=True)

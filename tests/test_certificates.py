@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from configserver.certificates import CertificateError, CertificateVerifier, decode_forwarded_cert, load_ca_bundle
-from conftest import need_server
+from needs import need_server
 
 
 def encodings(cert):

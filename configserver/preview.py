@@ -1,0 +1,165 @@
+"""What a device would get now, without the device or its certificate: `configserver render`.
+
+The answer comes from the service's own path (`ConfigServer.script_for`), after the same query
+check a poll passes; only the certificate checks are left out, since there is no certificate.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from .app import ConfigServer, RequestInfo
+from .identity import (
+    INNOVAPHONE_OUI,
+    DeviceIdentity,
+    InvalidDeviceName,
+    normalize_mac,
+    parse_device_name,
+    query_names_other_device,
+)
+from .polls import PollRecord
+from .refusals import DEVICE_MISMATCH
+from .templates import TEMPLATE_SUFFIX, Choice, Snapshot
+
+PREVIEW_ISSUER = "none (configserver render: no certificate)"
+
+
+class UnknownDevice(Exception):
+    """The name given is no device, or a MAC whose model no file tells; the text says what to give."""
+
+
+@dataclass(frozen=True)
+class Preview:
+    """A device's answer as the service would send it now, and how it was chosen."""
+
+    device: DeviceIdentity
+    choice: Choice
+    record: PollRecord
+    body: bytes
+    note: str | None = None      # what the preview had to assume
+
+    def headers(self) -> list[str]:
+        """The decision, one `key: value` line each: device, template, vars files, digest..."""
+        record, choice, device = self.record, self.choice, self.device
+        groups = ", ".join(choice.groups) or "none"
+        hwid, model = device.hwid or "(hwid unknown)", device.model or "unknown"
+        lines = [f"device: {hwid} (model {model}, MAC {device.mac}, groups: {groups})"]
+        if self.note:
+            lines.append(f"note: {self.note}")
+        lines.append(f"status: {record.status}" + (f" {record.reason}" if record.reason else ""))
+        if record.detail:
+            lines.append(f"detail: {record.detail}")
+        if record.status == 403:
+            return lines
+        lines.append(f"template: {choice.template or 'none'}")
+        lines.append(f"vars: {', '.join(choice.vars_files) or 'none'}")
+        if record.status == 200:
+            if choice.apply_once:
+                lines.append(f"apply once: on, final command {choice.final_command}")
+                lines.append(f"digest: {record.check_digest}")
+                reported = "not given" if record.check_reported is None else repr(record.check_reported)
+                lines.append(f"decision: {record.decision} (CHECK {reported})")
+            else:
+                lines.append("apply once: off")
+        return lines
+
+
+def device_names(snapshot: Snapshot, fixes: Mapping[str, str]) -> dict[str, set[str]]:
+    """Every device the folders name, by MAC: the hwids named for it (empty when only its MAC is).
+
+    Names come from files in templates/devices and vars/devices, and from the rows of devices.csv.
+    """
+    found: dict[str, set[str]] = {}
+
+    def note(name: str) -> None:
+        mac = normalize_mac(name)
+        if mac is not None:
+            if mac.startswith(INNOVAPHONE_OUI):
+                found.setdefault(mac, set())
+            return
+        try:
+            parsed = parse_device_name(name, fixes)
+        except InvalidDeviceName:
+            return
+        found.setdefault(parsed.mac, set()).add(parsed.hwid)
+
+    for folder, suffix in ((snapshot.templates, TEMPLATE_SUFFIX), (snapshot.vars, ".toml")):
+        for name in folder:
+            if name.startswith("devices/") and name.endswith(suffix) and name.count("/") == 1:
+                note(name[len("devices/"):-len(suffix)])
+    table = snapshot.vars.get("devices.csv")
+    for row in (table.data or []) if table is not None else []:
+        ident = ((row.get("hwid") or "").strip() or (row.get("mac") or "").strip())
+        if ident:
+            note(ident)
+    return found
+
+
+def resolve_device(name: str, snapshot: Snapshot, fixes: Mapping[str, str]) -> tuple[DeviceIdentity, str | None]:
+    """The device `name` (a hwid or a MAC) stands for, and a note when something had to be assumed.
+
+    A MAC is resolved through the hwid a file names for it. Without one, only a template named
+    by the MAC can be chosen: the device is then rendered with an empty model and hwid, and the
+    note says so. Raises UnknownDevice when neither works.
+    """
+    try:
+        parsed = parse_device_name(name, fixes)
+    except InvalidDeviceName:
+        parsed = None
+    if parsed is not None:
+        return DeviceIdentity(parsed.hwid, parsed.model, parsed.mac, cn=name, issuer=PREVIEW_ISSUER), None
+    mac = normalize_mac(name)
+    if mac is None:
+        raise UnknownDevice(f"{name!r} is neither a hwid (<model>-xx-xx-xx, e.g. IP232-30-00-af) nor a MAC")
+    if not mac.startswith(INNOVAPHONE_OUI):
+        raise UnknownDevice(f"{mac} is not an innovaphone MAC (they start {INNOVAPHONE_OUI})")
+    tail = mac[len(INNOVAPHONE_OUI) + 1:]
+    hwids = sorted(device_names(snapshot, fixes).get(mac, ()))
+    if len(hwids) == 1:
+        parsed = parse_device_name(hwids[0], fixes)
+        device = DeviceIdentity(parsed.hwid, parsed.model, parsed.mac, cn=parsed.hwid, issuer=PREVIEW_ISSUER)
+        return device, f"hwid {parsed.hwid} found for MAC {mac} in the file names"
+    if len(hwids) > 1:
+        raise UnknownDevice(f"files name several devices with MAC {mac} ({', '.join(hwids)}): give the hwid")
+    template = snapshot.lookup.get(f"devices/{mac}")
+    if template is None:
+        raise UnknownDevice(
+            f"cannot tell which device {mac} is: no template is named by this MAC and no file names its hwid, "
+            f"and model, group and default templates depend on the model: give the hwid (<model>-{tail})"
+        )
+    note = (
+        f"model unknown (no file names the hwid of {mac}): device.model and device.hwid are empty and "
+        f"model vars and groups are left out; give the hwid (<model>-{tail}) for the exact script"
+    )
+    return DeviceIdentity("", "", mac, cn=mac, issuer=PREVIEW_ISSUER), note
+
+
+def preview(
+    app: ConfigServer, name: str, path: str = "/", query: Iterable[tuple[str, str]] = (), now: dt.datetime | None = None,
+) -> Preview:
+    """What the device `name` would get now from `app` when polling `path` with `query` added.
+
+    `path` may carry a query of its own (`/update?type=IP232`). Raises UnknownDevice.
+    """
+    now = now or dt.datetime.now(dt.timezone.utc)
+    snapshot = app.store.snapshot
+    device, note = resolve_device(name, snapshot, app.gate.cn_fixes)
+    path, _, query_string = path.partition("?")
+    args = urllib.parse.parse_qs(query_string, keep_blank_values=True)
+    for key, value in query:
+        args.setdefault(key, []).append(value)
+    record = PollRecord(
+        time=now.timestamp(), client_ip=None, path=path or "/", status=200, reason=None,
+        query={key: values[0] for key, values in args.items()},
+    )
+    other = query_names_other_device(device, args, app.gate.cn_fixes) if device.hwid else None
+    if other:
+        record.hwid, record.mac, record.model = device.hwid, device.mac, device.model
+        record.status, record.reason, record.detail = 403, DEVICE_MISMATCH, f"query names {other}, device is {device.hwid}"
+        body = f"# {DEVICE_MISMATCH}\n".encode()
+    else:
+        body = app.script_for(device, RequestInfo(record.path, record.query, None), now, record)
+    return Preview(device, snapshot.choose(device), record, body, note)
