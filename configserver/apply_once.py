@@ -24,9 +24,13 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 EVERY_POLL_MARKER = "# configserver: every poll above"
-FINAL_COMMANDS = ("iresetn", "ireset", "resetn", "reset", "ser")
+# What the device does once a changed script is applied (innovaphone.md 1.2): reset when idle,
+# reset now, each "only if the change needs it" (n), or nothing (ser).
+FinalCommand = Literal["iresetn", "ireset", "resetn", "reset", "ser"]
+FINAL_COMMANDS: tuple[str, ...] = get_args(FinalCommand)
 SENT = "sent"
 UNCHANGED = "unchanged"
 

@@ -22,6 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .apply_once import FinalCommand
 from .certificates import CABundleError, load_ca_bundle
 from .names import DNError, parse_dn
 
@@ -33,7 +34,6 @@ INNOVAPHONE_DEVICE_CAS = [
     "/C=DE/O=innovaphone/OU=innovaphone Device Certification Authority 2",
 ]
 
-FinalCommand = Literal["iresetn", "ireset", "resetn", "reset", "ser"]
 TLSVersionName = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -44,6 +44,7 @@ log = logging.getLogger("configserver.templates")
 TEMPLATE_SUFFIX = ".j2"
 _MAX_FILE_BYTES = 4 * 1024 * 1024
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_NO_VARIABLE = re.compile(r"'mappingproxy object' has no attribute '([^']*)'")
 
 
 class ConfigurationError(Exception):
@@ -391,6 +392,8 @@ class TemplateStore:
         except Exception as exc:  # anything a template raises: undefined variables, type errors...
             file, line = self._where(exc, template)
             message = exc.message if isinstance(exc, jinja2.TemplateError) and exc.message else str(exc)
+            # `vars` and its tables are read-only mappings: say so in the admin's words
+            message = _NO_VARIABLE.sub(r"undefined variable '\1'", message)
             raise ConfigurationError(f"{type(exc).__name__}: {message}", file, line) from None
         return to_crlf(text)
 

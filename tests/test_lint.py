@@ -46,7 +46,7 @@ def test_one_problem_of_each_kind(tree, capsys):
     assert status == 1
     assert lines == [
         "configserver.toml:4: group phones: 'IP2320' is no innovaphone model this check knows, and no file names it",
-        "templates/devices/IP232-30-00-af.j2:2: UndefinedError: 'mappingproxy object' has no attribute 'missing' (for IP232-30-00-af)",
+        "templates/devices/IP232-30-00-af.j2:2: UndefinedError: undefined variable 'missing' (for IP232-30-00-af)",
         "templates/groups/phones.j2:3: template not found: common/nothere.j2",
         "templates/models/IP1202.j2:2: syntax error: Expected an expression, got 'end of statement block'",
         "vars/devices.csv:3: hwid 'IP23-30-00' is not <model>-xx-xx-xx: the row names no device",
@@ -67,7 +67,7 @@ def test_undefined_variables_are_found_for_every_device_the_vars_name(tree, caps
     status, lines = check(capsys)
     # IP232-30-00-af has its own template; IP232-30-00-c1 (devices.csv) has a user; the synthetic phones have none
     assert lines == [
-        "templates/groups/phones.j2:1: UndefinedError: 'mappingproxy object' has no attribute 'user' "
+        "templates/groups/phones.j2:1: UndefinedError: undefined variable 'user' "
         "(for synthetic device IP222-00-00-00 and 1 more)"
     ]
 
@@ -77,7 +77,7 @@ def test_devices_named_only_by_mac_get_their_own_template_and_vars(tree, capsys)
     tree.write("templates/devices/00-90-33-30-00-d2.j2", "config change SIP0 /user {{ vars.user }}\n")
     tree.write("vars/devices/00-90-33-30-00-d1.toml", 'user = "d1"\n')
     assert check(capsys) == (1, [
-        "templates/devices/00-90-33-30-00-d2.j2:1: UndefinedError: 'mappingproxy object' has no attribute 'user' "
+        "templates/devices/00-90-33-30-00-d2.j2:1: UndefinedError: undefined variable 'user' "
         "(for 00-90-33-30-00-d2, model unknown)"
     ])
 
@@ -88,7 +88,7 @@ def test_a_default_template_no_named_device_reaches_is_rendered_for_a_synthetic_
     site.write("templates/default.j2", "x\n{{ vars.password }}\n")
     status, lines = check(capsys)
     assert (status, lines) == (1, [
-        "templates/default.j2:2: UndefinedError: 'mappingproxy object' has no attribute 'password' "
+        "templates/default.j2:2: UndefinedError: undefined variable 'password' "
         "(for synthetic device LINT-00-00-00 of a model no file names)"
     ])
 
