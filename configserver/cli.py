@@ -49,6 +49,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _run_uvicorn(uvicorn: Any, settings: Settings, options: dict[str, object]) -> None:
+    from .logs import logging_config
+
     uvicorn.run(
         "configserver.app:create_app_from_environment",
         factory=True,
@@ -61,7 +63,7 @@ def _run_uvicorn(uvicorn: Any, settings: Settings, options: dict[str, object]) -
         # One structured line per poll replaces the access log.
         access_log=False,
         server_header=False,
-        log_config=None,
+        log_config=logging_config(settings.log_level),
         **options,
     )
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import logging.config
+import os
+import signal
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, TextIO
+
+FLUSH_SECONDS = 0.25
 
 
 class JSONFormatter(logging.Formatter):
@@ -28,18 +35,93 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
+class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes lines into a buffer that is flushed every FLUSH_SECONDS, and at once for warnings
+    and errors: one write(2) per batch of polls instead of one per poll line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._stop = threading.Event()
+        threading.Thread(target=self._flush_now_and_then, name="log-flush", daemon=True).start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+            with self.lock:  # type: ignore[union-attr]
+                self.stream.write(line)
+                if record.levelno >= logging.WARNING:
+                    self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except (ValueError, OSError):  # the stream is gone (closed by its owner): nothing to keep
+            pass
+
+    def _flush_now_and_then(self) -> None:
+        while not self._stop.wait(FLUSH_SECONDS):
+            self.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush()
+        super().close()
+
+
+def _buffered_stderr() -> TextIO:
+    """stderr without line buffering (Python flushes it at every newline), on the same file."""
+    try:
+        fileno = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: stderr is captured
+        return sys.stderr
+    raw = open(fileno, "wb", buffering=1 << 16, closefd=False)
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", line_buffering=False)
+
+
+def _flush_then_die(signum: int, frame: object) -> None:
+    # uvicorn shuts down on SIGTERM, then restores the handler it found and raises the signal
+    # again: the process ends by the signal and atexit never runs. Write out the last lines first.
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def stderr_handler() -> logging.Handler:
+    """The handler of every process (uvicorn builds it in each worker from `logging_config`).
+
+    Built before uvicorn takes over the signals, so that SIGTERM, which uvicorn raises again
+    once it has shut down, reaches `_flush_then_die` instead of killing the process unflushed.
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _flush_then_die)
+    return BatchingHandler(_buffered_stderr())
+
+
+def logging_config(level: str = "info") -> dict[str, Any]:
+    """The `logging.config.dictConfig` of the service, also handed to uvicorn as `log_config`:
+    every logger (ours and uvicorn's) as JSON lines to stderr; no access log, since one
+    structured line per poll replaces it."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "configserver.logs.JSONFormatter"}},
+        "handlers": {"stderr": {"()": "configserver.logs.stderr_handler", "formatter": "json"}},
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
+        "loggers": {
+            "uvicorn": {"handlers": [], "propagate": True},
+            "uvicorn.error": {"handlers": [], "propagate": True},
+            "uvicorn.access": {"handlers": [], "propagate": False},
+        },
+    }
+
+
 def configure_logging(level: str = "info") -> None:
-    """Send every logger (ours and uvicorn's) as JSON lines to stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter())
+    """Send every logger as JSON lines to stderr, written in batches. Idempotent."""
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error"):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = []
-        logger.propagate = True
-    # one structured line per poll replaces uvicorn's access log
-    access = logging.getLogger("uvicorn.access")
-    access.handlers[:] = []
-    access.propagate = False
+    if any(isinstance(handler, BatchingHandler) for handler in root.handlers):
+        root.setLevel(level.upper())
+        return
+    logging.config.dictConfig(logging_config(level))

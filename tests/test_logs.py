@@ -1,0 +1,91 @@
+"""One JSON line per event, written in batches, and nothing lost when the service is stopped."""
+
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from configserver.logs import FLUSH_SECONDS, BatchingHandler, JSONFormatter
+
+
+def handler_on(stream):
+    handler = BatchingHandler(stream)
+    handler.setFormatter(JSONFormatter())
+    return handler
+
+
+def record(level, fields):
+    return logging.makeLogRecord({
+        "name": "configserver.poll", "levelno": level, "levelname": logging.getLevelName(level),
+        "msg": "poll", "fields": fields,
+    })
+
+
+class Counting(io.StringIO):
+    flushes = 0
+
+    def flush(self):
+        self.flushes += 1
+
+
+def test_lines_are_json_and_written_in_batches():
+    stream = Counting()
+    handler = handler_on(stream)
+    for n in range(50):
+        handler.handle(record(logging.INFO, {"event": "poll", "n": n}))
+    assert stream.flushes == 0  # fifty polls, no write of their own
+    time.sleep(FLUSH_SECONDS * 3)
+    assert stream.flushes >= 1
+    lines = stream.getvalue().splitlines()
+    assert [json.loads(line)["n"] for line in lines] == list(range(50))
+    handler.close()
+
+
+def test_warnings_and_errors_are_written_at_once():
+    stream = Counting()
+    handler = handler_on(stream)
+    handler.handle(record(logging.ERROR, {"event": "poll", "status": 500}))
+    assert stream.flushes == 1
+    handler.close()
+
+
+def test_sigterm_writes_out_every_line_before_the_service_ends(tmp_path):
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates/default.j2").write_text("ok\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "configserver", "serve", "--port", str(port)],
+        cwd=tmp_path, stderr=subprocess.PIPE, env={**os.environ, "CONFIGSERVER_GRACE_SECONDS": "0"},
+    )
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/init", headers={
+                    "X-SSL-Client-Verify": "SUCCESS",
+                    "X-SSL-Client-S-DN": "CN=IP232-30-00-af,O=innovaphone,C=DE",
+                    "X-SSL-Client-I-DN": "OU=innovaphone Device Certification Authority,O=innovaphone,C=DE",
+                })
+                urllib.request.urlopen(request, timeout=2).read()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        server.send_signal(signal.SIGTERM)  # at once: the poll's line is still in the buffer
+        _, err = server.communicate(timeout=20)
+    finally:
+        server.kill()
+    events = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    polls = [e for e in events if e.get("event") == "poll"]
+    assert len(polls) == 1 and polls[0]["hwid"] == "IP232-30-00-af" and polls[0]["status"] == 200
+    assert any(e.get("event", "").startswith("Finished server process") for e in events)
+    assert server.returncode == -signal.SIGTERM
