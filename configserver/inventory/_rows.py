@@ -98,7 +98,8 @@ def _fit(table: sa.Table, row: dict[str, Any]) -> dict[str, Any]:
     """Cut text to its column's width: PostgreSQL refuses what SQLite would take."""
     widths = _WIDTHS[table.name]
     for name, value in row.items():
-        if isinstance(value, str):
+        # inline test of the common case: a call per column would be most of a row's cost
+        if isinstance(value, str) and (len(value) > widths[name] or not value.isascii() or "\x00" in value):
             row[name] = clean_text(value, widths[name])
     return row
 
