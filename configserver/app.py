@@ -29,7 +29,7 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from .admission import Gate
-from .apply_once import apply_once
+from .apply_once import SENT, UNCHANGED, Applied, apply_once
 from .certificates import CertificateVerifier, load_ca_bundle
 from .forwarded import TrustedProxies, facts_from_headers, facts_from_tls
 from .inventory import Inventory, InventoryError
@@ -38,15 +38,49 @@ from .logs import configure_logging
 from .polls import PollRecord
 from .refusals import Refused
 from .settings import Settings, SettingsError, load_settings
-from .templates import ConfigurationError, TemplateStore
+from .templates import Choice, ConfigurationError, TemplateStore
 
 log = logging.getLogger("configserver.poll")
 
 SERVICE_PATHS = frozenset({"/healthz", "/metrics"})
 RELOAD_SECONDS = 1.0
+_ANSWERS_KEPT = 200_000   # devices whose answers one snapshot remembers
 
 _PLAIN = b"text/plain; charset=utf-8"
 _NO_STORE = (b"cache-control", b"no-store")
+
+
+@dataclass(frozen=True, slots=True)
+class Answers:
+    """What a device gets from one rendering of its template: the script to send, and, when it
+    is applied once, its digest and the short answer for a device that reports that digest."""
+
+    sent: bytes
+    sent_sha256: str
+    digest: str | None = None
+    unchanged: bytes = b""
+    unchanged_sha256: str = ""
+
+    @classmethod
+    def plain(cls, script: str) -> "Answers":
+        body = script.encode("utf-8")
+        return cls(body, hashlib.sha256(body).hexdigest())
+
+    @classmethod
+    def only(cls, applied: Applied) -> "Answers":
+        body = applied.script.encode("utf-8")
+        sha256 = hashlib.sha256(body).hexdigest()
+        if applied.decision == UNCHANGED:
+            return cls(b"", "", applied.digest, body, sha256)
+        return cls(body, sha256, applied.digest)
+
+    @classmethod
+    def applied_once(cls, digest: str, sent: str, unchanged: str) -> "Answers":
+        sent_body, unchanged_body = sent.encode("utf-8"), unchanged.encode("utf-8")
+        return cls(
+            sent_body, hashlib.sha256(sent_body).hexdigest(), digest,
+            unchanged_body, hashlib.sha256(unchanged_body).hexdigest(),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,30 +223,50 @@ class ConfigServer:
         """
         record.hwid, record.mac, record.model = device.hwid, device.mac, device.model
         record.check_reported = request.query.get("CHECK")
-        choice = self.store.snapshot.choose(device)
+        snapshot = self.store.snapshot
+        choice = snapshot.choose(device)
         record.template = choice.template
-        try:
-            if choice.problem:
-                raise ConfigurationError(choice.problem)
-            if choice.template is None:
-                record.status, record.reason = 404, "no configuration"
-                return f"# no configuration for {device.hwid}\n".encode()
-            context = {
-                "device": dataclasses.replace(device, groups=choice.groups) if choice.groups else device,
-                "vars": choice.variables,
-                "request": request,
-                "now": now,
-            }
-            script = self.store.render(choice.template, context)
-        except ConfigurationError as error:
-            record.status, record.reason, record.detail = 500, "configuration error", str(error)
-            return b"# configuration error\n"
-        if choice.apply_once:
-            applied = apply_once(script, record.check_reported, choice.final_command)
-            script, record.check_digest, record.decision = applied.script, applied.digest, applied.decision
-        body = script.encode("utf-8")
-        record.script_sha256 = hashlib.sha256(body).hexdigest()
-        return body
+        answers = None if choice.per_poll else snapshot.answers.get(device)
+        if answers is None:
+            try:
+                if choice.problem:
+                    raise ConfigurationError(choice.problem)
+                if choice.template is None:
+                    record.status, record.reason = 404, "no configuration"
+                    return f"# no configuration for {device.hwid}\n".encode()
+                answers = self._render(choice, device, request, now, record.check_reported)
+            except ConfigurationError as error:
+                record.status, record.reason, record.detail = 500, "configuration error", str(error)
+                return b"# configuration error\n"
+            if not choice.per_poll and len(snapshot.answers) < _ANSWERS_KEPT:
+                snapshot.answers[device] = answers
+        record.check_digest = answers.digest
+        if answers.digest is not None and record.check_reported == answers.digest:
+            record.decision, record.script_sha256 = UNCHANGED, answers.unchanged_sha256
+            return answers.unchanged
+        record.decision = SENT if answers.digest is not None else None
+        record.script_sha256 = answers.sent_sha256
+        return answers.sent
+
+    def _render(
+        self, choice: Choice, device: DeviceIdentity, request: RequestInfo, now: dt.datetime, reported: str | None,
+    ) -> Answers:
+        """Render the device's template. An answer that will be kept holds both forms (sent and
+        unchanged); one rendered for this poll only holds the form that `reported` calls for."""
+        context = {
+            "device": dataclasses.replace(device, groups=choice.groups) if choice.groups else device,
+            "vars": choice.variables,
+            "request": request,
+            "now": now,
+        }
+        script = self.store.render(choice.template, context)  # type: ignore[arg-type]
+        if not choice.apply_once:
+            return Answers.plain(script)
+        if choice.per_poll:
+            return Answers.only(apply_once(script, reported, choice.final_command))
+        sent = apply_once(script, None, choice.final_command)
+        unchanged = apply_once(script, sent.digest, choice.final_command)
+        return Answers.applied_once(sent.digest, sent.script, unchanged.script)
 
     def _finish(self, record: PollRecord) -> None:
         level = logging.INFO if record.status < 500 else logging.ERROR

@@ -35,6 +35,7 @@ from types import MappingProxyType
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
 
 from .apply_once import OptionsError, TemplateOptions, parse_options
 from .identity import BROKEN_MODEL_NAMES, DeviceIdentity, InvalidDeviceName, normalize_mac, parse_device_name
@@ -78,6 +79,9 @@ class Choice:
     groups: tuple[str, ...] = ()  # the device's model's groups, in the table's order
     apply_once: bool = True       # wrap the script for applying it once (apply_once.py)
     final_command: str = "iresetn"
+    # the template (or one it uses) reads `now`, `request` or randomness: render it on every
+    # poll; otherwise its output depends on the device and the snapshot alone and may be kept
+    per_poll: bool = True
 
 
 def device_key(stem: str, fixes: Mapping[str, str] = BROKEN_MODEL_NAMES) -> str:
@@ -126,6 +130,9 @@ class Snapshot:
     options_problems: dict[str, str] = field(default_factory=dict)
     apply_once: bool = True          # the settings' defaults, for templates that say nothing
     final_command: str = "iresetn"
+    per_poll: dict[str, bool] = field(default_factory=dict)  # lookup template -> Choice.per_poll
+    # answers the web layer computed for a device from this snapshot (see Choice.per_poll)
+    answers: dict[DeviceIdentity, Any] = field(default_factory=dict)
     _choices: dict[str, Choice] = field(default_factory=dict)
 
     def choose(self, device: DeviceIdentity) -> Choice:
@@ -169,7 +176,38 @@ class Snapshot:
             template, tuple(dict.fromkeys(used)), _freeze(variables), problem, groups,
             self.apply_once if options.apply_once is None else options.apply_once,
             options.final_command or self.final_command,
+            self.per_poll.get(template or "", True),
         )
+
+
+# Context names whose value changes from poll to poll, and Jinja's random helpers.
+_PER_POLL_NAMES = frozenset({"now", "request", "lipsum"})
+_PER_POLL_FILTERS = frozenset({"random"})
+
+
+def _template_facts(environment: jinja2.Environment, source: str) -> tuple[bool, tuple[str, ...]]:
+    """Whether one template's own text reads per-poll values, and the templates it references.
+
+    A reference computed at render time (`{% include vars.x %}`) counts as reading per-poll
+    values: which file it names cannot be known before. Unparsable text too: its render fails.
+    """
+    try:
+        ast = environment.parse(source)
+    except jinja2.TemplateSyntaxError:
+        return True, ()
+    if any(node.name in _PER_POLL_NAMES for node in ast.find_all(nodes.Name)):
+        return True, ()
+    if any(node.name in _PER_POLL_FILTERS for node in ast.find_all(nodes.Filter)):
+        return True, ()
+    references: list[str] = []
+    for node in ast.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
+        target = node.template
+        names = target.items if isinstance(target, (nodes.List, nodes.Tuple)) else [target]
+        for item in names:
+            if not (isinstance(item, nodes.Const) and isinstance(item.value, str)):
+                return True, ()
+            references.append(item.value)
+    return False, tuple(references)
 
 
 class _SnapshotLoader(jinja2.BaseLoader):
@@ -210,6 +248,8 @@ class TemplateStore:
         self.grace_seconds = grace_seconds
         self._groups = {name: tuple(models) for name, models in (groups or {}).items()}
         self._apply_once, self._final_command = apply_once, final_command
+        # (file, version) -> (reads per-poll values?, templates it references): parsed once per version
+        self._facts: dict[tuple[str, tuple[int, int, int]], tuple[bool, tuple[str, ...]]] = {}
         self._fixes = {**BROKEN_MODEL_NAMES, **(cn_fixes or {})}
         self._clock = clock
         self._lock = threading.Lock()
@@ -266,8 +306,9 @@ class TemplateStore:
                 if before is not None and before.stamp == stamp:
                     found[name] = before
                     continue
-                if now - st.st_mtime_ns / 1e9 < self.grace_seconds:
-                    # being written, perhaps: keep the last complete version, if any
+                if 0 <= now - st.st_mtime_ns / 1e9 < self.grace_seconds:
+                    # being written, perhaps: keep the last complete version, if any. (A time in
+                    # the future is a skewed clock, not a write in progress: never wait for it.)
                     if before is not None:
                         found[name] = before
                     continue
@@ -337,7 +378,33 @@ class TemplateStore:
                     snapshot.options[name] = parse_options(templates[name].text)
                 except OptionsError as error:
                     snapshot.options_problems[name] = f"{name}:{error.line}: {error.message}"
+        self._facts = {key: facts for key, facts in self._facts.items() if templates.get(key[0]) is not None}
+        for name in set(snapshot.lookup.values()):
+            snapshot.per_poll[name] = self._reads_per_poll(name, templates)
         return snapshot
+
+    def _reads_per_poll(self, name: str, templates: dict[str, SourceFile]) -> bool:
+        """Whether `name`, or any template it includes, imports or extends, reads what changes
+        from poll to poll (`now`, `request`, randomness) or names a template only at render time."""
+        seen: set[str] = set()
+        pending = [name]
+        while pending:
+            current = pending.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            source = templates.get(current)
+            if source is None:
+                continue  # a missing include fails the render anyway
+            key = (current, source.stamp)
+            facts = self._facts.get(key)
+            if facts is None:
+                facts = self._facts[key] = _template_facts(self.environment, source.text)
+            reads_per_poll, references = facts
+            if reads_per_poll:
+                return True
+            pending.extend(references)
+        return False
 
     def _index_groups(self, snapshot: Snapshot, default: SourceFile | None) -> None:
         table = dict(self._groups)

@@ -303,3 +303,71 @@ def test_metrics_count_polls_by_reason(app, pki):
 def test_healthz_is_the_service_own(app):
     answer = call(app, "/healthz", client=("192.0.2.1", 1))
     assert answer.status == 200 and answer.text == "ok\n"
+
+
+# -- what is kept between polls ----------------------------------------------------------
+
+def count_renders(app, monkeypatch):
+    calls = []
+    render = app.store.render
+
+    def counting(template, context):
+        calls.append(template)
+        return render(template, context)
+
+    monkeypatch.setattr(app.store, "render", counting)
+    return calls
+
+
+def test_a_script_that_depends_on_device_and_vars_only_is_rendered_once(site, pki, monkeypatch):
+    site.write("templates/default.j2", "config change SIP0 /user {{ device.hwid }} /pwd {{ vars.pwd }}\n")
+    site.write("vars/default.toml", 'pwd = "x"\n')
+    app = site.app()
+    calls = count_renders(app, monkeypatch)
+    first = call(app, "/", terminator_headers(pki.phone))
+    second = call(app, "/", terminator_headers(pki.phone))
+    assert first.body == second.body and len(calls) == 1
+    call(app, "/", terminator_headers(pki.gateway))
+    assert len(calls) == 2  # another device: its own rendering
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "# at {{ now }}\n",
+        "# polled {{ request.path }}\n",
+        "{{ [1, 2] | random }}\n",
+        "{% include 'parts/' ~ device.model ~ '.j2' ignore missing %}\n",   # named at render time
+        "{% include 'parts/ip.j2' %}\n",                                     # an include reads request
+    ],
+)
+def test_a_script_that_reads_the_poll_is_rendered_on_every_poll(site, pki, monkeypatch, template):
+    site.write("templates/parts/ip.j2", "# from {{ request.client_ip }}\n")
+    site.write("templates/default.j2", template)
+    app = site.app()
+    calls = count_renders(app, monkeypatch)
+    call(app, "/", terminator_headers(pki.phone))
+    call(app, "/", terminator_headers(pki.phone))
+    assert len(calls) == 2
+
+
+def test_a_new_certificate_for_the_same_device_is_not_served_the_old_answer(site, pki):
+    site.write("templates/default.j2", "# certificate {{ device.serial }}\n")
+    app = site.app(apply_once=False)
+    renewed = pki.ca2.issue_device("IP232-30-00-af")
+    first = call(app, "/", terminator_headers(pki.phone)).text
+    second = call(app, "/", terminator_headers(renewed)).text
+    assert first == f"# certificate {pki.phone.certificate.serial_number:x}\r\n"
+    assert second == f"# certificate {renewed.certificate.serial_number:x}\r\n"
+
+
+def test_kept_answers_are_dropped_with_the_files_they_came_from(site, pki):
+    site.write("templates/default.j2", "config change SIP0 /pwd {{ vars.pwd }}\n")
+    site.write("vars/default.toml", 'pwd = "old"\n')
+    app = site.app(apply_once=False)
+    assert "old" in call(app, "/", terminator_headers(pki.phone)).text
+    path = site.write("vars/default.toml", 'pwd = "new"\n')
+    import os, time
+    os.utime(path, (time.time() + 5, time.time() + 5))  # a different version, whatever the clock's grain
+    app.store.refresh()
+    assert "new" in call(app, "/", terminator_headers(pki.phone)).text

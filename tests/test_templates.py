@@ -159,3 +159,10 @@ def test_nothing_outside_the_templates_folder_can_be_included(store, tmp_path):
 @pytest.mark.parametrize("text, out", [("", ""), ("a", "a\r\n"), ("a\n", "a\r\n"), ("a\n\n", "a\r\n\r\n"), ("a\r\nb", "a\r\nb\r\n")])
 def test_crlf(text, out):
     assert to_crlf(text) == out
+
+
+def test_file_dated_in_the_future_is_read_at_once(tmp_path):
+    store = TemplateStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1.0)
+    write(store, "templates/default.j2", "from a skewed clock\n", age=-3600)
+    store.refresh()
+    assert store.render("default.j2", {}) == "from a skewed clock\r\n"
