@@ -6,6 +6,7 @@ Pure rules: facts and query in, a DeviceIdentity out, or Refused with the reason
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Iterable, Mapping
 
 from .certificates import CertificateError, CertificateVerifier, CheckedCert
@@ -24,6 +25,12 @@ from .refusals import (
 )
 
 _VERDICTS_KEPT = 65536
+_DETAIL_CHARS = 300
+
+
+def _clip(text: str | None) -> str | None:
+    """A refusal's detail as it is kept and logged: whatever a client sent, a bounded size."""
+    return text if text is None or len(text) <= _DETAIL_CHARS else text[:_DETAIL_CHARS] + "..."
 
 
 def device_cn(subject: DistinguishedName) -> str | None:
@@ -52,7 +59,7 @@ class Gate:
         self._verifier = verifier
         self._require_cert = require_client_cert
         self._fixes = {**BROKEN_MODEL_NAMES, **(cn_fixes or {})}
-        self._verdicts: dict[tuple[str | None, ...], tuple[DeviceIdentity, CheckedCert | None] | Refused] = {}
+        self._verdicts: dict[bytes, tuple[DeviceIdentity, CheckedCert | None] | Refused] = {}
 
     @property
     def cn_fixes(self) -> Mapping[str, str]:
@@ -66,13 +73,17 @@ class Gate:
         """
         if facts.empty:
             raise Refused(HTTPS_REQUIRED)
-        key = (facts.verify, facts.subject_dn, facts.issuer_dn, facts.cert)
+        if facts.verify != "SUCCESS":  # cheap, and not worth a place among the verdicts
+            raise Refused(NOT_VERIFIED, f"verify={_clip(facts.verify)!r}")
+        # a digest, not the values: a key costs the same whatever the headers' size
+        key = hashlib.sha256("\0".join(v or "" for v in (facts.subject_dn, facts.issuer_dn, facts.cert)).encode(
+            "utf-8", "surrogateescape")).digest()
         verdict = self._verdicts.get(key)
         if verdict is None:
             try:
                 verdict = self._identify(facts)
             except Refused as refusal:
-                verdict = refusal
+                verdict = Refused(refusal.reason, _clip(refusal.detail))
             if len(self._verdicts) >= _VERDICTS_KEPT:
                 del self._verdicts[next(iter(self._verdicts))]
             self._verdicts[key] = verdict
@@ -90,8 +101,6 @@ class Gate:
 
     def _identify(self, facts: ClientFacts) -> tuple[DeviceIdentity, CheckedCert | None]:
         """The checks that depend on the forwarded facts alone, up to the certificate's signature."""
-        if facts.verify != "SUCCESS":
-            raise Refused(NOT_VERIFIED, f"verify={facts.verify!r}")
 
         checked: CheckedCert | None = None
         cert_error: str | None = None

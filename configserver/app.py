@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
+import hmac
 import logging
 import os
 import time
@@ -44,7 +45,7 @@ log = logging.getLogger("configserver.poll")
 
 SERVICE_PATHS = frozenset({"/healthz", "/metrics"})
 RELOAD_SECONDS = 1.0
-_ANSWERS_KEPT = 200_000   # devices whose answers one snapshot remembers
+_ANSWERS_KEPT = 100_000   # devices whose answers one snapshot remembers
 
 _PLAIN = b"text/plain; charset=utf-8"
 _NO_STORE = (b"cache-control", b"no-store")
@@ -62,25 +63,26 @@ class Answers:
     unchanged_sha256: str = ""
 
     @classmethod
-    def plain(cls, script: str) -> "Answers":
+    def plain(cls, script: str, key: bytes | None) -> "Answers":
         body = script.encode("utf-8")
-        return cls(body, hashlib.sha256(body).hexdigest())
+        return cls(body, _script_hash(body, key))
 
     @classmethod
-    def only(cls, applied: Applied) -> "Answers":
+    def only(cls, applied: Applied, key: bytes | None) -> "Answers":
         body = applied.script.encode("utf-8")
-        sha256 = hashlib.sha256(body).hexdigest()
         if applied.decision == UNCHANGED:
-            return cls(b"", "", applied.digest, body, sha256)
-        return cls(body, sha256, applied.digest)
+            return cls(b"", "", applied.digest, body, _script_hash(body, key))
+        return cls(body, _script_hash(body, key), applied.digest)
 
     @classmethod
-    def applied_once(cls, digest: str, sent: str, unchanged: str) -> "Answers":
+    def applied_once(cls, digest: str, sent: str, unchanged: str, key: bytes | None) -> "Answers":
         sent_body, unchanged_body = sent.encode("utf-8"), unchanged.encode("utf-8")
-        return cls(
-            sent_body, hashlib.sha256(sent_body).hexdigest(), digest,
-            unchanged_body, hashlib.sha256(unchanged_body).hexdigest(),
-        )
+        return cls(sent_body, _script_hash(sent_body, key), digest, unchanged_body, _script_hash(unchanged_body, key))
+
+
+def _script_hash(body: bytes, key: bytes | None) -> str:
+    """`script_sha256` of the log and the audit: SHA-256, or HMAC-SHA256 with `digest_key`."""
+    return hmac.new(key, body, hashlib.sha256).hexdigest() if key else hashlib.sha256(body).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +107,13 @@ class ConfigServer:
             require_client_cert=settings.require_client_cert,
             cn_fixes=settings.cn_fixes,
         )
-        self.trusted = TrustedProxies(settings.trusted_proxies)
+        self.trusted = TrustedProxies(
+            settings.trusted_proxies, settings.proxy_secret.get_secret_value() if settings.proxy_secret else None,
+        )
+        self._digest_key = settings.digest_key.get_secret_value().encode() if settings.digest_key else None
+        if not settings.templates.is_dir():
+            # every device would get 404: a wrong path, not an empty fleet
+            raise SettingsError(f"setting 'templates': {settings.templates.absolute()} is not a folder")
         self.store = TemplateStore(
             settings.templates, settings.vars, grace_seconds=settings.grace_seconds, cn_fixes=settings.cn_fixes,
             groups=settings.groups, apply_once=settings.apply_once, final_command=settings.final_command,
@@ -147,7 +155,7 @@ class ConfigServer:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(self.store.refresh)
+        await asyncio.to_thread(self.store.settle)
         reloader = asyncio.create_task(self._reload_forever())
         await self.inventory.start()  # returns at once; a database that is away is retried
         try:
@@ -171,6 +179,11 @@ class ConfigServer:
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] == "http" and scope["path"] not in SERVICE_PATHS:
             await self.poll(scope, send)
+        elif scope["type"] == "http" and scope["path"] == "/metrics" and _forwarded_by_terminator(scope):
+            # for whoever scrapes the app directly, not for devices through a terminator
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-type", _PLAIN), (b"content-length", b"12"), _NO_STORE]})
+            await send({"type": "http.response.body", "body": b"# not found\n"})
         else:
             await self.api(scope, receive, send)
 
@@ -261,12 +274,12 @@ class ConfigServer:
         }
         script = self.store.render(choice.template, context)  # type: ignore[arg-type]
         if not choice.apply_once:
-            return Answers.plain(script)
+            return Answers.plain(script, self._digest_key)
         if choice.per_poll:
-            return Answers.only(apply_once(script, reported, choice.final_command))
-        sent = apply_once(script, None, choice.final_command)
-        unchanged = apply_once(script, sent.digest, choice.final_command)
-        return Answers.applied_once(sent.digest, sent.script, unchanged.script)
+            return Answers.only(apply_once(script, reported, choice.final_command, self._digest_key), self._digest_key)
+        sent = apply_once(script, None, choice.final_command, self._digest_key)
+        unchanged = apply_once(script, sent.digest, choice.final_command, self._digest_key)
+        return Answers.applied_once(sent.digest, sent.script, unchanged.script, self._digest_key)
 
     def _finish(self, record: PollRecord) -> None:
         level = logging.INFO if record.status < 500 else logging.ERROR
@@ -280,6 +293,10 @@ class ConfigServer:
         counter.inc()
         for recorder in self.recorders:
             recorder(record)
+
+
+def _forwarded_by_terminator(scope: dict[str, Any]) -> bool:
+    return any(name.startswith(b"x-ssl-client-") for name, _ in scope.get("headers", ()))
 
 
 def create_app(settings: Settings) -> ConfigServer:

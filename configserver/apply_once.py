@@ -22,6 +22,7 @@ Pure functions on text: nothing here reads files or knows about requests.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -95,22 +96,29 @@ def parse_options(source: str) -> TemplateOptions:
     return TemplateOptions(apply_once, final)
 
 
-def digest(text: str) -> str:
+def digest(text: str, key: bytes | None = None) -> str:
     """The serial of a script: 32 hex digits over its meaningful lines.
 
     Meaningful means neither blank nor a comment (`#...`), with the whitespace at either end
     of a line ignored; so editing a comment or re-indenting never makes a device apply its
     script again, and every other change does. 32 digits: the length of the MD5 serials that
     innovaphone's own server stores on devices.
+
+    With `key` (the `digest_key` setting) it is an HMAC: the serial travels in every poll URL
+    and lands in logs, and a plain hash of a script would let anyone who reads it try
+    passwords (a short PIN in a few seconds) offline.
     """
-    return _digest_lines(_LINE_BREAK.split(text))
+    return _digest_lines(_LINE_BREAK.split(text), key)
 
 
-def apply_once(script: str, reported: str | None, final_command: str = "iresetn") -> Applied:
+def apply_once(
+    script: str, reported: str | None, final_command: str = "iresetn", key: bytes | None = None,
+) -> Applied:
     """Wrap a rendered script (CRLF lines) for a device that reported the serial `reported`.
 
     Returns the answer (CRLF lines), the digest of the script's applied-once part, and the
-    decision. `final_command` is one of FINAL_COMMANDS; `ser` adds no final line.
+    decision. `final_command` is one of FINAL_COMMANDS; `ser` adds no final line. With `key`
+    the digest is keyed (see `digest`).
     """
     lines = script.split("\r\n")
     if lines[-1] == "":
@@ -121,7 +129,7 @@ def apply_once(script: str, reported: str | None, final_command: str = "iresetn"
             if line.strip() == EVERY_POLL_MARKER:
                 every_poll, lines = lines[:index], lines[index + 1:]
                 break
-    serial = _digest_lines(lines)
+    serial = _digest_lines(lines, key)
     if reported == serial:
         out = [*every_poll, f"# unchanged: the device has applied this script (CHECK {serial})"]
         return Applied("\r\n".join(out) + "\r\n", serial, UNCHANGED)
@@ -131,9 +139,12 @@ def apply_once(script: str, reported: str | None, final_command: str = "iresetn"
     return Applied("\r\n".join(out) + "\r\n", serial, SENT)
 
 
-def _digest_lines(lines: list[str]) -> str:
+def _digest_lines(lines: list[str], key: bytes | None = None) -> str:
     meaningful = [text for text in (line.strip() for line in lines) if text and not text.startswith("#")]
-    return hashlib.sha256("\n".join(meaningful).encode("utf-8")).hexdigest()[:32]
+    data = "\n".join(meaningful).encode("utf-8")
+    if key:
+        return hmac.new(key, data, hashlib.sha256).hexdigest()[:32]
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def _line_of(text: str, offset: int) -> int:

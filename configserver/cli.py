@@ -23,6 +23,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     overrides = {"host": args.host, "port": args.port, "uds": args.uds, "workers": args.workers}
     settings = _settings(args, **overrides)
     configure_logging(settings.log_level)
+    options: dict[str, object] = {}
+    if settings.builtin_tls:
+        from .tls import uvicorn_options
+
+        options = uvicorn_options(settings)
     from .app import create_app
 
     create_app(settings)  # everything a worker builds, checked once here: a bad setting stops us now
@@ -30,11 +35,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     handed = {f"CONFIGSERVER_{key.upper()}": str(value) for key, value in overrides.items() if value is not None}
     if args.config is not None:
         handed["CONFIGSERVER_CONFIG_FILE"] = str(Path(args.config).absolute())
-    options: dict[str, object] = {}
-    if settings.builtin_tls:
-        from .tls import uvicorn_options
-
-        options = uvicorn_options(settings)
     saved = {key: os.environ.get(key) for key in handed}
     os.environ.update(handed)
     try:
@@ -54,6 +54,8 @@ def _run_uvicorn(uvicorn: Any, settings: Settings, options: dict[str, object]) -
     uvicorn.run(
         "configserver.app:create_app_from_environment",
         factory=True,
+        # a start-up that fails (templates, inventory) must stop the service, not run it without
+        lifespan="on",
         host=settings.host,
         port=settings.port,
         uds=str(settings.uds) if settings.uds else None,
@@ -103,12 +105,16 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
 
     from . import inventory
 
-    database = _settings(args).database
+    from .identity import BROKEN_MODEL_NAMES
+
+    settings = _settings(args)
+    database = settings.database
     try:
         if args.command == "migrate":
             print(f"inventory schema at version {inventory.migrate_database(database)}")
         elif args.command == "history":
-            print(inventory.history_table(inventory.device_history(database, args.device, limit=args.limit)), end="")
+            print(inventory.history_table(inventory.device_history(
+                database, args.device, limit=args.limit, fixes={**BROKEN_MODEL_NAMES, **settings.cn_fixes})), end="")
         else:
             found = inventory.list_devices(
                 database, model=args.model, since=args.since, status=args.status, stale=args.stale)

@@ -7,6 +7,7 @@ the built-in listener they arrive through the ASGI TLS extension and headers cou
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ SUBJECT_DN = b"x-ssl-client-s-dn"
 ISSUER_DN = b"x-ssl-client-i-dn"
 CERT = b"x-ssl-client-cert"
 IDENTITY_HEADERS = (VERIFY, SUBJECT_DN, ISSUER_DN, CERT)
+PROXY_SECRET = b"x-configserver-proxy-secret"
 _FORWARDED_FOR = b"x-forwarded-for"
 _REAL_IP = b"x-real-ip"
 
@@ -42,11 +44,15 @@ class ClientFacts:
 
 
 class TrustedProxies:
-    """Which TCP peers may hand us client-certificate headers. Answers are cached per address."""
+    """Who may hand us client-certificate headers: TCP peers in these networks (answers cached
+    per address) or on the unix socket, and, with a `secret`, only requests that carry it."""
 
-    def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+    def __init__(
+        self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network], secret: str | None = None,
+    ) -> None:
         self._networks = tuple(networks)
         self._known: dict[str, bool] = {}
+        self.secret = secret.encode("latin-1") if secret else None
 
     def __contains__(self, host: str) -> bool:
         known = self._known.get(host)
@@ -78,8 +84,8 @@ def facts_from_tls(scope: dict[str, Any]) -> ClientFacts:
 def facts_from_headers(scope: dict[str, Any], trusted: TrustedProxies) -> ClientFacts:
     """Facts a TLS terminator forwarded as headers.
 
-    Raises Refused("untrusted proxy") when the peer is not a trusted proxy, whatever it sent,
-    and Refused("duplicate header") when an identity header arrives more than once: a
+    Raises Refused("untrusted proxy") when the peer is not a trusted proxy, whatever it sent, or
+    lacks the proxy secret when one is set; and Refused("duplicate header") when an identity header arrives more than once: a
     terminator that appends instead of replacing would let a client smuggle its value in first.
     """
     client = scope.get("client")
@@ -93,6 +99,8 @@ def facts_from_headers(scope: dict[str, Any], trusted: TrustedProxies) -> Client
         peer = None
 
     seen: dict[bytes, str] = {}
+    twice: bytes | None = None
+    secrets: list[bytes] = []
     forwarded_for: list[str] = []
     real_ip: str | None = None
     for name, value in scope["headers"]:
@@ -101,12 +109,18 @@ def facts_from_headers(scope: dict[str, Any], trusted: TrustedProxies) -> Client
             continue
         if name in IDENTITY_HEADERS:
             if name in seen:
-                raise Refused(DUPLICATE_HEADER, name.decode())
+                twice = twice or name
             seen[name] = value.decode("latin-1").strip()
+        elif name == PROXY_SECRET:
+            secrets.append(value.strip())
         elif name == _FORWARDED_FOR:
             forwarded_for.extend(part.strip() for part in value.decode("latin-1").split(","))
         elif name == _REAL_IP:
             real_ip = value.decode("latin-1").strip()
+    if trusted.secret is not None and not (len(secrets) == 1 and hmac.compare_digest(secrets[0], trusted.secret)):
+        raise Refused(UNTRUSTED_PROXY, "proxy secret missing or wrong" if len(secrets) < 2 else "proxy secret sent twice")
+    if twice is not None:
+        raise Refused(DUPLICATE_HEADER, twice.decode())
 
     # Terminators append to what the client sent: only the right-most entry is theirs.
     client_ip = (forwarded_for[-1] if forwarded_for and forwarded_for[-1] else None) or real_ip or peer

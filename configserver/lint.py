@@ -78,6 +78,9 @@ def check(settings: Settings, config_file: Path | None = None) -> list[Problem]:
     `config_file` is named in problems with the `groups` setting. Files being written right now
     are read as they are: the check has no earlier version to fall back to.
     """
+    if not Path(settings.templates).is_dir():
+        where = str(config_file) if config_file else "settings"
+        return [Problem(where, 1, f"templates: {settings.templates} is not a folder (setting 'templates')")]
     store = TemplateStore(
         settings.templates, settings.vars, grace_seconds=0, cn_fixes=settings.cn_fixes,
         groups=settings.groups, apply_once=settings.apply_once, final_command=settings.final_command,

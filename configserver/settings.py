@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -82,6 +82,9 @@ class Settings(BaseSettings):
         default_factory=lambda: list(INNOVAPHONE_DEVICE_CAS)
     )
     require_client_cert: bool = False
+    # shared with the terminators, which set it as X-Configserver-Proxy-Secret on every request:
+    # proves a request came through one of them, not from any other local process
+    proxy_secret: SecretStr | None = None
     cn_fixes: dict[str, str] = Field(default_factory=dict)
 
     # Built-in TLS listener
@@ -93,6 +96,8 @@ class Settings(BaseSettings):
     # Applying each change once (mod cmd UP1 check)
     apply_once: bool = True
     final_command: FinalCommand = "iresetn"
+    # keys the script digests (CHECK serial, script_sha256): same value on every node
+    digest_key: SecretStr | None = None
     groups: dict[str, list[str]] = Field(default_factory=dict)
 
     # Inventory and audit
@@ -130,6 +135,13 @@ class Settings(BaseSettings):
                 parse_dn(dn)
             except DNError as exc:
                 raise ValueError(f"{dn!r} is not a distinguished name: {exc}") from None
+        return value
+
+    @field_validator("proxy_secret", "digest_key")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters: make one with `openssl rand -hex 32`")
         return value
 
     @field_validator("ca_bundle")
@@ -184,6 +196,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"{path}: not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except ValidationError as exc:
         raise SettingsError(_describe(exc, path)) from None
     finally:

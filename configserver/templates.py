@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import re
+import stat
 import threading
 import time
 import tomllib
@@ -44,6 +45,7 @@ log = logging.getLogger("configserver.templates")
 
 TEMPLATE_SUFFIX = ".j2"
 _MAX_FILE_BYTES = 4 * 1024 * 1024
+_CHOICES_KEPT = 200_000  # devices whose choice one snapshot remembers
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _NO_VARIABLE = re.compile(r"'mappingproxy object' has no attribute '([^']*)'")
 
@@ -82,6 +84,10 @@ class Choice:
     # the template (or one it uses) reads `now`, `request` or randomness: render it on every
     # poll; otherwise its output depends on the device and the snapshot alone and may be kept
     per_poll: bool = True
+
+
+def _no_parse(name: str, text: str) -> tuple[Any, str | None]:
+    return None, None
 
 
 def device_key(stem: str, fixes: Mapping[str, str] = BROKEN_MODEL_NAMES) -> str:
@@ -134,13 +140,14 @@ class Snapshot:
     # answers the web layer computed for a device from this snapshot (see Choice.per_poll)
     answers: dict[DeviceIdentity, Any] = field(default_factory=dict)
     _choices: dict[str, Choice] = field(default_factory=dict)
+    _merged: dict[tuple[str, ...], Mapping[str, Any]] = field(default_factory=dict)
 
     def choose(self, device: DeviceIdentity) -> Choice:
         """The template and variables for `device`; computed once per device per snapshot."""
         choice = self._choices.get(device.hwid)
         if choice is None:
             choice = self._choose(device)
-            if len(self._choices) < 1_000_000:
+            if len(self._choices) < _CHOICES_KEPT:
                 self._choices[device.hwid] = choice
         return choice
 
@@ -153,9 +160,15 @@ class Snapshot:
             template = self.lookup.get(key)
             if template:
                 break
-        variables: dict[str, Any] = {}
+        layers: list[tuple[str, Mapping[str, Any]]] = []  # (which file or CSV row, its variables)
         used: list[str] = []
         problem = self.groups_problem or self.options_problems.get(template or "")
+        if template and self.templates[template].error:
+            problem = problem or f"{template}: {self.templates[template].error}"
+        table = self.vars.get("devices.csv")
+        if table is not None and table.error:
+            # every device may have a row in it: none may be served as if it had none
+            problem = problem or f"devices.csv: {table.error}"
         for key in ("default", f"models/{model}", f"devices/{mac}", f"devices/{hwid}"):
             name = self.vars_lookup.get(key)
             if name is None:
@@ -164,16 +177,24 @@ class Snapshot:
             if source.error:
                 problem = problem or f"{name}: {source.error}"
                 continue
-            variables = _merge(variables, source.data)
+            layers.append((name, source.data))
             used.append(name)
         for key in (mac, hwid):
             row = self.csv_rows.get(key)
             if row is not None:
-                variables = _merge(variables, row)
+                layers.append((f"devices.csv:{key}", row))
                 used.append("devices.csv")
+        # devices that read the same files share one merged copy (most share all but none)
+        layers_key = tuple(which for which, _ in layers)
+        variables = self._merged.get(layers_key)
+        if variables is None:
+            merged: dict[str, Any] = {}
+            for _, data in layers:
+                merged = _merge(merged, data)
+            variables = self._merged[layers_key] = _freeze(merged)
         options = self.options.get(template or "", TemplateOptions())
         return Choice(
-            template, tuple(dict.fromkeys(used)), _freeze(variables), problem, groups,
+            template, tuple(dict.fromkeys(used)), variables, problem, groups,
             self.apply_once if options.apply_once is None else options.apply_once,
             options.final_command or self.final_command,
             self.per_poll.get(template or "", True),
@@ -193,11 +214,14 @@ def _template_facts(environment: jinja2.Environment, source: str) -> tuple[bool,
     """
     try:
         ast = environment.parse(source)
-    except jinja2.TemplateSyntaxError:
+    except Exception:  # a syntax error, or absurd nesting: the render will fail and say why
         return True, ()
     if any(node.name in _PER_POLL_NAMES for node in ast.find_all(nodes.Name)):
         return True, ()
     if any(node.name in _PER_POLL_FILTERS for node in ast.find_all(nodes.Filter)):
+        return True, ()
+    # a filter or test named by a string, as in map('random')
+    if any(node.value in _PER_POLL_FILTERS for node in ast.find_all(nodes.Const) if isinstance(node.value, str)):
         return True, ()
     references: list[str] = []
     for node in ast.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
@@ -221,6 +245,8 @@ class _SnapshotLoader(jinja2.BaseLoader):
         source = self._store.snapshot.templates.get(template)
         if source is None:
             raise jinja2.TemplateNotFound(template)
+        if source.error:
+            raise jinja2.TemplateError(f"{template}: {source.error}")
         store = self._store
         return source.text, str(store.templates_dir / template), lambda: store.snapshot.templates.get(template) is source
 
@@ -248,6 +274,8 @@ class TemplateStore:
         self.grace_seconds = grace_seconds
         self._groups = {name: tuple(models) for name, models in (groups or {}).items()}
         self._apply_once, self._final_command = apply_once, final_command
+        # changes not yet published: (kind, name) -> (the version seen, or None if gone; since when)
+        self._unsettled: dict[tuple[str, str], tuple[tuple[int, int, int] | None, float]] = {}
         # (file, version) -> (reads per-poll values?, templates it references): parsed once per version
         self._facts: dict[tuple[str, tuple[int, int, int]], tuple[bool, tuple[str, ...]]] = {}
         self._fixes = {**BROKEN_MODEL_NAMES, **(cn_fixes or {})}
@@ -266,26 +294,87 @@ class TemplateStore:
     # -- scanning (off the event loop) -------------------------------------------------------
 
     def refresh(self) -> bool:
-        """Rescan both folders; publish a new snapshot when anything changed. Returns whether it did."""
+        """Rescan both folders; publish a new snapshot once every change in them has settled.
+
+        Returns whether a new snapshot was published. While any file is new, changed or gone
+        for less than `grace_seconds`, the snapshot in use stays as it is, whole: a file being
+        written never yields half a script, and a change spread over several files (a git
+        checkout, an rsync) is taken at once instead of file by file.
+        """
         with self._lock:
             old = self.snapshot
             now = self._clock()
-            templates = self._scan(self.templates_dir, old.templates, now, lambda name, text: (None, None))
-            variables = self._scan(self.vars_dir, old.vars, now, self._parse_vars)
-            if templates == old.templates and variables == old.vars:
+            listed = {("templates", name): found for name, found in self._list(self.templates_dir).items()}
+            listed.update({("vars", name): found for name, found in self._list(self.vars_dir).items()})
+            published = {("templates", name): source for name, source in old.templates.items()}
+            published.update({("vars", name): source for name, source in old.vars.items()})
+            changed = [key for key, (_, stamp) in listed.items() if key not in published or published[key].stamp != stamp]
+            vanished = [key for key in published if key not in listed]
+            if not changed and not vanished:
+                self._unsettled.clear()
                 return False
-            self.snapshot = self._index(templates, variables)
-            log.info("templates reloaded", extra={"fields": {"event": "reload", "templates": len(templates), "vars": len(variables)}})
+            if not self._settled(changed, vanished, listed, now):
+                return False
+            files = {"templates": dict(old.templates), "vars": dict(old.vars)}
+            for kind, name in vanished:
+                del files[kind][name]
+            for key in changed:
+                kind, name = key
+                path, stamp = listed[key]
+                source = self._read(path, name, stamp, self._parse_vars if kind == "vars" else _no_parse)
+                if source is None:  # written to while we read it: wait for it to settle
+                    self._unsettled[key] = (None, now)
+                    return False
+                files[kind][name] = source
+            self.snapshot = self._index(files["templates"], files["vars"])
+            self._unsettled.clear()
+            log.info("templates reloaded", extra={"fields": {
+                "event": "reload", "templates": len(files["templates"]), "vars": len(files["vars"]),
+                "changed": len(changed), "removed": len(vanished),
+            }})
             return True
 
-    def _scan(
+    @property
+    def pending(self) -> bool:
+        """Whether a change is waiting to settle before it is published."""
+        return bool(self._unsettled)
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Refresh until no change is pending (or `timeout` passes): for start-up, so that the
+        first poll never meets an empty snapshot because a file was still settling."""
+        deadline = self._clock() + timeout
+        self.refresh()
+        while self.pending and self._clock() < deadline:
+            time.sleep(min(0.1, max(self.grace_seconds / 4, 0.01)))
+            self.refresh()
+
+    def _settled(
         self,
-        root: Path,
-        previous: dict[str, SourceFile],
+        changed: list[tuple[str, str]],
+        vanished: list[tuple[str, str]],
+        listed: dict[tuple[str, str], tuple[Path, tuple[int, int, int]]],
         now: float,
-        parse: Callable[[str, str], tuple[Any, str | None]],
-    ) -> dict[str, SourceFile]:
-        found: dict[str, SourceFile] = {}
+    ) -> bool:
+        """Whether every change may be published: each file's new version (or its absence) has
+        stayed the same for `grace_seconds` by our own clock, or the file was last modified at
+        least that long ago. A modification time ahead of our clock proves nothing either way."""
+        pending: dict[tuple[str, str], tuple[tuple[int, int, int] | None, float]] = {}
+        for key in [*changed, *vanished]:
+            stamp = listed[key][1] if key in listed else None
+            if stamp is not None and 0 <= now - stamp[0] / 1e9 and now - stamp[0] / 1e9 >= self.grace_seconds:
+                continue
+            since = self._unsettled.get(key)
+            if since is None or since[0] != stamp:
+                since = (stamp, now)
+            if now - since[1] < self.grace_seconds:
+                pending[key] = since
+        self._unsettled = pending
+        return not pending
+
+    @staticmethod
+    def _list(root: Path) -> dict[str, tuple[Path, tuple[int, int, int]]]:
+        """Every file below `root` that is not hidden or an editor's leftover, with its version."""
+        found: dict[str, tuple[Path, tuple[int, int, int]]] = {}
         if not root.is_dir():
             return found
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -294,50 +383,50 @@ class TemplateStore:
                 if filename.startswith(".") or filename.endswith(("~", ".swp", ".tmp", ".part")):
                     continue
                 path = Path(dirpath, filename)
-                name = path.relative_to(root).as_posix()
                 try:
                     st = path.stat()
                 except OSError:
                     continue
-                if not path.is_file():
+                if not stat.S_ISREG(st.st_mode):
                     continue
-                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-                before = previous.get(name)
-                if before is not None and before.stamp == stamp:
-                    found[name] = before
-                    continue
-                if 0 <= now - st.st_mtime_ns / 1e9 < self.grace_seconds:
-                    # being written, perhaps: keep the last complete version, if any. (A time in
-                    # the future is a skewed clock, not a write in progress: never wait for it.)
-                    if before is not None:
-                        found[name] = before
-                    continue
-                found[name] = self._read(path, name, stamp, parse)
+                found[path.relative_to(root).as_posix()] = (path, (st.st_mtime_ns, st.st_size, st.st_ino))
         return found
 
     @staticmethod
-    def _read(path: Path, name: str, stamp: tuple[int, int, int], parse: Callable[[str, str], tuple[Any, str | None]]) -> SourceFile:
+    def _read(
+        path: Path, name: str, stamp: tuple[int, int, int], parse: Callable[[str, str], tuple[Any, str | None]],
+    ) -> SourceFile | None:
+        """The file's text and parsed data, an error the admin must fix, or None when the file
+        changed while it was read (then it is still being written)."""
         try:
-            if stamp[1] > _MAX_FILE_BYTES:
-                raise ValueError(f"larger than {_MAX_FILE_BYTES} bytes")
-            text = path.read_bytes().decode("utf-8")
+            with path.open("rb") as file:
+                if stamp[1] > _MAX_FILE_BYTES:
+                    raise ValueError(f"larger than {_MAX_FILE_BYTES} bytes")
+                data = file.read(_MAX_FILE_BYTES + 1)
+                after = os.fstat(file.fileno())
+            if (after.st_mtime_ns, after.st_size, after.st_ino) != stamp:
+                return None
+            text = data.decode("utf-8-sig")  # a byte order mark (Excel's "CSV UTF-8") is no content
+        except UnicodeDecodeError as exc:
+            return SourceFile(name, stamp, "", None, f"not UTF-8 text (byte {exc.start}): save it as UTF-8")
         except (OSError, ValueError) as exc:
             return SourceFile(name, stamp, "", None, f"cannot read: {exc}")
-        data, error = parse(name, text)
-        return SourceFile(name, stamp, text, data, error)
+        data_parsed, error = parse(name, text)
+        return SourceFile(name, stamp, text, data_parsed, error)
 
     @staticmethod
     def _parse_vars(name: str, text: str) -> tuple[Any, str | None]:
-        if name.endswith(".toml"):
-            try:
+        try:
+            if name.endswith(".toml"):
                 return tomllib.loads(text), None
-            except tomllib.TOMLDecodeError as exc:
-                return None, f"not valid TOML: {exc}"
-        if name.endswith(".csv"):
-            try:
+            if name.endswith(".csv"):
                 return list(csv.DictReader(io.StringIO(text))), None
-            except csv.Error as exc:
-                return None, f"not valid CSV: {exc}"
+        except tomllib.TOMLDecodeError as exc:
+            return None, f"not valid TOML: {exc}"
+        except csv.Error as exc:
+            return None, f"not valid CSV: {exc}"
+        except Exception as exc:  # RecursionError on absurd nesting, and the like: still the file's fault
+            return None, f"cannot be read as {name.rsplit('.', 1)[-1].upper()}: {type(exc).__name__}: {exc}"
         return None, None
 
     def _index(self, templates: dict[str, SourceFile], variables: dict[str, SourceFile]) -> Snapshot:
@@ -378,7 +467,10 @@ class TemplateStore:
                     snapshot.options[name] = parse_options(templates[name].text)
                 except OptionsError as error:
                     snapshot.options_problems[name] = f"{name}:{error.line}: {error.message}"
-        self._facts = {key: facts for key, facts in self._facts.items() if templates.get(key[0]) is not None}
+        self._facts = {
+            key: facts for key, facts in self._facts.items()
+            if key[0] in templates and templates[key[0]].stamp == key[1]
+        }
         for name in set(snapshot.lookup.values()):
             snapshot.per_poll[name] = self._reads_per_poll(name, templates)
         return snapshot

@@ -628,3 +628,29 @@ def test_migrate_command_creates_the_schema(cli, tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("CONFIGSERVER_DATABASE", f"sqlite:///{tmp_path}/new.db")
     assert cli("migrate") == (0, f"inventory schema at version {SCHEMA_VERSION}\n", "")
     assert cli("devices") == (0, "no devices\n", "")
+
+
+def test_read_commands_never_create_a_database(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONFIGSERVER_DATABASE", f"sqlite:///{tmp_path}/typo.db")
+    for command in (["devices"], ["history", PHONE]):
+        status, out, err = cli(*command)
+        assert (status, out) == (1, "") and "no inventory database at" in err and "setting 'database'" in err
+    assert not (tmp_path / "typo.db").exists()
+    sqlite3.connect(tmp_path / "empty.db").close()
+    monkeypatch.setenv("CONFIGSERVER_DATABASE", f"sqlite:///{tmp_path}/empty.db")
+    status, _, err = cli("devices")
+    assert status == 1 and "holds no inventory" in err
+
+
+def test_history_finds_a_device_by_the_name_its_certificate_shows(tmp_path: Path) -> None:
+    database = f"sqlite:///{tmp_path}/fleet.db"
+
+    async def record() -> None:
+        inventory = Inventory(database)
+        await inventory.start()
+        inventory.record(PollRecord(time=time.time(), client_ip="192.0.2.1", path="/", status=200, reason=None,
+                                    hwid="IP222-30-00-b0", mac="00-90-33-30-00-b0", model="IP222"))
+        await inventory.close()
+
+    asyncio.run(record())
+    assert [poll.hwid for poll in device_history(database, "IP222s-30-00-b0")] == ["IP222-30-00-b0"]

@@ -337,6 +337,7 @@ def test_a_script_that_depends_on_device_and_vars_only_is_rendered_once(site, pk
         "# at {{ now }}\n",
         "# polled {{ request.path }}\n",
         "{{ [1, 2] | random }}\n",
+        "{{ [[1, 2], [3, 4]] | map('random') | list }}\n",
         "{% include 'parts/' ~ device.model ~ '.j2' ignore missing %}\n",   # named at render time
         "{% include 'parts/ip.j2' %}\n",                                     # an include reads request
     ],
@@ -371,3 +372,83 @@ def test_kept_answers_are_dropped_with_the_files_they_came_from(site, pki):
     os.utime(path, (time.time() + 5, time.time() + 5))  # a different version, whatever the clock's grain
     app.store.refresh()
     assert "new" in call(app, "/", terminator_headers(pki.phone)).text
+
+
+# -- the proxy secret, the service's own routes, keyed digests ---------------------------
+
+SECRET = "s3cret-" + "0123456789abcdef" * 2
+
+
+def test_with_a_proxy_secret_only_requests_carrying_it_are_trusted(site, pki):
+    site.write("templates/default.j2", "ok\n")
+    app = site.app(proxy_secret=SECRET)
+    with_secret = terminator_headers(pki.phone) + [("X-Configserver-Proxy-Secret", SECRET)]
+    assert call(app, "/", with_secret).status == 200
+    assert call(app, "/", with_secret, client=None, server=("/run/configserver/app.sock", None)).status == 200
+    refused(call(app, "/", terminator_headers(pki.phone)), "untrusted proxy")
+    refused(call(app, "/", terminator_headers(pki.phone), client=None, server=("/run/x.sock", None)), "untrusted proxy")
+    refused(call(app, "/", terminator_headers(pki.phone) + [("X-Configserver-Proxy-Secret", SECRET[:-1] + "x")]),
+            "untrusted proxy")
+    # a client's own value in front of the terminator's: never trusted
+    refused(call(app, "/", [("X-Configserver-Proxy-Secret", "guess")] + with_secret), "untrusted proxy")
+
+
+def test_proxy_secret_must_be_long(site):
+    from configserver.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="'proxy_secret'.*at least 32"):
+        site.app(proxy_secret="short")
+
+
+def test_metrics_are_not_served_through_a_terminator(app, pki):
+    assert call(app, "/metrics", terminator_headers(pki.phone)).status == 404
+    assert call(app, "/metrics").status == 200
+
+
+def test_with_a_digest_key_serials_and_hashes_are_keyed(site, pki):
+    import hashlib
+    import hmac
+
+    site.write("templates/default.j2", "config change SIP0 /pwd 7391\n")
+    plain = call(site.app(), "/", terminator_headers(pki.phone)).text
+    keyed = call(site.app(digest_key=SECRET), "/", terminator_headers(pki.phone)).text
+    assert plain != keyed
+    serial = keyed.split("mod cmd UP1 check ser ")[1].split("\r\n")[0]
+    assert serial == hmac.new(SECRET.encode(), b"config change SIP0 /pwd 7391", hashlib.sha256).hexdigest()[:32]
+    assert call(site.app(digest_key=SECRET), "/", terminator_headers(pki.phone), query=f"CHECK={serial}").text.startswith(
+        "# unchanged"
+    )
+
+
+def test_the_app_answers_the_lifespan_protocol(site):
+    app = site.app()
+    messages = []
+
+    async def run():
+        inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+        async def receive():
+            return inbox.pop(0)
+
+        async def send(message):
+            messages.append(message["type"])
+
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+
+    import asyncio
+    asyncio.run(run())
+    assert messages == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+def test_what_is_remembered_about_clients_stays_small(app, pki):
+    big = "A" * 200_000
+    for n in range(20):
+        call(app, "/", [("X-SSL-Client-Verify", "FAILED:21"), ("X-SSL-Client-Cert", big + str(n))])
+    assert len(app.gate._verdicts) == 0  # refused before anything is remembered
+    for n in range(5):
+        headers = terminator_headers(pki.phone)
+        headers[3] = ("X-SSL-Client-Cert", big + str(n))
+        refused(call(app, "/", headers), "certificate mismatch")
+    assert len(app.gate._verdicts) == 5
+    assert all(len(key) == 32 for key in app.gate._verdicts)
+    assert all(len(v.detail or "") < 400 for v in app.gate._verdicts.values())

@@ -84,3 +84,21 @@ def test_serve_with_a_bad_setting_exits_with_the_message(tmp_path):
     result = subprocess.run([sys.executable, "-m", "configserver", "serve"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
     assert "setting 'port'" in result.stderr
+
+
+def test_settings_file_that_is_not_utf8_names_the_file(tmp_path):
+    (tmp_path / "configserver.toml").write_bytes("# M\xfcnchen\nport = 9000\n".encode("latin-1"))
+    with pytest.raises(SettingsError, match="configserver.toml: not UTF-8"):
+        load_settings()
+
+
+def test_serve_without_the_templates_folder_names_the_setting(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "configserver", "serve"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "setting 'templates'" in result.stderr and "is not a folder" in result.stderr
+
+
+def test_check_without_the_templates_folder_is_a_problem(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "configserver", "check"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "templates" in result.stdout and "is not a folder" in result.stdout

@@ -161,8 +161,93 @@ def test_crlf(text, out):
     assert to_crlf(text) == out
 
 
-def test_file_dated_in_the_future_is_read_at_once(tmp_path):
-    store = TemplateStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1.0)
+class Clock:
+    def __init__(self):
+        self.now = time.time()
+
+    def __call__(self):
+        return self.now
+
+
+def test_file_dated_in_the_future_is_read_once_it_has_stayed_the_same(tmp_path):
+    clock = Clock()
+    store = TemplateStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1.0, clock=clock)
     write(store, "templates/default.j2", "from a skewed clock\n", age=-3600)
-    store.refresh()
+    assert store.refresh() is False and store.pending
+    clock.now += 1.5
+    assert store.refresh() is True
     assert store.render("default.j2", {}) == "from a skewed clock\r\n"
+
+
+def test_a_change_spread_over_several_files_is_published_whole(tmp_path):
+    clock = Clock()
+    store = TemplateStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1.0, clock=clock)
+    write(store, "templates/devices/IP232-30-00-af.j2", "own\n")
+    write(store, "vars/default.toml", 'a = "old"\n')
+    store.refresh()
+    # a checkout: the device file goes, the vars change, both just now
+    (store.templates_dir / "devices/IP232-30-00-af.j2").unlink()
+    write(store, "templates/default.j2", "default {{ vars.a }}\n", age=0)
+    write(store, "vars/default.toml", 'a = "new"\n', age=0)
+    assert store.refresh() is False
+    assert store.snapshot.choose(device("IP232-30-00-af")).template == "devices/IP232-30-00-af.j2"  # still the old view
+    clock.now += 1.5
+    assert store.refresh() is True
+    choice = store.snapshot.choose(device("IP232-30-00-af"))
+    assert choice.template == "default.j2" and choice.variables["a"] == "new"
+
+
+def test_a_file_written_while_it_is_read_is_not_taken(store, monkeypatch):
+    path = write(store, "templates/default.j2", "complete\n")
+    real_fstat = os.fstat
+
+    def fstat_after_a_write(fd):
+        result = real_fstat(fd)
+        return os.stat_result((*result[:8], result[8] + 1, result[9]))  # mtime moved on
+
+    monkeypatch.setattr(os, "fstat", fstat_after_a_write)
+    assert store.refresh() is False and store.pending
+    monkeypatch.undo()
+    assert store.refresh() is True
+    assert store.render("default.j2", {}) == "complete\r\n"
+
+
+def test_start_up_waits_for_files_still_settling(tmp_path):
+    store = TemplateStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0.2)
+    write(store, "templates/default.j2", "x\n", age=0)
+    store.settle(timeout=5)
+    assert store.snapshot.lookup == {"default": "default.j2"}
+
+
+@pytest.mark.parametrize(
+    "relative, content, message",
+    [
+        ("templates/default.j2", "caf\xe9\n".encode("latin-1"), "not UTF-8"),
+        ("vars/default.toml", "a = " + "[" * 2000 + "]" * 2000 + "\n", "cannot be read as TOML"),
+        ("vars/devices.csv", "hwid,pwd\nIP232-30-00-af,gr\xfc\xdf\n".encode("cp1252"), "devices.csv: not UTF-8"),
+    ],
+)
+def test_a_file_that_cannot_be_read_is_a_problem_never_an_empty_value(store, relative, content, message):
+    write(store, "templates/default.j2", "x\n")
+    path = store.templates_dir.parent / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    os.utime(path, (time.time() - 10, time.time() - 10))
+    store.refresh()
+    assert message in store.snapshot.choose(device("IP232-30-00-af")).problem
+
+
+def test_an_unreadable_include_fails_the_render(store):
+    write(store, "templates/default.j2", "a\n{% include 'part.j2' %}\n")
+    path = store.templates_dir / "part.j2"
+    path.write_bytes(b"\xff\xfe")
+    os.utime(path, (time.time() - 10, time.time() - 10))
+    store.refresh()
+    with pytest.raises(Exception, match="part.j2: not UTF-8"):
+        store.render("default.j2", {})
+
+
+def test_a_csv_saved_with_a_byte_order_mark_is_read(store):
+    write(store, "vars/devices.csv", "\ufeffhwid,ext\nIP232-30-00-af,42\n")
+    store.refresh()
+    assert store.snapshot.choose(device("IP232-30-00-af")).variables["ext"] == "42"

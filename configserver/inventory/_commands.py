@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from ._database import InventoryError
+from ..identity import BROKEN_MODEL_NAMES, InvalidDeviceName, parse_device_name
+from ._database import InventoryError, database_url
 from ._queries import Device, Poll, parse_duration
 from ._recorder import Inventory
 
@@ -18,12 +20,27 @@ T = TypeVar("T")
 _CELL = 48
 
 
-def _run(database: str, action: Callable[[Inventory], Awaitable[T]]) -> T:
-    """Run one action against the database (schema brought up to date first), from sync code."""
+def _run(database: str, action: Callable[[Inventory], Awaitable[T]], *, create: bool = False) -> T:
+    """Run one action against the database (schema brought up to date first), from sync code.
+
+    Only `create` makes a database that is not there: a read pointed at the wrong place must say
+    so, not show an empty fleet (and leave an empty database behind).
+    """
+    url = database_url(database)
+    if not create and url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        raise InventoryError(
+            f"no inventory database at {url.database} (setting 'database'); "
+            "configserver serve creates it when it starts, or run configserver migrate"
+        )
     inventory = Inventory(database)
 
     async def run() -> T:
         try:
+            if not create and not await inventory.has_schema():
+                raise InventoryError(
+                    f"{inventory.database} holds no inventory (setting 'database'); "
+                    "configserver serve creates it when it starts, or run configserver migrate"
+                )
             await inventory.migrate()
             return await action(inventory)
         except (SQLAlchemyError, OSError) as exc:
@@ -47,7 +64,7 @@ def migrate_database(database: str) -> int:
 
     Raises InventoryError when the URL is unusable or the database cannot be reached.
     """
-    return _run(database, lambda inventory: inventory.migrate())
+    return _run(database, lambda inventory: inventory.migrate(), create=True)
 
 
 def _seconds(name: str, value: str | float | None) -> float | None:
@@ -80,11 +97,17 @@ def list_devices(
     )
 
 
-def device_history(database: str, device: str, *, limit: int = 20) -> list[Poll]:
+def device_history(
+    database: str, device: str, *, limit: int = 20, fixes: Mapping[str, str] = BROKEN_MODEL_NAMES,
+) -> list[Poll]:
     """The newest `limit` polls of one device (hwid or MAC, any case or separator).
 
     Raises InventoryError for a database that cannot be used or a limit below 1.
     """
+    try:  # the name a device's certificate shows (IP222s-...) finds it under its fixed hwid
+        device = parse_device_name(device.strip(), fixes).hwid
+    except InvalidDeviceName:
+        pass  # a MAC, or a hwid as the audit stored it
     return _run(database, lambda inventory: inventory.history(device, limit=limit))
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from ..polls import PollRecord
-from ._database import database_url, describe, migrate, open_engine, polls
+from ._database import database_url, describe, migrate, open_engine, polls, schema_versions
 from ._queries import Device, Poll, select_devices, select_history
 from ._rows import device_row, merge, poll_row, upsert
 
@@ -180,6 +180,11 @@ class Inventory:
                 "reason": "closed with the database away", "database": self.database,
             }})
         await self._engine.dispose()
+
+    async def has_schema(self) -> bool:
+        """Whether the database holds an inventory (of any schema version)."""
+        async with self._engine.connect() as connection:
+            return await connection.run_sync(lambda sync: sa.inspect(sync).has_table(schema_versions.name))
 
     async def migrate(self) -> int:
         """Create or migrate the schema now. Returns its version; raises when the database fails."""
