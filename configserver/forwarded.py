@@ -117,8 +117,11 @@ def facts_from_headers(scope: dict[str, Any], trusted: TrustedProxies) -> Client
             forwarded_for.extend(part.strip() for part in value.decode("latin-1").split(","))
         elif name == _REAL_IP:
             real_ip = value.decode("latin-1").strip()
-    if trusted.secret is not None and not (len(secrets) == 1 and hmac.compare_digest(secrets[0], trusted.secret)):
-        raise Refused(UNTRUSTED_PROXY, "proxy secret missing or wrong" if len(secrets) < 2 else "proxy secret sent twice")
+    if trusted.secret is not None:
+        if len(secrets) > 1:  # a terminator that appends instead of replacing: say so
+            raise Refused(DUPLICATE_HEADER, PROXY_SECRET.decode())
+        if not secrets or not hmac.compare_digest(secrets[0], trusted.secret):
+            raise Refused(UNTRUSTED_PROXY, "proxy secret missing or wrong")
     if twice is not None:
         raise Refused(DUPLICATE_HEADER, twice.decode())
 

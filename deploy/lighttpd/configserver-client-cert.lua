@@ -7,6 +7,8 @@
 -- Every name the app reads is first removed, so nothing the client sent under it survives,
 -- whatever its letter case (lighttpd merges such duplicates into one header, removed here).
 -- lighttpd has no issuer DN: the app takes the issuer from the certificate.
+-- The proxy secret is no business of this script: www-data can read it, so 50-configserver.conf
+-- sets that header (mod_setenv, after this script has run). Never add it to the list below.
 
 local r = lighty.r
 local env, hdr = r.req_env, r.req_header

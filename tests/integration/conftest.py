@@ -2,19 +2,24 @@
 in front of it, each started from its deploy/ sample.
 
 Everything lives in one temporary folder that the terminators' workers (www-data when the tests
-run as root) can read. Each server and each app runs once per session, on free loopback ports.
+run as root) can read, except what holds the proxy secret: the filled-in samples (mode 0600, as
+the samples say) and the app's settings. Each server and each app runs once per session, on free
+loopback ports; all of them share one proxy secret, made afresh for the session.
 """
 
 from __future__ import annotations
 
+import contextlib
 import grp
+import itertools
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from cryptography import x509
@@ -39,9 +44,11 @@ from terminator_lab import (
     free_port,
     http_get,
     lighttpd_main_conf,
+    new_proxy_secret,
     nginx_main_conf,
     running_as_root,
     tcp_open,
+    write_secret_file,
 )
 
 TERMINATOR_GROUP = "www-data"
@@ -74,6 +81,12 @@ def lab_root() -> Iterator[Path]:
     root.chmod(0o755)
     yield root
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def proxy_secret() -> str:
+    """The proxy secret filled into every terminator sample and the app's settings."""
+    return new_proxy_secret()
 
 
 # -- certificates ---------------------------------------------------------------------------------
@@ -173,16 +186,19 @@ def _configserver_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "configserver"]
 
 
-def start_app(name: str, lab_root: Path, site: Path, tls_lab: TLSLab, *, uds: bool) -> App:
+def start_app(name: str, lab_root: Path, site: Path, tls_lab: TLSLab, proxy_secret: str, *, uds: bool) -> App:
     """Fill in deploy/configserver.production.toml for this lab and serve it."""
     root = _readable_dir(lab_root / f"{name}-app", 0o700)
-    config = root / "configserver.toml"
-    config.write_text(fill_in((DEPLOY / "configserver.production.toml").read_text(), {
-        "templates": f'"{site / "templates"}"',
-        "vars": f'"{site / "vars"}"',
-        "ca_bundle": f'"{tls_lab.device_cas}"',
-        "database": f'"sqlite:///{root / "configserver.db"}"',
-    }))
+    config = write_secret_file(root / "configserver.toml", fill_in(
+        (DEPLOY / "configserver.production.toml").read_text(), {
+            "templates": f'"{site / "templates"}"',
+            "vars": f'"{site / "vars"}"',
+            "ca_bundle": f'"{tls_lab.device_cas}"',
+            "database": f'"sqlite:///{root / "configserver.db"}"',
+            "proxy_secret": f'"{proxy_secret}"',
+            "digest_key": f'"{new_proxy_secret()}"',
+        },
+    ))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONFIGSERVER_")}
     env["CONFIGSERVER_GRACE_SECONDS"] = "0"
     command = [*_configserver_command(), "--config", str(config), "serve"]
@@ -190,10 +206,11 @@ def start_app(name: str, lab_root: Path, site: Path, tls_lab: TLSLab, *, uds: bo
         # As the systemd unit sets it up: the socket's folder admits the terminator's group only.
         folder = _readable_dir(lab_root / f"{name}-socket", 0o750)
         _give_to_terminator_group(folder)
-        app = App(Server(f"{name} app", [*command, "--uds", str(folder / "app.sock")], [], env), uds=folder / "app.sock")
+        server = Server(f"{name} app", [*command, "--uds", str(folder / "app.sock")], [], env)
+        app = App(server, proxy_secret, uds=folder / "app.sock")
     else:
         port = free_port()
-        app = App(Server(f"{name} app", [*command, "--host", "127.0.0.1", "--port", str(port)], [], env), port=port)
+        app = App(Server(f"{name} app", [*command, "--host", "127.0.0.1", "--port", str(port)], [], env), proxy_secret, port=port)
     app.server.start(root / "output.log")
 
     def healthy() -> bool:
@@ -232,8 +249,8 @@ def _terminator_root(lab_root: Path, name: str) -> Path:
 
 
 def start_apache(
-    name: str, lab_root: Path, tls_lab: TLSLab, backend: Backend, *, old_devices: bool = False
-) -> tuple[Server, int]:
+    name: str, lab_root: Path, tls_lab: TLSLab, backend: Backend, proxy_secret: str, *, old_devices: bool = False
+) -> Started:
     binary = need_terminator("apache")
     root = _terminator_root(lab_root, name)
     port = free_port()
@@ -245,19 +262,20 @@ def start_apache(
         "Define CONFIGSERVER_KEY": str(tls_lab.server.key),
         "Define CONFIGSERVER_DEVICE_CAS": str(tls_lab.device_cas),
         "Define CONFIGSERVER_BACKEND": f"unix:{backend.uds}|http://localhost/",
+        "Define CONFIGSERVER_PROXY_SECRET": proxy_secret,
     })
-    (root / "configserver.conf").write_text(sample)
+    config = write_secret_file(root / "configserver.conf", sample)
     (root / "apache2.conf").write_text(apache_main_conf(root, root / "configserver.conf"))
     # Debian's apache2ctl reads APACHE_LOG_DIR from /etc/apache2/envvars; the sample uses it.
     env = {**os.environ, "APACHE_LOG_DIR": str(root / "logs")}
     logs = [root / "logs" / "error.log", root / "logs" / "configserver-error.log"]
     command = [binary, "-d", str(root), "-f", str(root / "apache2.conf"), "-DFOREGROUND"]
-    return _start(Server(name, command, logs, env), root, port), port
+    return Started(_start(Server(name, command, logs, env), root, port), port, config)
 
 
 def start_nginx(
-    name: str, lab_root: Path, tls_lab: TLSLab, backend: Backend, *, old_devices: bool = False
-) -> tuple[Server, int]:
+    name: str, lab_root: Path, tls_lab: TLSLab, backend: Backend, proxy_secret: str, *, old_devices: bool = False
+) -> Started:
     binary = need_terminator("nginx")
     root = _terminator_root(lab_root, name)
     port = free_port()
@@ -268,17 +286,18 @@ def start_nginx(
         "ssl_certificate": str(tls_lab.server.cert),
         "ssl_certificate_key": str(tls_lab.server.key),
         "ssl_client_certificate": str(tls_lab.device_cas),
+        "proxy_set_header X-Configserver-Proxy-Secret": proxy_secret,
     })
-    (root / "configserver.conf").write_text(sample)
+    config = write_secret_file(root / "configserver.conf", sample)
     (root / "nginx.conf").write_text(nginx_main_conf(root, root / "configserver.conf"))
     logs = [root / "logs" / "error.log"]
     command = [binary, "-p", f"{root}/", "-c", str(root / "nginx.conf"), "-e", str(root / "logs" / "error.log")]
-    return _start(Server(name, command, logs), root, port), port
+    return Started(_start(Server(name, command, logs), root, port), port, config)
 
 
 def start_lighttpd(
-    name: str, lab_root: Path, tls_lab: TLSLab, backend: Backend, *, old_devices: bool = False
-) -> tuple[Server, int]:
+    name: str, lab_root: Path, tls_lab: TLSLab, backend: Backend, proxy_secret: str, *, old_devices: bool = False
+) -> Started:
     binary = need_terminator("lighttpd")
     root = _terminator_root(lab_root, name)
     port = free_port()
@@ -293,11 +312,18 @@ def start_lighttpd(
         "var.configserver_device_cas": f'"{tls_lab.device_cas}"',
         "var.configserver_lua": f'"{lua}"',
         "var.configserver_backend": target,
+        "var.configserver_proxy_secret": f'"{proxy_secret}"',
     })
-    (root / "50-configserver.conf").write_text(sample)
+    config = write_secret_file(root / "50-configserver.conf", sample)
     (root / "lighttpd.conf").write_text(lighttpd_main_conf(root, root / "50-configserver.conf", free_port()))
     logs = [root / "logs" / "error.log"]
-    return _start(Server(name, [binary, "-D", "-f", str(root / "lighttpd.conf")], logs), root, port), port
+    return Started(_start(Server(name, [binary, "-D", "-f", str(root / "lighttpd.conf")], logs), root, port), port, config)
+
+
+class Started(NamedTuple):
+    server: Server
+    port: int
+    config: Path      # the filled-in sample, holding the proxy secret
 
 
 def _sample(text: str, old_devices: bool) -> str:
@@ -322,13 +348,13 @@ REFUSALS = {"apache": None, "nginx": 400, "lighttpd": None}
 APP_ON_SOCKET = {"apache": True, "nginx": False, "lighttpd": True}
 
 
-def _terminator_with_app(kind: str, lab_root: Path, site: Path, tls_lab: TLSLab) -> Iterator[Terminator]:
+def _terminator_with_app(kind: str, lab_root: Path, site: Path, tls_lab: TLSLab, secret: str) -> Iterator[Terminator]:
     need_terminator(kind)
-    app = start_app(kind, lab_root, site, tls_lab, uds=APP_ON_SOCKET[kind])
+    app = start_app(kind, lab_root, site, tls_lab, secret, uds=APP_ON_SOCKET[kind])
     try:
-        server, port = STARTERS[kind](kind, lab_root, tls_lab, app)
+        server, port, config = STARTERS[kind](kind, lab_root, tls_lab, app, secret)
         try:
-            yield Terminator(kind, port, app, server, tls_lab, refusal=REFUSALS[kind])
+            yield Terminator(kind, port, app, server, tls_lab, REFUSALS[kind], secret, config)
         finally:
             server.stop()
     finally:
@@ -336,18 +362,18 @@ def _terminator_with_app(kind: str, lab_root: Path, site: Path, tls_lab: TLSLab)
 
 
 @pytest.fixture(scope="session")
-def apache(lab_root: Path, terminator_site: Path, tls_lab: TLSLab) -> Iterator[Terminator]:
-    yield from _terminator_with_app("apache", lab_root, terminator_site, tls_lab)
+def apache(lab_root: Path, terminator_site: Path, tls_lab: TLSLab, proxy_secret: str) -> Iterator[Terminator]:
+    yield from _terminator_with_app("apache", lab_root, terminator_site, tls_lab, proxy_secret)
 
 
 @pytest.fixture(scope="session")
-def nginx(lab_root: Path, terminator_site: Path, tls_lab: TLSLab) -> Iterator[Terminator]:
-    yield from _terminator_with_app("nginx", lab_root, terminator_site, tls_lab)
+def nginx(lab_root: Path, terminator_site: Path, tls_lab: TLSLab, proxy_secret: str) -> Iterator[Terminator]:
+    yield from _terminator_with_app("nginx", lab_root, terminator_site, tls_lab, proxy_secret)
 
 
 @pytest.fixture(scope="session")
-def lighttpd(lab_root: Path, terminator_site: Path, tls_lab: TLSLab) -> Iterator[Terminator]:
-    yield from _terminator_with_app("lighttpd", lab_root, terminator_site, tls_lab)
+def lighttpd(lab_root: Path, terminator_site: Path, tls_lab: TLSLab, proxy_secret: str) -> Iterator[Terminator]:
+    yield from _terminator_with_app("lighttpd", lab_root, terminator_site, tls_lab, proxy_secret)
 
 
 @pytest.fixture(scope="session", params=["apache", "nginx", "lighttpd"])
@@ -356,9 +382,11 @@ def terminator(request: pytest.FixtureRequest) -> Terminator:
     return request.getfixturevalue(request.param)
 
 
-def _terminator_with_echo(kind: str, lab_root: Path, tls_lab: TLSLab, *, old_devices: bool) -> Iterator[Terminator]:
+def _terminator_with_echo(
+    kind: str, lab_root: Path, tls_lab: TLSLab, secret: str, *, old_devices: bool, name: str | None = None
+) -> Iterator[Terminator]:
     need_terminator(kind)
-    name = f"{kind}-{'old-devices' if old_devices else 'echo'}"
+    name = name or f"{kind}-{'old-devices' if old_devices else 'echo'}"
     if APP_ON_SOCKET[kind]:
         folder = _readable_dir(lab_root / f"{name}-socket", 0o750)
         _give_to_terminator_group(folder)
@@ -366,9 +394,9 @@ def _terminator_with_echo(kind: str, lab_root: Path, tls_lab: TLSLab, *, old_dev
     else:
         echo = EchoBackend.on_port(free_port())
     try:
-        server, port = STARTERS[kind](name, lab_root, tls_lab, echo, old_devices=old_devices)
+        server, port, config = STARTERS[kind](name, lab_root, tls_lab, echo, secret, old_devices=old_devices)
         try:
-            yield Terminator(kind, port, echo, server, tls_lab, refusal=REFUSALS[kind])
+            yield Terminator(kind, port, echo, server, tls_lab, REFUSALS[kind], secret, config)
         finally:
             server.stop()
     finally:
@@ -376,14 +404,34 @@ def _terminator_with_echo(kind: str, lab_root: Path, tls_lab: TLSLab, *, old_dev
 
 
 @pytest.fixture(scope="session", params=["apache", "nginx", "lighttpd"])
-def echo_terminator(request: pytest.FixtureRequest, lab_root: Path, tls_lab: TLSLab) -> Iterator[Terminator]:
+def echo_terminator(
+    request: pytest.FixtureRequest, lab_root: Path, tls_lab: TLSLab, proxy_secret: str
+) -> Iterator[Terminator]:
     """Each terminator in turn, with a backend that answers every request with its head as received:
     what exactly the app would be told."""
-    yield from _terminator_with_echo(request.param, lab_root, tls_lab, old_devices=False)
+    yield from _terminator_with_echo(request.param, lab_root, tls_lab, proxy_secret, old_devices=False)
 
 
 @pytest.fixture(scope="session", params=["apache", "nginx", "lighttpd"])
-def old_devices_terminator(request: pytest.FixtureRequest, lab_root: Path, tls_lab: TLSLab) -> Iterator[Terminator]:
+def old_devices_terminator(
+    request: pytest.FixtureRequest, lab_root: Path, tls_lab: TLSLab, proxy_secret: str
+) -> Iterator[Terminator]:
     """Each terminator in turn with its sample's settings for old devices switched on, in front of
     the echo backend."""
-    yield from _terminator_with_echo(request.param, lab_root, tls_lab, old_devices=True)
+    yield from _terminator_with_echo(request.param, lab_root, tls_lab, proxy_secret, old_devices=True)
+
+
+@pytest.fixture
+def fresh_terminator(lab_root: Path, tls_lab: TLSLab) -> Iterator[Callable[[str], Terminator]]:
+    """Starts a terminator of the kind asked for, in front of the echo backend, with a secret of its
+    own: a test may reload, stop or restart it. Stopped when the test ends."""
+    with contextlib.ExitStack() as stack:
+        def start(kind: str) -> Terminator:
+            name = f"{kind}-fresh-{next(_fresh)}"
+            running = _terminator_with_echo(kind, lab_root, tls_lab, new_proxy_secret(), old_devices=False, name=name)
+            stack.callback(running.close)
+            return next(running)
+        yield start
+
+
+_fresh = itertools.count(1)

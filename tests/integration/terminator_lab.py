@@ -2,7 +2,8 @@
 
 Each server runs in the foreground from its own main config file (what Debian's apache2.conf,
 nginx.conf or lighttpd.conf would be), which includes the sample from deploy/ filled in for
-paths and ports only, exactly as an admin edits the marked block at its top.
+paths, ports and the proxy secret only, exactly as an admin edits the marked block at its top,
+and kept as the samples say: readable by root only (by its owner when the tests do not run as root).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -34,6 +36,25 @@ END_VALUES = "==== end of values to change"
 
 # The device every refused certificate claims to be: if one got through, its script would show.
 VICTIM = "IP232-30-00-af"
+
+# What each terminator sets on every request it forwards, and the app requires (`proxy_secret`).
+PROXY_SECRET_HEADER = "X-Configserver-Proxy-Secret"
+
+
+def new_proxy_secret() -> str:
+    """A proxy secret as the samples say to make one: `openssl rand -hex 32`."""
+    return secrets.token_hex(32)
+
+
+def write_secret_file(path: Path, text: str) -> Path:
+    """Write a config file that holds the proxy secret: mode 0600, never readable by others, not
+    even for an instant (the file is created with that mode)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    path.chmod(0o600)  # whatever the umask
+    return path
 
 
 class SampleError(AssertionError):
@@ -342,6 +363,7 @@ class App:
     """`configserver serve` with the production settings sample, on a unix socket or a TCP port."""
 
     server: Server
+    proxy_secret: str
     uds: Path | None = None
     port: int | None = None
 
@@ -412,6 +434,8 @@ class Terminator:
     server: Server
     lab: TLSLab
     refusal: int | None
+    proxy_secret: str            # filled into the sample; the app (if that is the backend) has it too
+    config: Path                 # the filled-in sample, the file that holds the proxy secret
 
     def poll(self, device: str | None = None, **options) -> Outcome:
         """Poll as `device` (a key of TLSLab.devices), or without a client certificate."""
