@@ -23,7 +23,6 @@ import logging
 import os
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -189,7 +188,7 @@ def over_http(command: list[str], env: dict, port: int, fleet, n: int, connectio
         _wait_for(port)
         raw = []
         for headers in fleet:
-            lines = [f"GET /init HTTP/1.1", "Host: 127.0.0.1"] + [f"{k}: {v}" for k, v in headers]
+            lines = ["GET /init HTTP/1.1", "Host: 127.0.0.1"] + [f"{k}: {v}" for k, v in headers]
             raw.append(("\r\n".join(lines) + "\r\n\r\n").encode())
         per_conn = n // connections
 

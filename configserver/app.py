@@ -19,10 +19,10 @@ import hmac
 import logging
 import os
 import time
-from pathlib import Path
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -33,8 +33,8 @@ from .admission import Gate
 from .apply_once import SENT, UNCHANGED, Applied, apply_once
 from .certificates import CertificateVerifier, load_ca_bundle
 from .forwarded import TrustedProxies, facts_from_headers, facts_from_tls
-from .inventory import Inventory, InventoryError
 from .identity import DeviceIdentity
+from .inventory import Inventory, InventoryError
 from .logs import configure_logging
 from .polls import PollRecord
 from .refusals import Refused

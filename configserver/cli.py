@@ -104,7 +104,6 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
     import json
 
     from . import inventory
-
     from .identity import BROKEN_MODEL_NAMES
 
     settings = _settings(args)

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from driving import Site
 
 from configserver.lab.pki import CertificateAuthority, IssuedCert, innovaphone_ca_name
-
-from driving import Site
 
 
 @dataclass(frozen=True)

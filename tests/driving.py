@@ -14,6 +14,7 @@ from configserver import create_app, load_settings
 from configserver.app import ConfigServer
 from configserver.lab.pki import IssuedCert
 
+
 def _legacy(name) -> str:
     return "".join(f"/{a.rfc4514_attribute_name}={a.value}" for a in name)
 

@@ -4,6 +4,7 @@ import logging
 import re
 
 import pytest
+from driving import call, terminator_headers
 
 from configserver.apply_once import (
     EVERY_POLL_MARKER,
@@ -13,7 +14,6 @@ from configserver.apply_once import (
     digest,
     parse_options,
 )
-from driving import call, terminator_headers
 
 SCRIPT = "# SIP for the reception desk\r\nconfig change SIP0 /user 100\r\nconfig change SIP0 /pwd secret\r\n"
 

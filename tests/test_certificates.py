@@ -7,9 +7,9 @@ import urllib.parse
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from needs import need_server
 
 from configserver.certificates import CertificateError, CertificateVerifier, decode_forwarded_cert, load_ca_bundle
-from needs import need_server
 
 
 def encodings(cert):

@@ -3,7 +3,6 @@
 import logging
 
 import pytest
-
 from driving import call, terminator_headers
 
 GROUPS = {"phones": ["IP232", "IP222"], "new-ui": ["IP232"], "gateways": ["IP1202"]}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from postgres import PostgresServer
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from configserver.inventory import (
@@ -30,7 +31,6 @@ from configserver.inventory import (
     parse_duration,
 )
 from configserver.polls import PollRecord
-from postgres import PostgresServer
 
 # Short waits so the tests see batches, retries and backoff in fractions of a second.
 FAST = {"flush_interval": 0.02, "retry_first": 0.05, "retry_max": 0.2}

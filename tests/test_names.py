@@ -2,8 +2,8 @@
 
 import pytest
 
-from configserver.names import DistinguishedName, DNError, parse_dn
 from configserver.lab.pki import device_name, innovaphone_ca_name
+from configserver.names import DistinguishedName, DNError, parse_dn
 
 PHONE = (("C", "DE"),), (("O", "innovaphone"),), (("CN", "IP1202-35-fe-4d"),)
 CA1 = (("C", "DE"),), (("O", "innovaphone"),), (("OU", "innovaphone Device Certification Authority"),)

@@ -4,9 +4,9 @@ import json
 import logging
 
 import pytest
+from driving import call, terminator_headers
 
 from configserver.apply_once import digest
-from driving import call, terminator_headers
 
 
 def applied(script: str) -> str:
@@ -368,7 +368,8 @@ def test_kept_answers_are_dropped_with_the_files_they_came_from(site, pki):
     app = site.app(apply_once=False)
     assert "old" in call(app, "/", terminator_headers(pki.phone)).text
     path = site.write("vars/default.toml", 'pwd = "new"\n')
-    import os, time
+    import os
+    import time
     os.utime(path, (time.time() + 5, time.time() + 5))  # a different version, whatever the clock's grain
     app.store.refresh()
     assert "new" in call(app, "/", terminator_headers(pki.phone)).text

@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 import pytest
+from driving import call, terminator_headers
 
 from configserver.apply_once import digest
 from configserver.cli import main
-from driving import call, terminator_headers
 
 
 @pytest.fixture

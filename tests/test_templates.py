@@ -198,7 +198,7 @@ def test_a_change_spread_over_several_files_is_published_whole(tmp_path):
 
 
 def test_a_file_written_while_it_is_read_is_not_taken(store, monkeypatch):
-    path = write(store, "templates/default.j2", "complete\n")
+    write(store, "templates/default.j2", "complete\n")
     real_fstat = os.fstat
 
     def fstat_after_a_write(fd):

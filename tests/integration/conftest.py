@@ -24,9 +24,6 @@ from typing import NamedTuple
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-
-from configserver.lab.pki import CertificateAuthority, IssuedCert, innovaphone_ca_name
-
 from terminator_lab import (
     DEPLOY,
     VICTIM,
@@ -50,6 +47,8 @@ from terminator_lab import (
     tcp_open,
     write_secret_file,
 )
+
+from configserver.lab.pki import CertificateAuthority, IssuedCert, innovaphone_ca_name
 
 TERMINATOR_GROUP = "www-data"
 

@@ -23,9 +23,9 @@ import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from configserver.lab.pki import IssuedCert
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -16,10 +16,9 @@ import subprocess
 import tomllib
 
 import pytest
+from terminator_lab import BEGIN_VALUES, DEPLOY, END_VALUES, fill_in, new_proxy_secret
 
 from configserver.settings import SettingsError, load_settings
-
-from terminator_lab import BEGIN_VALUES, DEPLOY, END_VALUES, fill_in, new_proxy_secret
 
 IDENTITY = ("x-ssl-client-verify", "x-ssl-client-s-dn", "x-ssl-client-i-dn", "x-ssl-client-cert")
 SECRET = "x-configserver-proxy-secret"

@@ -25,10 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from configserver.certificates import decode_forwarded_cert
-from configserver.lab.pki import IssuedCert
-
 from terminator_lab import (
     PROXY_SECRET_HEADER,
     VICTIM,
@@ -41,6 +37,9 @@ from terminator_lab import (
     tcp_open,
     write_secret_file,
 )
+
+from configserver.certificates import decode_forwarded_cert
+from configserver.lab.pki import IssuedCert
 
 DEVICE_ADDRESS = "127.0.0.3"
 CA1 = "OU=innovaphone Device Certification Authority,O=innovaphone,C=DE"
