@@ -28,6 +28,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .admission import Gate
 from .apply_once import SENT, UNCHANGED, Applied, apply_once
@@ -129,9 +130,9 @@ class ConfigServer:
             ["status", "reason"], registry=self.registry,
         )
         self._audit = Gauge(
-            "configserver_audit_records", "Poll records of this worker by state: queued, written, "
+            "configserver_audit_records", "Poll records by state: queued, written, "
             "dropped (queue full or database away at shutdown), failures (write attempts), rejected",
-            ["state"], registry=self.registry,
+            ["state"], registry=self.registry, multiprocess_mode="livesum",
         )
         self._counters: dict[tuple[int, str], Any] = {}
         self.api = self._service_routes()
@@ -149,9 +150,18 @@ class ConfigServer:
         def metrics() -> Response:
             for state, value in self.inventory.stats().items():
                 self._audit.labels(state).set(value)
-            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+            return Response(generate_latest(self._exposed()), media_type=CONTENT_TYPE_LATEST)
 
         return api
+
+    def _exposed(self) -> CollectorRegistry:
+        """This worker's metrics, or, under `serve --workers N`, every worker's added up (the
+        workers then keep their values in files in PROMETHEUS_MULTIPROC_DIR)."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return registry
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     handed = {f"CONFIGSERVER_{key.upper()}": str(value) for key, value in overrides.items() if value is not None}
     if args.config is not None:
         handed["CONFIGSERVER_CONFIG_FILE"] = str(Path(args.config).absolute())
+    metrics_dir = None
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # /metrics answers from one worker: let it add up all of them
+        metrics_dir = tempfile.mkdtemp(prefix="configserver-metrics-")
+        handed["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     saved = {key: os.environ.get(key) for key in handed}
     os.environ.update(handed)
     try:
@@ -45,6 +52,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
