@@ -11,6 +11,7 @@ import datetime as dt
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 INNOVAPHONE_OUI = "00-90-33"
 
@@ -60,12 +61,13 @@ def parse_device_name(name: str, fixes: Mapping[str, str] = BROKEN_MODEL_NAMES) 
     return DeviceName(hwid=f"{model}-{tail}", model=model, mac=f"{INNOVAPHONE_OUI}-{tail}")
 
 
+@lru_cache(maxsize=65536)  # a fleet's MACs, over and over: audit rows, lookups
 def normalize_mac(text: str) -> str | None:
     """`0090333000AF`, `00:90:33:30:00:af` or `00-90-33-30-00-af` as `00-90-33-30-00-af`; None if not a MAC."""
     if not _MAC.fullmatch(text):
         return None
-    digits = re.sub(r"[-:]", "", text).lower()
-    return "-".join(digits[i:i + 2] for i in range(0, 12, 2))
+    d = text.replace("-", "").replace(":", "").lower()
+    return f"{d[0:2]}-{d[2:4]}-{d[4:6]}-{d[6:8]}-{d[8:10]}-{d[10:12]}"
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,9 @@ def _widths(table: sa.Table) -> dict[str, int]:
 
 
 _WIDTHS = {table.name: _widths(table) for table in (polls, devices)}
+assert all(
+    _WIDTHS["devices"][name] >= width for name, width in _WIDTHS["polls"].items() if name in _WIDTHS["devices"]
+), "an inventory column is narrower than the audit column it is copied from"
 
 
 def _fit(table: sa.Table, row: dict[str, Any]) -> dict[str, Any]:
@@ -136,7 +139,9 @@ def device_row(poll: dict[str, Any]) -> dict[str, Any] | None:
         return None
     served = poll["script_sha256"] is not None
     reported = reported_facts(poll["query"])
-    return _fit(devices, {
+    # No _fit here: every text comes from the audit row, already fitted to columns no wider
+    # than these (checked below, at import), or from reported_facts, which fits its own.
+    return {
         "device": poll["device"],
         **{name: poll[name] for name in IDENTITY + LATEST},
         "first_seen": poll["time"],
@@ -146,7 +151,7 @@ def device_row(poll: dict[str, Any]) -> dict[str, Any] | None:
         "script_sha256": poll["script_sha256"],
         "reported_at": poll["time"] if any(reported.values()) else None,
         **reported,
-    })
+    }
 
 
 def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
