@@ -453,3 +453,13 @@ def test_what_is_remembered_about_clients_stays_small(app, pki):
     assert len(app.gate._verdicts) == 5
     assert all(len(key) == 32 for key in app.gate._verdicts)
     assert all(len(v.detail or "") < 400 for v in app.gate._verdicts.values())
+
+
+def test_the_readme_explains_every_refusal_reason():
+    from pathlib import Path
+
+    from configserver.refusals import REASONS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = [line.split("`")[1] for line in readme.splitlines() if line.startswith("   | `")]
+    assert tuple(table) == REASONS  # in the order the checks run
