@@ -33,7 +33,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from .admission import Gate
 from .apply_once import SENT, UNCHANGED, Applied, apply_once
 from .certificates import CertificateVerifier, load_ca_bundle
-from .forwarded import TrustedProxies, facts_from_headers, facts_from_tls
+from .forwarded import TrustedProxies, facts_from_headers, facts_from_tls, peer_ip
 from .identity import DeviceIdentity
 from .inventory import Inventory, InventoryError
 from .logs import configure_logging
@@ -203,13 +203,11 @@ class ConfigServer:
         now = dt.datetime.now(dt.timezone.utc)
         query = urllib.parse.parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True)
         record = PollRecord(
-            time=now.timestamp(), client_ip=None, path=scope["path"], status=200, reason=None,
+            time=now.timestamp(), client_ip=peer_ip(scope), path=scope["path"], status=200, reason=None,
             query={key: values[0] for key, values in query.items()},
         )
         if scope["method"] not in ("GET", "HEAD"):
             record.status, body = 405, b"# method not allowed\n"
-            client = scope.get("client")
-            record.client_ip = client[0] if client else None
         else:
             try:
                 body = self._answer(scope, query, now, record)
@@ -231,10 +229,7 @@ class ConfigServer:
             facts = facts_from_tls(scope) if self.settings.builtin_tls else facts_from_headers(scope, self.trusted)
             record.client_ip = facts.client_ip
             device = self.gate.admit(facts, query, now)
-        except Refused as refusal:
-            if record.client_ip is None:
-                client = scope.get("client")
-                record.client_ip = client[0] if client else None
+        except Refused as refusal:  # record.client_ip: the TCP peer, unless the facts named one
             record.status, record.reason, record.detail = 403, refusal.reason, refusal.detail
             return f"# {refusal.reason}\n".encode()
         return self.script_for(device, RequestInfo(scope["path"], record.query, record.client_ip), now, record)

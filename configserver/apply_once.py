@@ -75,10 +75,10 @@ def parse_options(source: str) -> TemplateOptions:
     if not found:
         return TemplateOptions()
     if len(found) > 1:
-        line = _line_of(source, found[1].start())
+        line = line_of(source, found[1].start())
         raise OptionsError("a second {# configserver: ... #} comment: give all options in one", line)
     match = found[0]
-    line = _line_of(source, match.start())
+    line = line_of(source, match.start())
     apply_once: bool | None = None
     final: str | None = None
     for word in match["body"].split():
@@ -147,5 +147,6 @@ def _digest_lines(lines: list[str], key: bytes | None = None) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def _line_of(text: str, offset: int) -> int:
+def line_of(text: str, offset: int) -> int:
+    """The 1-based line of `text` on which `offset` lies."""
     return text.count("\n", 0, offset) + 1

@@ -69,10 +69,15 @@ class TrustedProxies:
         return known
 
 
+def peer_ip(scope: dict[str, Any]) -> str | None:
+    """The TCP peer's address; None on a unix socket."""
+    client = scope.get("client")
+    return client[0] if client else None
+
+
 def facts_from_tls(scope: dict[str, Any]) -> ClientFacts:
     """Facts from the built-in listener: the handshake verified the certificate already."""
-    client = scope.get("client")
-    client_ip = client[0] if client else None
+    client_ip = peer_ip(scope)
     tls = scope.get("extensions", {}).get("tls") or {}
     chain = tls.get("client_cert_chain") or []
     if not chain:

@@ -30,7 +30,7 @@ import jinja2
 from jinja2 import nodes
 
 from .app import RequestInfo
-from .apply_once import EVERY_POLL_MARKER, OptionsError, TemplateOptions, apply_once, parse_options
+from .apply_once import EVERY_POLL_MARKER, OptionsError, TemplateOptions, apply_once, line_of, parse_options
 from .identity import INNOVAPHONE_OUI, DeviceIdentity, InvalidDeviceName, normalize_mac, parse_device_name
 from .preview import device_names
 from .settings import Settings
@@ -155,7 +155,7 @@ class _Check:
                 except OptionsError as error:
                     self.add(file, error.line, error.message)
             elif match := _OPTIONS_COMMENT.search(source.text):
-                self.add(file, _line_of(source.text, match.start()), "options here are ignored: only the template "
+                self.add(file, line_of(source.text, match.start()), "options here are ignored: only the template "
                          "a device is given (devices/, models/, groups/, default.j2) has options")
             self._lookup_place(name)
 
@@ -401,15 +401,11 @@ class _Check:
                      f"the device would apply it on every poll; move such lines above {EVERY_POLL_MARKER!r}", job.label)
         if _OWN_CHECK_LINE.search(scripts[0]):
             match = _OWN_CHECK_LINE.search(source)
-            self.add(self.template_file(job.template), _line_of(source, match.start()) if match else 1,
+            self.add(self.template_file(job.template), line_of(source, match.start()) if match else 1,
                      "a check line of its own while configserver applies the script once: "
                      "remove it, or turn that off with {# configserver: apply_once=false #}", job.label)
 
 
-def _line_of(text: str, offset: int) -> int:
-    return text.count("\n", 0, offset) + 1
-
-
 def _find_line(text: str, pattern: str) -> int:
     match = re.search(pattern, text, re.MULTILINE)
-    return _line_of(text, match.start()) if match else 1
+    return line_of(text, match.start()) if match else 1
