@@ -25,11 +25,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     overrides = {"host": args.host, "port": args.port, "uds": args.uds, "workers": args.workers}
     settings = _settings(args, **overrides)
     configure_logging(settings.log_level)
-    options: dict[str, object] = {}
-    if settings.builtin_tls:
-        from .tls import uvicorn_options
+    from .tls import uvicorn_options
 
-        options = uvicorn_options(settings)
+    options = uvicorn_options(settings)   # the listener's limits, and mutual TLS when built in
     from .app import create_app
 
     create_app(settings)  # everything a worker builds, checked once here: a bad setting stops us now
@@ -94,12 +92,14 @@ def _cmd_lab_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_lab_poll(args: argparse.Namespace) -> int:
-    from .lab import LabError, open_lab, poll, server_url, with_path
+    from .lab import LabError, find_lab, poll, server_url, with_path
+    from .settings import DEFAULT_CONFIG_FILE
 
+    settings_file = args.config or (DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None)
     try:
-        lab = open_lab(args.lab)
+        lab = find_lab(args.lab, settings_file=settings_file, cwd=Path.cwd())
         device = lab.device(args.hwid)
-        url = args.url or server_url(load_settings(config_file=args.config or lab.config))
+        url = args.url or server_url(load_settings(config_file=settings_file or lab.config))
         answer = poll(with_path(url, args.path), cert=device.cert, key=device.key, server_ca=lab.server_ca)
     except LabError as exc:
         print(f"configserver: lab poll {args.hwid}: {exc}", file=sys.stderr)
@@ -180,10 +180,11 @@ def _cmd_trust_value(args: argparse.Namespace) -> int:
     from .trust import TrustValueError, trust_value
 
     try:
-        print(trust_value(args.certificate.read_bytes(), args.properties))
+        value = trust_value(args.certificate.read_bytes(), args.properties)
     except (OSError, TrustValueError) as exc:
         print(f"configserver trust-value: {args.certificate}: {exc}", file=sys.stderr)
         return 1
+    print(value)   # outside the try: a closed stdout is no problem with the certificate
     return 0
 
 
@@ -215,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab_poll.add_argument("hwid", help="the lab device's hwid or name (see lab/README.txt)")
     lab_poll.add_argument("--path", help="path and query to poll (default: that of --url, or /)")
     lab_poll.add_argument("--url", help="poll a terminator at this https:// URL instead of the configured server")
-    lab_poll.add_argument("--lab", type=Path, default=Path("lab"), help="the lab folder (default: lab)")
+    lab_poll.add_argument("--lab", type=Path, default=None,
+                          help="the lab folder (default: the one the settings file lies in, the working folder, or lab)")
     lab_poll.set_defaults(run=_cmd_lab_poll)
 
     devices = commands.add_parser("devices", help="the devices that polled: last seen, status, firmware, template")
@@ -271,12 +273,27 @@ def _accept_config_after_subcommands(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `configserver` command. Returns the exit status."""
-    args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        try:
+            args = build_parser().parse_args(argv)   # --help prints, then raises SystemExit
+            return args.run(args)
+        finally:
+            sys.stdout.flush()   # here, not at exit: a reader that went away must show up in this try
+    except BrokenPipeError:
+        return _reader_went_away()
     except SettingsError as exc:
         print(f"configserver: {exc}", file=sys.stderr)
         return 2
+
+
+def _reader_went_away() -> int:
+    """Whoever read our output closed it (`configserver ... | head -1`): leave quietly, as cat
+    and grep do. Python would otherwise print a traceback, and once more at exit when it
+    flushes what is still buffered: point stdout at /dev/null first."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141   # what the shell reports for a command that SIGPIPE ended: 128 + 13
 
 
 if __name__ == "__main__":

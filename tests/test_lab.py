@@ -21,7 +21,16 @@ from cryptography.x509.oid import NameOID
 
 from configserver import load_settings
 from configserver.cli import main
-from configserver.lab import Lab, LabExists, UnknownDevice, create_lab, innovaphone_ca_name, open_lab, with_path
+from configserver.lab import (
+    Lab,
+    LabExists,
+    UnknownDevice,
+    create_lab,
+    find_lab,
+    innovaphone_ca_name,
+    open_lab,
+    with_path,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -249,6 +258,75 @@ def test_lab_poll_names_the_lab_devices_when_it_does_not_know_one(
 ) -> None:
     assert main(["lab", "poll", "IP999-00-00-01", "--lab", str(lab.root)]) == 1
     assert "IP222s-30-00-b0" in capsys.readouterr().err
+
+
+def test_lab_poll_inside_the_lab_folder_polls_that_lab(
+    served: Served, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    # where `lab init DIR` leaves a user who then does `cd DIR`: its configserver.toml is read too
+    monkeypatch.chdir(served.lab.root)
+    monkeypatch.setenv("CONFIGSERVER_PORT", str(served.port))
+    assert main(["lab", "poll", "IP232-30-00-af"]) == 0
+    assert capsysbinary.readouterr().out.startswith(b"HTTP/1.1 200 OK\n# IP232-30-00-af: lab default script")
+
+
+def test_lab_poll_finds_the_lab_its_settings_file_belongs_to(
+    served: Served, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes], tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CONFIGSERVER_PORT", str(served.port))
+    assert main(["--config", str(served.lab.config), "lab", "poll", "IP232-30-01-10"]) == 0
+    assert capsysbinary.readouterr().out.startswith(b"HTTP/1.1 200 OK\n# IP232-30-01-10")
+
+
+def test_a_lab_named_with_lab_wins_over_the_folder_it_is_run_in(lab: Lab, tmp_path: Path) -> None:
+    other = create_lab(tmp_path / "other")
+    assert find_lab(other.root, settings_file=lab.config, cwd=lab.root).root == other.root
+    assert find_lab(None, settings_file=other.config, cwd=lab.root).root == other.root
+    assert find_lab(None, settings_file=None, cwd=lab.root).root == lab.root
+    assert find_lab(None, settings_file=None, cwd=lab.root.parent).root == lab.root   # lab/ in it
+
+
+def test_lab_poll_without_a_lab_says_where_it_looked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["lab", "poll", "IP232-30-00-af"]) == 1
+    err = capsys.readouterr().err
+    assert f"found no lab in {tmp_path}, {tmp_path / 'lab'}" in err and "--lab" in err
+
+
+def _into_a_closed_pipe(*args: str, buffered: bool = True, **env: str) -> subprocess.CompletedProcess[bytes]:
+    """Run the command with its stdout on a pipe whose reader has already gone, as `| head -1`
+    leaves it once head has its line. Buffered, the write fails when Python flushes; unbuffered,
+    at once."""
+    environment = {k: v for k, v in _clean_environment(**env).items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        environment["PYTHONUNBUFFERED"] = "1"
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-m", "configserver", *args], stdout=write,
+                              stderr=subprocess.PIPE, env=environment, timeout=60)
+    finally:
+        os.close(write)
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_a_command_whose_reader_went_away_leaves_quietly(lab: Lab, buffered: bool) -> None:
+    done = _into_a_closed_pipe("trust-value", str(lab.server_cert), buffered=buffered)
+    assert (done.returncode, done.stderr) == (141, b"")     # 128 + SIGPIPE, as the shell reports for cat
+
+
+def test_help_into_a_closed_pipe_leaves_quietly() -> None:
+    assert _into_a_closed_pipe("--help").stderr == b""
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_lab_poll_into_head_leaves_quietly(served: Served, buffered: bool) -> None:
+    done = _into_a_closed_pipe("lab", "poll", "IP232-30-00-af", "--lab", str(served.lab.root), buffered=buffered,
+                               CONFIGSERVER_PORT=str(served.port))
+    assert (done.returncode, done.stderr) == (141, b"")
 
 
 def test_with_path_replaces_path_and_query() -> None:

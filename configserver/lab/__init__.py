@@ -10,7 +10,7 @@ For trying and testing only; nothing made here may ever be trusted in production
 
 from .client import Answer, NoAnswer, poll, server_url, with_path
 from .pki import CertificateAuthority, IssuedCert, device_name, innovaphone_ca_name
-from .workspace import Lab, LabDevice, LabError, LabExists, NotALab, UnknownDevice, create_lab, open_lab
+from .workspace import Lab, LabDevice, LabError, LabExists, NotALab, UnknownDevice, create_lab, find_lab, open_lab
 
 __all__ = [
     "Answer",
@@ -25,6 +25,7 @@ __all__ = [
     "UnknownDevice",
     "create_lab",
     "device_name",
+    "find_lab",
     "innovaphone_ca_name",
     "open_lab",
     "poll",

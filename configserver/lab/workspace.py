@@ -20,7 +20,9 @@ from pathlib import Path
 from ..identity import InvalidDeviceName, parse_device_name
 from .pki import CertificateAuthority
 
-__all__ = ["Lab", "LabDevice", "LabError", "LabExists", "NotALab", "UnknownDevice", "create_lab", "open_lab"]
+__all__ = [
+    "Lab", "LabDevice", "LabError", "LabExists", "NotALab", "UnknownDevice", "create_lab", "find_lab", "open_lab",
+]
 
 MANIFEST = "lab.json"
 LAB_HOST = "127.0.0.1"
@@ -177,6 +179,26 @@ def open_lab(root: Path) -> Lab:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise NotALab(f"{root} holds no lab ({exc}); make one with `configserver lab init {root}`") from None
     return Lab(root=root, devices=devices)
+
+
+def find_lab(given: Path | None, *, settings_file: Path | None, cwd: Path) -> Lab:
+    """The lab a command means: `given` when there is one (`--lab`); else the lab whose
+    `configserver.toml` is the settings file in use (every lab holds its own); else the lab the
+    working folder is; else `lab/` in it, where `scripts/run` makes one.
+
+    Raises NotALab naming the folders it looked in.
+    """
+    if given is not None:
+        return open_lab(given)
+    candidates = []
+    if settings_file is not None:
+        candidates.append(Path(settings_file).absolute().parent)
+    candidates += [Path(cwd).absolute(), Path(cwd).absolute() / "lab"]
+    for folder in dict.fromkeys(candidates):   # in order, each once
+        if (folder / MANIFEST).is_file():
+            return open_lab(folder)
+    looked = ", ".join(str(folder) for folder in dict.fromkeys(candidates))
+    raise NotALab(f"found no lab in {looked}: name one with --lab DIR, or make one with `configserver lab init DIR`")
 
 
 def _write_lab(root: Path, *, final_root: Path) -> None:
