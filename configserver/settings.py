@@ -8,6 +8,7 @@ variables `CONFIGSERVER_<KEY>`, the TOML file (`configserver.toml` in the workin
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -201,17 +202,35 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except OSError as exc:
         raise SettingsError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except ValidationError as exc:
-        raise SettingsError(_describe(exc, path)) from None
+        raise SettingsError(_describe(exc, path, overrides)) from None
     finally:
         _toml_file.reset(token)
 
 
-def _describe(exc: ValidationError, path: Path) -> str:
+def _describe(exc: ValidationError, path: Path, overrides: dict[str, Any]) -> str:
+    """One `setting 'KEY' (where it came from): what is wrong` per error, so that the admin
+    edits the right place: a value from an environment variable is fixed there, not in the file."""
     lines = []
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "settings"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = f"unknown setting (in {path} or the environment)"
-        lines.append(f"setting {key!r}: {message}")
+            lines.append(f"setting {key!r}: {message}")
+            continue
+        source = _source(str(error["loc"][0]), path, overrides) if error["loc"] else ""
+        lines.append(f"setting {key!r}{source}: {message}")
     return "; ".join(lines)
+
+
+def _source(key: str, path: Path, overrides: dict[str, Any]) -> str:
+    """Where the value of `key` came from, strongest source first, as Settings reads them."""
+    if overrides.get(key) is not None:
+        return " (from the command line)"
+    wanted = f"CONFIGSERVER_{key}".upper()
+    variable = next((name for name in os.environ if name.upper() == wanted), None)   # any case, as Settings reads it
+    if variable is not None:
+        return f" (from the environment variable {variable})"
+    if path.is_file():
+        return f" (in {path})"
+    return ""

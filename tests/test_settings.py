@@ -102,3 +102,24 @@ def test_check_without_the_templates_folder_is_a_problem(tmp_path):
     result = subprocess.run([sys.executable, "-m", "configserver", "check"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 1
     assert "templates" in result.stdout and "is not a folder" in result.stdout
+
+
+def test_a_bad_value_from_the_environment_names_the_variable_not_the_file(tmp_path, monkeypatch):
+    (tmp_path / "configserver.toml").write_text("port = 9000\n")
+    monkeypatch.setenv("CONFIGSERVER_PORT", "eighty")
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    message = str(error.value)
+    assert message.startswith("setting 'port' (from the environment variable CONFIGSERVER_PORT): ")
+    assert "configserver.toml" not in message
+
+
+def test_a_bad_value_from_the_file_names_the_file(tmp_path):
+    (tmp_path / "configserver.toml").write_text("port = 'eighty'\n")
+    with pytest.raises(SettingsError, match=r"^setting 'port' \(in configserver.toml\): "):
+        load_settings()
+
+
+def test_a_bad_command_line_value_says_so():
+    with pytest.raises(SettingsError, match=r"^setting 'workers' \(from the command line\): "):
+        load_settings(workers=0)
