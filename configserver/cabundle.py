@@ -13,7 +13,6 @@ certificates through the handshake. `check_ca_bundle` reads the file and says wh
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+
+from .certificates import pem_blocks
 
 __all__ = ["DEVICE_CAS", "BundleReport", "FoundCA", "check_ca_bundle", "run_check"]
 
@@ -44,7 +45,6 @@ DEVICE_CAS: Mapping[str, x509.Name] = {
     "CA 2": _innovaphone_ca("innovaphone Device Certification Authority 2"),
 }
 
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.S)
 _WEAK_HASHES = ("md5", "sha1")
 
 
@@ -160,12 +160,29 @@ def check_ca_bundle(path: Path, *, now: dt.datetime | None = None) -> BundleRepo
 def run_check(path: Path, out: TextIO) -> int:
     """`configserver check-cas PATH`: print the report to `out`; 0 when the bundle is fit, else 1."""
     report = check_ca_bundle(path)
-    out.write("\n".join(report.lines()) + "\n")
+    out.write(printable("\n".join(report.lines()) + "\n", getattr(out, "encoding", None)))
     return 0 if report.ok else 1
 
 
+def printable(text: str, encoding: str | None) -> str:
+    """`text` as a terminal in `encoding` can show it, whatever bytes a file name held.
+
+    A file name that is not UTF-8 reaches Python with its bytes as lone surrogates, and a CA's
+    name may hold characters the terminal lacks: either made `print` raise UnicodeEncodeError.
+    Bytes become `\\xff`, characters `\\u00fc`, so the admin still sees which file and which name.
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    if encoding:
+        text = text.encode(encoding, "backslashreplace").decode(encoding)
+    return text
+
+
 def _read_certificates(data: bytes, report: BundleReport) -> list[tuple[int, x509.Certificate]]:
-    blocks = list(_PEM_BLOCK.finditer(data))
+    blocks = pem_blocks(data)
     if not blocks:
         try:
             x509.load_der_x509_certificate(data)
@@ -180,7 +197,7 @@ def _read_certificates(data: bytes, report: BundleReport) -> list[tuple[int, x50
     certificates: list[tuple[int, x509.Certificate]] = []
     position = 0
     for block in blocks:
-        kind = block.group(1).decode()
+        kind = block.label
         if kind != "CERTIFICATE":
             report.problems.append(
                 f"holds a {kind} block: a CA bundle holds certificates only (is this the right file?)."
@@ -188,7 +205,7 @@ def _read_certificates(data: bytes, report: BundleReport) -> list[tuple[int, x50
             continue
         position += 1
         try:
-            certificates.append((position, x509.load_pem_x509_certificate(block.group(0))))
+            certificates.append((position, x509.load_pem_x509_certificate(block.text)))
         except ValueError as exc:
             report.problems.append(f"certificate {position} cannot be read: {exc}")
     return certificates

@@ -13,7 +13,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.DOTALL)
+from .certificates import pem_blocks
+
 _PROPERTY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 
@@ -46,24 +47,24 @@ def property_list(text: str) -> str:
 
 def certificate_der(data: bytes) -> bytes:
     """The DER of the single certificate in `data`, a PEM file or a DER certificate."""
-    blocks = list(_PEM_BLOCK.finditer(data))
-    if any(b"PRIVATE KEY" in block[1] for block in blocks) or (not blocks and _is_der_private_key(data)):
+    blocks = pem_blocks(data)
+    if any("PRIVATE KEY" in block.label for block in blocks) or (not blocks and _is_der_private_key(data)):
         raise TrustValueError("the file holds a private key: give the certificate alone, and keep the key private")
     if not blocks:
         try:
             return x509.load_der_x509_certificate(data).public_bytes(serialization.Encoding.DER)
         except ValueError:
             raise TrustValueError("the file holds no certificate (neither PEM nor DER)") from None
-    certificates = [block for block in blocks if block[1] == b"CERTIFICATE"]
+    certificates = [block for block in blocks if block.label == "CERTIFICATE"]
     if not certificates:
-        labels = ", ".join(sorted({block[1].decode() for block in blocks}))
+        labels = ", ".join(sorted({block.label for block in blocks}))
         raise TrustValueError(f"the file holds no certificate, only {labels}")
     if len(certificates) > 1:
         raise TrustValueError(
             f"the file holds {len(certificates)} certificates (a chain?): give the server certificate alone"
         )
     try:
-        certificate = x509.load_pem_x509_certificate(certificates[0][0])
+        certificate = x509.load_pem_x509_certificate(certificates[0].text)
     except ValueError as exc:
         raise TrustValueError(f"the certificate cannot be read: {exc}") from None
     return certificate.public_bytes(serialization.Encoding.DER)

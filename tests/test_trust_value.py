@@ -1,7 +1,9 @@
 """`configserver trust-value`: the hex DER that openssl gives for the same certificate, and clear refusals."""
 
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -115,3 +117,34 @@ def test_a_file_without_a_certificate_is_refused(tmp_path, capsys, data, message
 def test_a_missing_file_is_refused(tmp_path, capsys):
     status, out, err = trust_value(capsys, tmp_path / "nothere.pem")
     assert (status, out) == (1, "") and "No such file" in err
+
+
+def test_megabytes_of_unclosed_pem_markers_are_answered_at_once(tmp_path):
+    # The lazy PEM pattern searched to the end of the file from each BEGIN line: minutes for 3.6 MB.
+    path = tmp_path / "begins.pem"
+    path.write_bytes(b"-----BEGIN A-----\n" * 200_000)
+    result = subprocess.run([sys.executable, "-m", "configserver", "trust-value", str(path)],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert result.stderr == f"configserver trust-value: {path}: the file holds no certificate (neither PEM nor DER)\n"
+
+
+def test_a_certificate_after_an_unclosed_begin_line_is_found(server, tmp_path, capsys):
+    _, cert = server
+    path = tmp_path / "server.pem"
+    path.write_bytes(b"-----BEGIN CERTIFICATE-----\n" + cert.cert_pem)
+    assert trust_value(capsys, path) == (0, cert.cert_der.hex() + "\n", "")
+
+
+def test_arguments_that_are_not_utf8_get_one_line_not_a_traceback(server, tmp_path):
+    _, cert = server
+    path = bytes(tmp_path) + b"/server-\xff.pem"
+    with open(path, "wb") as file:
+        file.write(cert.cert_pem)
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    command = [sys.executable, "-m", "configserver", "trust-value"]
+    named = subprocess.run([*command, path], capture_output=True, timeout=20, env=env)
+    assert (named.returncode, named.stdout) == (0, cert.cert_der.hex().encode() + b"\n")
+    listed = subprocess.run([*command, path, "--properties", b"ty\xffpe"], capture_output=True, timeout=20, env=env)
+    assert listed.returncode == 1 and listed.stdout == b""
+    assert listed.stderr.count(b"\n") == 1 and b"is no property name" in listed.stderr

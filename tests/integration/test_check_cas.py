@@ -109,3 +109,38 @@ def test_private_key_in_the_bundle_is_a_problem(tmp_path, cas):
 def test_file_without_certificates_or_unreadable_is_a_problem(tmp_path):
     assert "holds no PEM certificate" in only_problem(check_ca_bundle(bundle(tmp_path, b"hello\n")))
     assert "cannot read the file" in only_problem(check_ca_bundle(tmp_path / "missing.pem"))
+
+
+def run_check_cas(path: Path | bytes, **env: str) -> subprocess.CompletedProcess[bytes]:
+    """`configserver check-cas PATH` in its own process; the timeout guards against a hang."""
+    import os
+
+    return subprocess.run([sys.executable, "-m", "configserver", "check-cas", path], capture_output=True,
+                          timeout=20, env={**os.environ, **env})
+
+
+def test_megabytes_of_unclosed_pem_markers_are_answered_at_once(tmp_path):
+    # 3.6 MB of BEGIN lines: the lazy PEM pattern searched to the end of the file from each one,
+    # some 10^11 steps; the answer now comes in one pass.
+    path = bundle(tmp_path, b"-----BEGIN A-----\n" * 200_000)
+    result = run_check_cas(path)
+    assert result.returncode == 1
+    assert b"holds no PEM certificate" in result.stdout
+    assert result.stderr == b""
+
+
+def test_the_certificates_after_an_unclosed_begin_line_are_found(tmp_path, cas):
+    path = bundle(tmp_path, b"-----BEGIN CERTIFICATE-----\n" * 1000, cas["ca1"].cert_pem, cas["ca2"].cert_pem)
+    report = check_ca_bundle(path)
+    assert report.ok, report.problems
+    assert [found.label for found in report.found] == ["CA 1", "CA 2"]
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_not_a_traceback(tmp_path, cas):
+    path = bytes(tmp_path) + b"/cas-\xff.pem"
+    Path(path.decode(errors="surrogateescape")).write_bytes(cas["ca1"].cert_pem)
+    result = run_check_cas(path, PYTHONIOENCODING="utf-8")
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[0] == bytes(tmp_path) + b"/cas-\\xff.pem: 1 certificate"
+    assert b"CA 2 (C=DE, O=innovaphone, OU=innovaphone Device Certification Authority 2) is missing" in result.stdout
+    assert result.stderr == b""
