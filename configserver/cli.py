@@ -25,6 +25,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     overrides = {"host": args.host, "port": args.port, "uds": args.uds, "workers": args.workers}
     settings = _settings(args, **overrides)
     configure_logging(settings.log_level)
+    from .hardening import log_startup_warnings
+
+    log_startup_warnings(settings)   # once, here: not in every worker
     from .tls import uvicorn_options
 
     options = uvicorn_options(settings)   # the listener's limits, and mutual TLS when built in
