@@ -91,9 +91,29 @@ def decode_forwarded_cert(value: str) -> x509.Certificate:
     except (binascii.Error, ValueError):
         raise CertificateError("certificate is neither PEM nor base64 DER") from None
     try:
-        return x509.load_der_x509_certificate(der)
+        cert = x509.load_der_x509_certificate(der)
     except ValueError as exc:
         raise CertificateError(f"not an X.509 certificate: {exc}") from None
+    readable_names(cert)
+    return cert
+
+
+def readable_names(cert: x509.Certificate) -> tuple[x509.Name, x509.Name]:
+    """The certificate's subject and issuer. Raises CertificateError when either cannot be read.
+
+    cryptography parses names only when asked: a certificate whose subject holds a UTF8String that
+    is not UTF-8 loads, then raises ValueError on `.subject`. Asked here once, it is refused as
+    what it is, not a server error on every poll.
+    """
+    names = []
+    for part in ("subject", "issuer"):
+        try:
+            names.append(getattr(cert, part))
+        except ValueError:
+            raise CertificateError(
+                f"the certificate's {part} cannot be read: a name in it is not valid text (e.g. bad UTF-8)"
+            ) from None
+    return names[0], names[1]
 
 
 def load_ca_bundle(path: Path) -> list[x509.Certificate]:

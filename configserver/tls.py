@@ -66,11 +66,20 @@ def tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:
     return {
         "server_cert": None,
         "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
-        "client_cert_name": x509.load_der_x509_certificate(der).subject.rfc4514_string() if der else None,
+        "client_cert_name": _subject_name(der) if der else None,
         "client_cert_error": None,
         "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
         "cipher_suite": _cipher_suite(ssl_object),
     }
+
+
+def _subject_name(der: bytes) -> str | None:
+    """The RFC 4514 subject, or None when it cannot be read (a name that is not valid UTF-8
+    passes OpenSSL's verification): the app then refuses the certificate it cannot read."""
+    try:
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    except ValueError:
+        return None
 
 
 def _cipher_suite(ssl_object: ssl.SSLObject) -> int | None:

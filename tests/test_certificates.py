@@ -6,10 +6,14 @@ import subprocess
 import urllib.parse
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+from driving import call, terminator_headers
 from needs import need_server
 
 from configserver.certificates import CertificateError, CertificateVerifier, decode_forwarded_cert, load_ca_bundle
+from configserver.lab.pki import CertificateAuthority, IssuedCert
 
 
 def encodings(cert):
@@ -89,3 +93,47 @@ def test_sha1_signed_device_certificate_verifies(tmp_path):
 def test_ca_bundle_must_hold_a_ca(tmp_path, pki):
     (tmp_path / "b.pem").write_bytes(pki.phone.cert_pem + pki.ca1.cert_pem)
     assert load_ca_bundle(tmp_path / "b.pem") == [pki.ca1.certificate]
+
+
+def with_bytes_patched(device: IssuedCert, ca: CertificateAuthority, old: bytes, new: bytes) -> IssuedCert:
+    """`device`'s certificate with `old` replaced by `new` (same length) in its to-be-signed part,
+    signed again by `ca`: a well-signed certificate holding bytes no certificate library writes."""
+    assert len(old) == len(new)
+    cert = device.certificate
+    tbs = cert.tbs_certificate_bytes
+    assert tbs.count(old) == 1
+    patched = tbs.replace(old, new)
+    signature = ca.private_key.sign(patched, padding.PKCS1v15(), hashes.SHA256())
+    der = cert.public_bytes(serialization.Encoding.DER).replace(tbs, patched).replace(cert.signature, signature)
+    return IssuedCert(x509.load_der_x509_certificate(der), device.private_key, device.issuer_pem)
+
+
+def test_a_name_that_is_not_utf8_is_a_certificate_problem_not_a_crash(pki, ca_bundle):
+    bad_subject = with_bytes_patched(pki.phone, pki.ca1, b"IP232-30-00-af", b"IP232-30-00-\xff\xfe")
+    bad_issuer = with_bytes_patched(pki.phone, pki.ca1, b"Authority", b"Authorit\xff")
+    verifier = CertificateVerifier(load_ca_bundle(ca_bundle))
+    for device, part in ((bad_subject, "subject"), (bad_issuer, "issuer")):
+        for value in encodings(device).values():
+            with pytest.raises(CertificateError, match=f"the certificate's {part} cannot be read"):
+                verifier.check(value)
+
+
+@pytest.mark.parametrize("style, refusal", [
+    ("apache", b"# certificate mismatch\n"), ("nginx", b"# certificate mismatch\n"),
+    ("haproxy", b"# certificate mismatch\n"),
+    # lighttpd forwards no issuer DN: with the certificate unreadable, nothing names an accepted CA
+    ("lighttpd", b"# wrong CA\n"),
+])
+def test_a_forwarded_certificate_with_a_name_that_is_not_utf8_is_refused(pki, site, style, refusal):
+    site.write("templates/default.j2", "# hello {{ device.hwid }}\n")
+    bad = with_bytes_patched(pki.phone, pki.ca1, b"IP232-30-00-af", b"IP232-30-00-\xff\xfe")
+    # the DN headers as the terminator prints them (from the genuine certificate), the bad one forwarded
+    encoded = encodings(bad)[{"apache": "Apache: PEM with spaces", "nginx": "nginx: URL-escaped PEM",
+                              "lighttpd": "lighttpd: URL-escaped PEM, '/' literal",
+                              "haproxy": "HAProxy: base64 DER"}[style]]
+    headers = [(name, encoded if name == "X-SSL-Client-Cert" else value)
+               for name, value in terminator_headers(pki.phone, style)]
+    app = site.app()
+    for _ in range(2):  # the verdict is remembered: the second poll is refused the same way
+        answer = call(app, "/", headers)
+        assert (answer.status, answer.body) == (403, refusal)
