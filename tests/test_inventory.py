@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import sqlite3
@@ -164,7 +165,7 @@ async def test_served_and_refused_polls_show_up_in_devices_and_history(database:
     assert [(p.time, p.status, p.reason) for p in history] == [(T0 + 60, 403, "certificate expired"), (T0, 200, None)]
     assert history[1].decision == "sent" and history[1].template == "models/IP232.j2"
     assert history[1].query["ver"] == VER and history[1].firmware == "13A127"
-    assert inventory.stats() == {"queued": 0, "written": 3, "dropped": 0, "failures": 0, "rejected": 0}
+    assert inventory.stats() == {"queued": 0, "written": 3, "folded": 0, "dropped": 0, "failures": 0, "rejected": 0}
 
 
 @pytest.mark.anyio
@@ -330,29 +331,36 @@ async def test_start_does_not_wait_for_a_database_that_is_down() -> None:
     await inventory.close(timeout=0.3)
     assert time.perf_counter() - started < 2
     assert inventory.stats() | {"failures": 0} == {
-        "queued": 0, "written": 0, "dropped": 10, "failures": 0, "rejected": 0,
+        "queued": 0, "written": 0, "folded": 0, "dropped": 10, "failures": 0, "rejected": 0,
     }
 
 
 @pytest.mark.anyio
-async def test_full_queue_drops_and_counts_new_polls(sqlite_url: str) -> None:
+async def test_full_queue_folds_new_polls_into_counted_rows_and_drops_only_beyond(sqlite_url: str) -> None:
     inventory = Inventory(sqlite_url, queue_size=10, **FAST)
     for n in range(25):  # not started yet: nothing drains the queue
         inventory.record(poll(PHONE, T0 + n))
-    assert inventory.stats()["queued"] == 10 and inventory.stats()["dropped"] == 15
+    for n in range(11):  # as many other devices as the overflow still holds (9), and two more
+        inventory.record(poll(f"IP232-30-01-{n:02x}", T0 + 100))
+    assert inventory.stats()["queued"] == 25 + 9 and inventory.stats()["dropped"] == 2
     await inventory.start()
     await inventory.close()
-    assert inventory.stats() == {"queued": 0, "written": 10, "dropped": 15, "failures": 0, "rejected": 0}
+    assert inventory.stats() == {
+        "queued": 0, "written": 34, "folded": 14, "dropped": 2, "failures": 0, "rejected": 0,
+    }
     async with reading(sqlite_url) as inventory:
         kept = await inventory.history(PHONE, limit=100)
-    assert [p.time for p in kept] == [T0 + n for n in reversed(range(10))]  # the first ten
+        assert len(await inventory.devices()) == 1 + 9
+    # the first ten one by one, the fifteen after them as one row: the newest, counting the rest
+    assert [(p.time, p.repeats, p.repeats_since) for p in kept] == [(T0 + 24, 14, T0 + 10)] + [
+        (T0 + n, 0, None) for n in reversed(range(10))
+    ]
 
 
 @pytest.mark.anyio
 async def test_a_row_the_database_refuses_costs_only_that_row(postgres_url: str) -> None:
     async with running(postgres_url) as inventory:
-        bad = poll(GATEWAY, T0 + 1)
-        bad.status = 2**40  # no HTTP status; PostgreSQL's integer column refuses it
+        bad = dataclasses.replace(poll(GATEWAY, T0 + 1), status=2**40)  # PostgreSQL's integer refuses it
         for record in (poll(PHONE, T0), bad, poll(PHONE, T0 + 2)):
             inventory.record(record)
         await eventually(lambda: inventory.stats()["written"] + inventory.stats()["rejected"] == 3)

@@ -1,7 +1,8 @@
 """The fleet's inventory and the audit of every poll, in SQLite (default) or PostgreSQL.
 
 The app records each poll with `Inventory.record()`, which only queues; a writer task stores the
-queue in batches. The CLI asks with `list_devices()` and `device_history()`.
+queue in batches, folding a flood of one device's polls into counted rows. The CLI asks with
+`list_devices()` (or streams them with `write_devices_json()`) and `device_history()`.
 
     inventory = Inventory.from_settings(settings)
     await inventory.start()
@@ -11,11 +12,13 @@ queue in batches. The CLI asks with `list_devices()` and `device_history()`.
 
 from ._commands import (
     device_history,
+    device_json,
     devices_json,
     devices_table,
     history_table,
     list_devices,
     migrate_database,
+    write_devices_json,
 )
 from ._database import SCHEMA_VERSION, InventoryError, database_url
 from ._queries import Device, Poll, parse_duration
@@ -29,10 +32,12 @@ __all__ = [
     "Poll",
     "database_url",
     "device_history",
+    "device_json",
     "devices_json",
     "devices_table",
     "history_table",
     "list_devices",
     "migrate_database",
     "parse_duration",
+    "write_devices_json",
 ]

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..identity import BROKEN_MODEL_NAMES, InvalidDeviceName, parse_device_name
-from ._database import InventoryError, database_url
-from ._queries import Device, Poll, parse_duration
+from ._database import InventoryError, database_url, explain
+from ._queries import Device, Poll, check_limit, check_status, parse_duration
 from ._recorder import Inventory
 
 T = TypeVar("T")
@@ -46,17 +47,12 @@ def _run(database: str, action: Callable[[Inventory], Awaitable[T]], *, create: 
         except (SQLAlchemyError, OSError) as exc:
             raise InventoryError(
                 f"cannot use the inventory database {inventory.database} (setting 'database'): "
-                f"{_first_line(exc)}"
+                f"{explain(exc, database_url(database))}"
             ) from None
         finally:
             await inventory.close(timeout=0)
 
     return asyncio.run(run())
-
-
-def _first_line(exc: BaseException) -> str:
-    original = getattr(exc, "orig", None) or exc
-    return str(original).splitlines()[0] if str(original) else type(original).__name__
 
 
 def migrate_database(database: str) -> int:
@@ -90,6 +86,7 @@ def list_devices(
     `since` and `stale` are durations (`30m`, `12h`, `7d`, `2w`) or seconds. Raises
     InventoryError for a bad duration or a database that cannot be used.
     """
+    check_status(status)
     since_s, stale_s = _seconds("since", since), _seconds("stale", stale)
     return _run(
         database,
@@ -97,13 +94,43 @@ def list_devices(
     )
 
 
+def write_devices_json(
+    database: str,
+    out: TextIO,
+    *,
+    model: str | None = None,
+    since: str | float | None = None,
+    status: int | None = None,
+    stale: str | float | None = None,
+    now: float | None = None,
+) -> int:
+    """Write the devices of `list_devices` to `out` as `devices_json` has them, while the
+    database hands them over: constant memory for any fleet. Returns how many were written.
+
+    The output is one JSON array, one device per line. Raises InventoryError like `list_devices`.
+    """
+    check_status(status)
+    since_s, stale_s = _seconds("since", since), _seconds("stale", stale)
+
+    async def write(inventory: Inventory) -> int:
+        count = 0
+        async for device in inventory.stream_devices(model=model, since=since_s, status=status, stale=stale_s, now=now):
+            out.write(("[\n" if count == 0 else ",\n") + json.dumps(device_json(device)))
+            count += 1
+        out.write("[]\n" if count == 0 else "\n]\n")
+        return count
+
+    return _run(database, write)
+
+
 def device_history(
     database: str, device: str, *, limit: int = 20, fixes: Mapping[str, str] = BROKEN_MODEL_NAMES,
 ) -> list[Poll]:
     """The newest `limit` polls of one device (hwid or MAC, any case or separator).
 
-    Raises InventoryError for a database that cannot be used or a limit below 1.
+    Raises InventoryError for a database that cannot be used or a limit out of range.
     """
+    check_limit(limit)
     try:  # the name a device's certificate shows (IP222s-...) finds it under its fixed hwid
         device = parse_device_name(device.strip(), fixes).hwid
     except InvalidDeviceName:
@@ -111,16 +138,20 @@ def device_history(
     return _run(database, lambda inventory: inventory.history(device, limit=limit))
 
 
-def devices_json(devices: Sequence[Device]) -> list[dict[str, Any]]:
-    """Devices in the shape of innovaphone's discovery list, plus our own fields.
+def devices_json(devices: Iterable[Device]) -> list[dict[str, Any]]:
+    """Devices in the shape of innovaphone's discovery list, plus our own fields (`device_json`)."""
+    return [device_json(device) for device in devices]
+
+
+def device_json(device: Device) -> dict[str, Any]:
+    """One device in the shape of innovaphone's discovery list, plus our own fields.
 
     Shared fields: `mac`, `time` (last seen, unix seconds), `ip` (as seen by us), `localip` and
     `devattrs` (`mac`, `hwid`, `type`, `firm`, `boot`, `ver`, `localip`), with `""` for unknown
     text as the discovery list has it. Ours: `status`, `reason`, `template`, `script_sha256`,
     `first_seen`, `served_at`.
     """
-    return [
-        {
+    return {
             "mac": device.mac or "",
             "time": int(device.last_seen),
             "ip": device.client_ip or "",
@@ -141,11 +172,9 @@ def devices_json(devices: Sequence[Device]) -> list[dict[str, Any]]:
             "first_seen": int(device.first_seen),
             "served_at": int(device.served_at) if device.served_at is not None else None,
         }
-        for device in devices
-    ]
 
 
-def devices_table(devices: Sequence[Device], now: float | None = None) -> str:
+def devices_table(devices: list[Device], now: float | None = None) -> str:
     """Devices as an aligned text table, one line per device (and a header)."""
     if not devices:
         return "no devices\n"
@@ -161,19 +190,25 @@ def devices_table(devices: Sequence[Device], now: float | None = None) -> str:
     return _table(header, rows)
 
 
-def history_table(polls: Sequence[Poll]) -> str:
-    """Polls as an aligned text table, in the order given (newest first from `device_history`)."""
+def history_table(polls: list[Poll]) -> str:
+    """Polls as an aligned text table, in the order given (newest first from `device_history`).
+
+    A poll whose certificate only claimed the device shows `403 (claimed)`; a flood folded into
+    one row says how many more polls like it came since when.
+    """
     if not polls:
         return "no polls\n"
     rows = [
         [
-            _when(poll.time), str(poll.status), poll.reason or poll.decision, poll.client_ip, poll.path,
-            poll.template, (poll.script_sha256 or "")[:12], poll.firmware,
+            _when(poll.time), f"{poll.status} (claimed)" if poll.claimed else str(poll.status), poll.reason,
+            poll.decision, poll.client_ip, poll.path, poll.template, (poll.script_sha256 or "")[:12], poll.firmware,
             f"{poll.duration_ms:.1f}" if poll.duration_ms is not None else None,
+            f"{poll.repeats} more since {_when(poll.repeats_since or poll.time)}" if poll.repeats else None,
         ]
         for poll in polls
     ]
-    header = ["TIME (UTC)", "STATUS", "REASON", "IP", "PATH", "TEMPLATE", "SCRIPT", "FIRMWARE", "MS"]
+    header = ["TIME (UTC)", "STATUS", "REASON", "DECISION", "IP", "PATH", "TEMPLATE", "SCRIPT", "FIRMWARE", "MS",
+              "LIKE THIS"]
     return _table(header, rows)
 
 

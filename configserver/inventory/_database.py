@@ -1,4 +1,10 @@
-"""Where the inventory lives: the `database` URL, the tables, and the migrations that build them."""
+"""Where the inventory lives: the `database` URL, the tables, and the migrations that build them.
+
+A change to the schema is one function appended to MIGRATIONS (its place in the list is its
+version), built from `create_tables`, `add_columns` and `create_indexes`: they skip what is
+already there, so a step leaves the same schema whether the database was created by step 1 with
+today's tables or walked every step since an older version.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
+from sqlalchemy.schema import CreateColumn, CreateIndex
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 
@@ -78,6 +85,9 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=5000")
+    # The default 2 MB page cache makes every insert into a large audit table read index pages
+    # back from the OS; 32 MB keeps the hot end of the indexes of millions of rows in memory.
+    cursor.execute("PRAGMA cache_size=-32768")
     cursor.close()
 
 
@@ -94,6 +104,8 @@ devices = sa.Table(
     sa.Column("hwid", sa.String(64)),
     sa.Column("mac", sa.String(64)),
     sa.Column("model", sa.String(64)),
+    # The hwid as `history` looks it up (lower case): an index serves it, lower(hwid) could not.
+    sa.Column("hwid_key", sa.String(64)),
     sa.Column("first_seen", _Time, nullable=False),
     sa.Column("last_seen", _Time, nullable=False),
     # Of the newest poll, served or refused.
@@ -111,7 +123,13 @@ devices = sa.Table(
     sa.Column("boot", sa.Text),
     sa.Column("version", sa.Text),
     sa.Column("local_ip", sa.Text),
+    # Every filter of `configserver devices` walks one index in the order it prints (newest first).
+    sa.Index("devices_last_seen", "last_seen", "device"),
+    sa.Index("devices_status", "status", "last_seen", "device"),
+    sa.Index("devices_hwid_key", "hwid_key"),
+    sa.Index("devices_mac", "mac"),
 )
+sa.Index("devices_model", sa.func.lower(devices.c.model), devices.c.last_seen, devices.c.device)
 
 polls = sa.Table(
     "polls",
@@ -135,6 +153,12 @@ polls = sa.Table(
     sa.Column("firmware", sa.Text),
     sa.Column("duration_ms", sa.Float),
     sa.Column("query", sa.JSON, nullable=False),  # the device's own query arguments, untrusted
+    # hwid, MAC and model come from a certificate that named them but did not prove them
+    # (expired, revoked, not matching the query, ...): the device's history, never its inventory.
+    sa.Column("claimed", sa.Boolean, nullable=False, server_default=sa.false()),
+    # A flood folded into this row: `repeats` more polls like it, the first at `repeats_since`.
+    sa.Column("repeats", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("repeats_since", _Time),
     sa.Index("polls_device_time", "device", "time"),
     sa.Index("polls_time", "time"),
 )
@@ -147,13 +171,61 @@ schema_versions = sa.Table(
 )
 
 
+def create_tables(connection: Connection, *tables: sa.Table) -> None:
+    """Create the tables (as `metadata` has them now, with their indexes) that are not there yet."""
+    metadata.create_all(connection, tables=list(tables), checkfirst=True)
+
+
+def add_columns(connection: Connection, table: sa.Table, *names: str) -> None:
+    """ALTER TABLE ... ADD COLUMN for each of `names` (as `table` defines it) that is not there yet.
+
+    A NOT NULL column needs a `server_default`, which also fills the rows already there.
+    """
+    present = {column["name"] for column in sa.inspect(connection).get_columns(table.name)}
+    for name in names:
+        if name not in present:
+            definition = CreateColumn(table.c[name]).compile(dialect=connection.dialect)
+            connection.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {definition}"))
+
+
+def create_indexes(connection: Connection, *indexes: sa.Index) -> None:
+    """Create the indexes that are not there yet (by name)."""
+    for index in indexes:
+        # IF NOT EXISTS, not checkfirst: SQLite's reflection cannot see an index on an expression
+        connection.execute(CreateIndex(index, if_not_exists=True))
+
+
 def _create_v1(connection: Connection) -> None:
-    metadata.create_all(connection, tables=[devices, polls], checkfirst=True)
+    create_tables(connection, devices, polls)
 
 
-# Append-only: a change to the schema is a new step (ALTER TABLE ...) at the end of this list,
-# and the steps before it stay as they are, so every database walks the same path.
-MIGRATIONS: list[Callable[[Connection], None]] = [_create_v1]
+def _v2_indexed_lookups_claims_and_floods(connection: Connection) -> None:
+    # Every filter of `devices` and `history` on an index; refusals a certificate only claimed;
+    # a flood of one device's polls as one counted row.
+    add_columns(connection, devices, "hwid_key")
+    add_columns(connection, polls, "claimed", "repeats", "repeats_since")
+    connection.execute(
+        devices.update()
+        .where(devices.c.hwid_key.is_(None), devices.c.hwid.is_not(None))
+        .values(hwid_key=sa.func.lower(devices.c.hwid))
+    )
+    create_indexes(connection, *devices.indexes)
+
+
+def _v3_backups(connection: Connection) -> None:
+    # Configuration backups, device facts and backup requests (configserver/backups/_tables.py).
+    from ..backups._tables import create_backup_tables  # imported here: backups builds on this module
+
+    create_backup_tables(connection)
+
+
+# Append-only: a change to the schema is a new step at the end of this list, and the steps
+# before it stay as they are (never renumbered), so every database walks the same path.
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    _create_v1,
+    _v2_indexed_lookups_claims_and_floods,
+    _v3_backups,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Several instances start at once against one PostgreSQL; one migrates, the others wait.
@@ -164,17 +236,21 @@ async def migrate(engine: AsyncEngine) -> int:
     """Bring the schema up to date, idempotently. Returns the version now in place.
 
     Raises SQLAlchemy's errors when the database cannot be reached, and InventoryError when it
-    holds a newer schema than this version of configserver knows.
+    holds a newer schema than this version of configserver knows, or a version that is no number.
     """
     async with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             await connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
+        else:
+            # SQLite: take the write lock now, so two workers starting on a new file migrate one
+            # after the other (and DDL is part of the transaction) instead of racing.
+            await connection.exec_driver_sql("BEGIN IMMEDIATE")
         return await connection.run_sync(_migrate)
 
 
 def _migrate(connection: Connection) -> int:
     schema_versions.create(connection, checkfirst=True)
-    current = connection.execute(sa.select(sa.func.max(schema_versions.c.version))).scalar() or 0
+    current = schema_version(connection)
     if current > SCHEMA_VERSION:
         raise InventoryError(
             f"the inventory database has schema version {current}, newer than this configserver "
@@ -184,3 +260,53 @@ def _migrate(connection: Connection) -> int:
         MIGRATIONS[version - 1](connection)
         connection.execute(sa.insert(schema_versions).values(version=version, applied_at=time.time()))
     return SCHEMA_VERSION
+
+
+def schema_version(connection: Connection) -> int:
+    """The newest version in `inventory_schema` (0 when empty). Raises InventoryError for a row
+    that holds no version number (someone edited the table by hand)."""
+    versions = list(connection.execute(sa.select(schema_versions.c.version)).scalars())
+    odd = [version for version in versions if not isinstance(version, int) or isinstance(version, bool)]
+    if odd:
+        raise InventoryError(
+            f"the table inventory_schema holds {odd[0]!r} where a schema version number belongs; "
+            f"it should list the versions 1 to {SCHEMA_VERSION} that were applied: correct or delete that row"
+        )
+    return max(versions, default=0)
+
+
+def explain(exc: BaseException, url: URL) -> str:
+    """One line about a database error, in an admin's words.
+
+    SQLAlchemy's messages run to many lines with the SQL; the first line of the driver's own
+    message says more. A file error (no SQL error at all) means the client failed on one of its
+    own files before talking to the server, which its message does not say.
+    """
+    own_file = _client_file_error(exc)
+    if own_file is not None:
+        what = own_file.strerror or type(own_file).__name__
+        text = f"the database client cannot use its own file {own_file.filename} ({what}), before reaching the database"
+        if url.get_backend_name() == "postgresql":
+            text += (
+                "; the PostgreSQL driver looks for client keys and certificates in $HOME/.postgresql: "
+                "set HOME to a folder this user may read (the systemd unit sets it to the state folder), "
+                "or name the files in the URL (?sslkey=...&sslcert=...&sslrootcert=...)"
+            )
+        return text
+    original = getattr(exc, "orig", None) or exc
+    first = str(original).splitlines()[0] if str(original).strip() else ""
+    return f"{type(original).__name__}: {first}"[:500] if first else type(original).__name__
+
+
+def _client_file_error(exc: BaseException) -> OSError | None:
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.filename:
+            return current
+        pending += [getattr(current, "orig", None), current.__cause__, current.__context__]
+    return None

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..identity import normalize_mac
+from ..identity import InvalidDeviceName, normalize_mac, parse_device_name
 from ._database import InventoryError, devices, polls
+from ._rows import hwid_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,9 @@ class Poll:
     firmware: str | None
     duration_ms: float | None
     query: dict[str, Any]
+    claimed: bool = False               # hwid/MAC/model named by a certificate that did not prove them
+    repeats: int = 0                    # more polls like this one folded into it (a flood) ...
+    repeats_since: float | None = None  # ... the first of them at this time
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -82,30 +87,41 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def _device(row: sa.Row[Any]) -> Device:
-    return Device(**{f.name: row._mapping[f.name] for f in fields(Device)})
+_DEVICE_COLUMNS = [devices.c[f.name] for f in fields(Device)]
+_POLL_COLUMNS = [polls.c[f.name] for f in fields(Poll)]
+
+# Far beyond any fleet's need, and small enough for every database's integer.
+MAX_LIMIT = 1_000_000
 
 
-def _poll(row: sa.Row[Any]) -> Poll:
-    return Poll(**{f.name: row._mapping[f.name] for f in fields(Poll)})
+def check_status(status: int | None) -> None:
+    """Raise InventoryError unless `status` is None or an HTTP status (100 to 599)."""
+    if status is not None and not 100 <= status <= 599:
+        raise InventoryError(f"status {status} is no HTTP status: give one from 100 to 599, like 403")
 
 
-async def select_devices(
-    engine: AsyncEngine,
+def check_limit(limit: int) -> None:
+    """Raise InventoryError unless 1 <= `limit` <= MAX_LIMIT."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InventoryError(f"limit must be from 1 to {MAX_LIMIT:,}, not {limit}")
+
+
+def devices_query(
     *,
     model: str | None = None,
     since: float | None = None,
     status: int | None = None,
     stale: float | None = None,
     now: float | None = None,
-) -> list[Device]:
-    """Devices matching every filter given, most recently seen first.
+) -> sa.Select[Any]:
+    """The SELECT for devices matching every filter given, most recently seen first.
 
-    `model` compares case-insensitively; `since` keeps devices seen within that many seconds,
-    `stale` those not seen for at least that many; `status` is the newest poll's HTTP status.
+    Each filter and the order are served by one index of `devices` (see _database): the rows
+    come out in the order they are printed, with no sort of the whole table first.
     """
+    check_status(status)
     now = time.time() if now is None else now
-    query = sa.select(devices).order_by(devices.c.last_seen.desc(), devices.c.device)
+    query = sa.select(*_DEVICE_COLUMNS).order_by(devices.c.last_seen.desc(), devices.c.device.desc())
     if model is not None:
         query = query.where(sa.func.lower(devices.c.model) == model.lower())
     if since is not None:
@@ -114,31 +130,63 @@ async def select_devices(
         query = query.where(devices.c.last_seen < now - stale)
     if status is not None:
         query = query.where(devices.c.status == status)
+    return query
+
+
+async def select_devices(engine: AsyncEngine, **filters: Any) -> list[Device]:
+    """Devices matching every filter of `devices_query`, most recently seen first.
+
+    `model` compares case-insensitively; `since` keeps devices seen within that many seconds,
+    `stale` those not seen for at least that many; `status` is the newest poll's HTTP status.
+    """
+    return [device async for device in stream_devices(engine, **filters)]
+
+
+async def stream_devices(engine: AsyncEngine, *, chunk: int = 2000, **filters: Any) -> AsyncIterator[Device]:
+    """Like `select_devices`, one device at a time as the database hands them over: a server-side
+    cursor, `chunk` rows in memory at once, whatever the size of the fleet."""
+    query = devices_query(**filters)
     async with engine.connect() as connection:
-        return [_device(row) for row in await connection.execute(query)]
+        result = await connection.stream(query.execution_options(yield_per=chunk))
+        async for rows in result.partitions():
+            for row in rows:
+                yield Device(*row)
 
 
 async def select_history(engine: AsyncEngine, device: str, *, limit: int = 20) -> list[Poll]:
     """The polls of one device, newest first, at most `limit`.
 
     `device` is a hwid (any case) or a MAC as `00-90-33-30-00-af`, `00:90:33:30:00:af` or
-    `0090333000af`. An unknown device has no polls: the answer is an empty list.
+    `0090333000af`. An unknown device has no polls: the answer is an empty list. Polls its
+    certificate only claimed are included (`Poll.claimed`), also for a device never admitted.
     """
-    if limit < 1:
-        raise InventoryError(f"limit must be at least 1, not {limit}")
-    text = device.strip()
+    check_limit(limit)
+    keys = await _history_keys(engine, device.strip())
+    query = (
+        sa.select(*_POLL_COLUMNS)
+        .where(polls.c.device.in_(keys) if len(keys) > 1 else polls.c.device == keys[0])
+        .order_by(polls.c.time.desc(), polls.c.id.desc())
+        .limit(limit)
+    )
+    async with engine.connect() as connection:
+        return [Poll(*row) for row in await connection.execute(query)]
+
+
+async def _history_keys(engine: AsyncEngine, text: str) -> list[str]:
+    """The inventory keys that `history TEXT` means: by indexed columns only (MAC, hwid key)."""
     mac = normalize_mac(text)
     if mac is not None:
         match = sa.or_(devices.c.mac == mac, devices.c.device == mac)
+        guesses = [mac]
     else:
-        match = sa.or_(sa.func.lower(devices.c.hwid) == text.lower(), devices.c.device == text.lower())
+        key = hwid_key(text) or ""
+        match = sa.or_(devices.c.hwid_key == key, devices.c.device == key)
+        # A device only ever refused has no inventory row; its polls are keyed by the MAC its
+        # certificate's name implies (or the hwid, for a name that implies none).
+        try:
+            guesses = [parse_device_name(text, {}).mac, key]
+        except InvalidDeviceName:
+            guesses = [key]
     async with engine.connect() as connection:
         keys = list((await connection.execute(sa.select(devices.c.device).where(match))).scalars())
-        keys = keys or [mac or text.lower()]
-        query = (
-            sa.select(polls)
-            .where(polls.c.device.in_(keys))
-            .order_by(polls.c.time.desc(), polls.c.id.desc())
-            .limit(limit)
-        )
-        return [_poll(row) for row in await connection.execute(query)]
+    return keys or guesses

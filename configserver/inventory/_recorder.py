@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
 from ..polls import PollRecord
-from ._database import database_url, describe, migrate, open_engine, polls, schema_versions
-from ._queries import Device, Poll, select_devices, select_history
-from ._rows import device_row, merge, poll_row, upsert
+from ._database import database_url, describe, explain, migrate, open_engine, polls, schema_versions
+from ._queries import Device, Poll, select_devices, select_history, stream_devices
+from ._rows import Folded, device_row, fold_floods, likeness, merge, poll_row, upsert
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -23,6 +25,9 @@ log = logging.getLogger("configserver.inventory")
 
 _PURGE_CHUNK = 5000
 _DROP_REPORT_SECONDS = 10.0
+# More polls than this from one device, alike, in one batch (half a second or less): a flood.
+# A device polls every few minutes; a flood is a loop, a script or someone holding its certificate.
+FLOOD = 8
 
 
 class Inventory:
@@ -39,7 +44,7 @@ class Inventory:
         *,
         retention_days: float = 90,
         queue_size: int = 10000,
-        batch_size: int = 500,
+        batch_size: int = 2000,
         flush_interval: float = 0.5,
         retry_first: float = 0.5,
         retry_max: float = 10.0,
@@ -47,8 +52,10 @@ class Inventory:
     ) -> None:
         """Check `database` (see `database_url`) and set up; connects nothing.
 
-        `queue_size` bounds the polls waiting while the database is slow or away; a full queue
-        drops (and counts) new ones. Raises InventoryError for an unusable `database`.
+        `queue_size` bounds the polls waiting while the database is slow or away. A full queue
+        folds new polls into counted rows, one per device and outcome (at most `queue_size` of
+        them); only beyond that are polls dropped (and counted). Raises InventoryError for an
+        unusable `database`.
         """
         self._url = database_url(database)
         self._engine = open_engine(self._url)
@@ -61,8 +68,13 @@ class Inventory:
         self._retention_interval = retention_interval
         # A deque: append and popleft are atomic, so record() is safe from any thread.
         self._queue: deque[PollRecord] = deque()
+        # What arrives to a full queue: per likeness (see _rows), the newest poll, how many more
+        # like it, the first one's time. A flood costs one entry, not the other devices' polls.
+        self._overflow: dict[Any, list[Any]] = {}
+        self._overflow_polls = 0
+        self._overflow_lock = threading.Lock()
         self._inflight = 0
-        self._written = self._dropped = self._failures = self._rejected = 0
+        self._written = self._dropped = self._failures = self._rejected = self._folded = 0
         self._dropped_reported = 0
         self._drops_logged_at = 0.0
         self._ready = False
@@ -94,29 +106,56 @@ class Inventory:
     def record(self, record: PollRecord) -> None:
         """Queue one poll for the audit and the inventory. Never blocks, never raises.
 
-        When the queue is full (the database has been away for a while) the poll is dropped and
-        counted; the writer reports drops in the log.
+        When the queue is full (a flood, or the database away for a while) the poll is folded
+        into a counted row with the polls like it; when even those are `queue_size` (as many
+        devices and outcomes), it is dropped and counted. The writer reports drops in the log.
         """
         try:
-            if self._closed or len(self._queue) >= self.queue_size:
+            if self._closed:
                 self._dropped += 1
-                return
-            self._queue.append(record)
-            if len(self._queue) == self._batch_size:
-                self._wake()
+            elif len(self._queue) < self.queue_size:
+                self._queue.append(record)
+                if len(self._queue) == self._batch_size:
+                    self._wake()
+            else:
+                self._hold_over(record)
         except Exception:  # noqa: BLE001 - a poll must never fail because of its audit
             self._dropped += 1
+
+    def _hold_over(self, record: PollRecord) -> None:
+        key = likeness(record)
+        with self._overflow_lock:  # held for a dict update: record() is called from any thread
+            held = self._overflow.get(key)
+            if held is None:
+                if len(self._overflow) >= self.queue_size:
+                    self._dropped += 1
+                    return
+                self._overflow[key] = [record, 0, record.time]
+            else:
+                held[1] += 1
+                held[2] = min(held[2], record.time)
+                if record.time >= held[0].time:
+                    held[0] = record
+            self._overflow_polls += 1
+
+    def _take_overflow(self) -> list[Folded]:
+        with self._overflow_lock:
+            held, self._overflow, self._overflow_polls = self._overflow, {}, 0
+        return [(record, repeats, since) for record, repeats, since in held.values()]
 
     def stats(self) -> dict[str, int]:
         """Counters for metrics and logs.
 
-        `queued`: waiting or being written; `written`: stored; `dropped`: lost to a full queue or
-        to shutting down with the database away; `failures`: failed attempts to reach or write
-        the database; `rejected`: polls the database refused even when reachable (logged).
+        `queued`: polls waiting or being written; `written`: polls stored, as rows of their own
+        or `folded` into a counted row with polls like them (a flood, or a full queue);
+        `dropped`: lost to a full queue and overflow, or to shutting down with the database
+        away; `failures`: failed attempts to reach or write the database; `rejected`: polls the
+        database refused even when reachable (logged).
         """
         return {
-            "queued": len(self._queue) + self._inflight,
+            "queued": len(self._queue) + self._overflow_polls + self._inflight,
             "written": self._written,
+            "folded": self._folded,
             "dropped": self._dropped,
             "failures": self._failures,
             "rejected": self._rejected,
@@ -170,8 +209,9 @@ class Inventory:
                     await task
         self._closed = True
         self._report_drops(force=True)
-        lost = len(self._queue) + self._inflight
+        lost = len(self._queue) + self._inflight + self._overflow_polls
         self._queue.clear()
+        self._take_overflow()
         self._inflight = 0
         if lost:
             self._dropped += lost
@@ -187,9 +227,15 @@ class Inventory:
             return await connection.run_sync(lambda sync: sa.inspect(sync).has_table(schema_versions.name))
 
     async def migrate(self) -> int:
-        """Create or migrate the schema now. Returns its version; raises when the database fails."""
+        """Create or migrate the schema now. Returns its version; raises when the database fails.
+
+        Logs the database in use (password hidden) and its schema version.
+        """
         version = await migrate(self._engine)
         self._ready = True
+        log.info("inventory ready", extra={"fields": {
+            "event": "inventory_ready", "database": self.database, "schema_version": version,
+        }})
         return version
 
     # -- querying ------------------------------------------------------------------------------
@@ -205,6 +251,10 @@ class Inventory:
     ) -> list[Device]:
         """Devices matching every filter given (durations in seconds), most recently seen first."""
         return await select_devices(self._engine, model=model, since=since, status=status, stale=stale, now=now)
+
+    def stream_devices(self, **filters: Any) -> AsyncIterator[Device]:
+        """The devices of `devices()`, one at a time from a server-side cursor: constant memory."""
+        return stream_devices(self._engine, **filters)
 
     async def history(self, device: str, *, limit: int = 20) -> list[Poll]:
         """A device's polls (by hwid or MAC, any case or separator), newest first."""
@@ -232,13 +282,17 @@ class Inventory:
         try:
             await self._retrying(self.migrate, "inventory_migrate_failed")
             next_purge = time.monotonic()
-            while not (self._closing and not self._queue):
+            while not (self._closing and not self._queue and not self._overflow):
                 if len(self._queue) < self._batch_size and not self._closing:
                     self._wakeup.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), self._flush_interval)
-                if self._queue:
-                    await self._write([self._queue.popleft() for _ in range(min(len(self._queue), self._batch_size))])
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._batch_size))]
+                # The overflow goes with each batch: it holds the newest polls, and a device's
+                # newest poll belongs in the inventory now, not after the backlog.
+                folded = fold_floods(batch, FLOOD) + self._take_overflow()
+                if folded:
+                    await self._write(folded)
                 self._report_drops()
                 if time.monotonic() >= next_purge and not self._closing:
                     next_purge = time.monotonic() + await self._purge_quietly()
@@ -262,22 +316,23 @@ class Inventory:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._retry_max)
 
-    async def _write(self, records: list[PollRecord]) -> None:
+    async def _write(self, folded: list[Folded]) -> None:
         """Store one batch, retrying until it is in; only rows the database itself refuses are lost."""
-        self._inflight = len(records)
+        self._inflight = sum(1 + repeats for _, repeats, _ in folded)
         rows: list[dict[str, Any]] = []
-        for record in records:
+        for record, repeats, since in folded:
             try:
-                rows.append(poll_row(record))
+                rows.append(poll_row(record, repeats, since))
             except Exception as exc:  # noqa: BLE001 - not a PollRecord: nothing to store
                 self._reject(exc, record)
+                self._inflight -= 1 + repeats
         delay, refusals, outage_started = self._retry_first, 0, None
         while rows:
             try:
                 if not self._ready:
                     await self.migrate()
                 await self._store(rows)
-                self._written += len(rows)
+                self._count_written(rows)
                 rows = []
             except Exception as exc:  # noqa: BLE001 - the database is away, or refuses a row
                 self._failures += 1
@@ -320,12 +375,17 @@ class Inventory:
         for index, row in enumerate(rows):
             try:
                 await self._store([row])
-                self._written += 1
+                self._count_written([row])
             except Exception as exc:  # noqa: BLE001
                 if not await self._reachable():
                     return rows[index:]
-                self._reject(exc, row)
+                self._reject(exc, row, polls=1 + row["repeats"])
         return []
+
+    def _count_written(self, rows: list[dict[str, Any]]) -> None:
+        repeats = sum(row["repeats"] for row in rows)
+        self._written += len(rows) + repeats
+        self._folded += repeats
 
     async def _reachable(self) -> bool:
         try:
@@ -353,16 +413,16 @@ class Inventory:
 
     def _log_failure(self, event: str, exc: BaseException, retry_in: float | None) -> None:
         fields: dict[str, Any] = {
-            "event": event, "database": self.database, "error": _short(exc), **self.stats(),
+            "event": event, "database": self.database, "error": explain(exc, self._url), **self.stats(),
         }
         if retry_in is not None:
             fields["retry_in"] = retry_in
         log.warning("inventory database failed", extra={"fields": fields})
 
-    def _reject(self, exc: BaseException, row: Any) -> None:
-        self._rejected += 1
+    def _reject(self, exc: BaseException, row: Any, polls: int = 1) -> None:
+        self._rejected += polls
         log.error("inventory refused a poll", extra={"fields": {
-            "event": "inventory_rejected", "database": self.database, "error": _short(exc),
+            "event": "inventory_rejected", "database": self.database, "error": explain(exc, self._url),
             "hwid": row.get("hwid") if isinstance(row, dict) else getattr(row, "hwid", None),
         }})
 
@@ -377,11 +437,4 @@ class Inventory:
                 "reason": "queue full", "queue_size": self.queue_size,
             }})
             self._dropped_reported, self._drops_logged_at = dropped, now
-
-
-def _short(exc: BaseException) -> str:
-    """One line about a database error: SQLAlchemy's messages run to many lines with the SQL."""
-    original = getattr(exc, "orig", None) or exc
-    text = f"{type(original).__name__}: {original}".splitlines()[0]
-    return text[:300]
 

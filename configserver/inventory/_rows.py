@@ -21,7 +21,7 @@ MAX_TEXT = 2048
 
 # Per-device columns and the poll they come from: the newest one, the newest one that was served
 # a script, the newest one in which the device reported its versions.
-IDENTITY = ("hwid", "mac", "model")
+IDENTITY = ("hwid", "mac", "model", "hwid_key")
 LATEST = ("status", "reason", "path", "client_ip")
 SERVED = ("template", "script_sha256")
 REPORTED = ("firmware", "boot", "version", "local_ip")
@@ -78,8 +78,9 @@ def reported_facts(query: dict[str, str]) -> dict[str, str | None]:
     }
 
 
-def device_key(hwid: str | None, mac: str | None) -> str | None:
-    """The inventory's key for a device: its MAC when known, else its lower-case hwid."""
+def inventory_key(hwid: str | None, mac: str | None) -> str | None:
+    """The key of a device's row in the inventory (`devices.device`, `polls.device`): its MAC
+    when known, else its lower-case hwid. Not the key that picks its template."""
     if mac:
         return normalize_mac(mac) or mac.lower()
     if hwid:
@@ -107,13 +108,26 @@ def _fit(table: sa.Table, row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def poll_row(record: PollRecord) -> dict[str, Any]:
-    """The audit row of one poll (a dict for `polls`). Raises only on a record that is not one."""
+def hwid_key(hwid: str | None) -> str | None:
+    """A hwid as `devices.hwid_key` holds it and `history` looks it up."""
+    return hwid.lower() if hwid else None
+
+
+def is_claimed(record: PollRecord) -> bool:
+    """Whether the poll's hwid, MAC and model come from a certificate that did not prove them."""
+    return bool(getattr(record, "claimed", False))
+
+
+def poll_row(record: PollRecord, repeats: int = 0, repeats_since: float | None = None) -> dict[str, Any]:
+    """The audit row of one poll (a dict for `polls`). Raises only on a record that is not one.
+
+    `repeats` more polls like this one, the first at `repeats_since`, are folded into the row.
+    """
     query = clean_query(record.query)
     mac = (normalize_mac(record.mac) or record.mac) if record.mac else None
     return _fit(polls, {
         "time": float(record.time),
-        "device": device_key(record.hwid, mac),
+        "device": inventory_key(record.hwid, mac),
         "hwid": record.hwid,
         "mac": mac,
         "model": record.model,
@@ -130,12 +144,28 @@ def poll_row(record: PollRecord) -> dict[str, Any]:
         "firmware": reported_facts(query)["firmware"],
         "duration_ms": float(record.duration_ms or 0.0),
         "query": query,
+        "claimed": is_claimed(record),
+        "repeats": int(repeats),
+        "repeats_since": float(repeats_since) if repeats else None,
     })
 
 
+def likeness(record: PollRecord) -> tuple[Any, ...]:
+    """What makes two polls of one device "polls like this" that a flood may fold into one row.
+
+    The same device with the same outcome, and (claimed or not) the same proof of who it is:
+    a device's clean poll never folds into a flood of refusals its certificate only claimed.
+    """
+    return (
+        record.hwid, record.mac, record.status, record.reason, record.template, record.decision,
+        is_claimed(record),
+    )
+
+
 def device_row(poll: dict[str, Any]) -> dict[str, Any] | None:
-    """The inventory row one audit row stands for; None for a poll that showed no identity."""
-    if poll["device"] is None:
+    """The inventory row one audit row stands for; None for a poll that showed no identity, or
+    only claimed one (such a poll is in the device's history, but proves nothing about it)."""
+    if poll["device"] is None or poll["claimed"]:
         return None
     served = poll["script_sha256"] is not None
     reported = reported_facts(poll["query"])
@@ -143,7 +173,8 @@ def device_row(poll: dict[str, Any]) -> dict[str, Any] | None:
     # than these (checked below, at import), or from reported_facts, which fits its own.
     return {
         "device": poll["device"],
-        **{name: poll[name] for name in IDENTITY + LATEST},
+        **{name: poll[name] for name in ("hwid", "mac", "model") + LATEST},
+        "hwid_key": hwid_key(poll["hwid"]),
         "first_seen": poll["time"],
         "last_seen": poll["time"],
         "served_at": poll["time"] if served else None,
@@ -200,3 +231,41 @@ def upsert(dialect: str) -> Any:
             {name: sa.case((take, sa.func.coalesce(new[name], old[name])), else_=old[name]) for name in names}
         )
     return stmt.on_conflict_do_update(index_elements=[devices.c.device], set_=values)
+
+
+Folded = tuple[PollRecord, int, "float | None"]  # a poll, how many more like it, the first one's time
+
+
+def fold_floods(records: list[PollRecord], flood: int, gap: float = 1.0) -> list[Folded]:
+    """A batch of polls with every flood folded into one row.
+
+    A flood is a run of more than `flood` polls alike (see `likeness`), each less than `gap`
+    seconds after the one before; it becomes its newest poll, counting the others and keeping
+    the time of the first. A device polling every few minutes never floods, not even in the
+    backlog of an outage: its polls, and every other device's, stay one row each.
+    """
+    groups: dict[Any, list[PollRecord]] = {}
+    for record in records:
+        try:
+            key = likeness(record)
+            float(record.time)
+        except Exception:  # noqa: BLE001 - not a poll record: poll_row will reject it, alone
+            key = ("not a poll", id(record))
+        groups.setdefault(key, []).append(record)
+    folded: list[Folded] = []
+    for group in groups.values():
+        if len(group) <= flood:
+            folded.extend((record, 0, None) for record in group)
+            continue
+        group.sort(key=lambda record: record.time)
+        run = [group[0]]
+        for record in group[1:] + [None]:
+            if record is not None and record.time - run[-1].time < gap:
+                run.append(record)
+                continue
+            if len(run) > flood:
+                folded.append((run[-1], len(run) - 1, run[0].time))
+            else:
+                folded.extend((member, 0, None) for member in run)
+            run = [record]
+    return folded
