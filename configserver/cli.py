@@ -113,8 +113,6 @@ def _cmd_lab_poll(args: argparse.Namespace) -> int:
 
 
 def _cmd_inventory(args: argparse.Namespace) -> int:
-    import json
-
     from . import inventory
     from .identity import BROKEN_MODEL_NAMES
 
@@ -127,12 +125,11 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
             print(inventory.history_table(inventory.device_history(
                 database, args.device, limit=args.limit, fixes={**BROKEN_MODEL_NAMES, **settings.cn_fixes})), end="")
         else:
-            found = inventory.list_devices(
-                database, model=args.model, since=args.since, status=args.status, stale=args.stale)
-            if args.json:
-                print(json.dumps(inventory.devices_json(found), indent=2))
+            filters = {"model": args.model, "since": args.since, "status": args.status, "stale": args.stale}
+            if args.json:  # streamed as the database hands the rows over: a fleet of any size
+                inventory.write_devices_json(database, sys.stdout, **filters)
             else:
-                print(inventory.devices_table(found), end="")
+                print(inventory.devices_table(inventory.list_devices(database, **filters)), end="")
     except inventory.InventoryError as exc:
         print(f"configserver {args.command}: {exc}", file=sys.stderr)
         return 1
