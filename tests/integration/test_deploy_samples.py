@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -171,3 +172,88 @@ def test_samples_fill_in_only_their_marked_values():
     filled = fill_in(sample, {"listen": "127.0.0.1:8443 ssl"})
     changed = [(a, b) for a, b in zip(sample.splitlines(), filled.splitlines()) if a != b]
     assert changed == [("    listen 443 ssl;", "    listen 127.0.0.1:8443 ssl;")]
+
+
+# -- the starter templates and variables ----------------------------------------------------------
+
+STARTER = DEPLOY / "starter"
+
+
+def _configserver(*args: str, cwd, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONFIGSERVER_")}
+    done = subprocess.run([sys.executable, "-m", "configserver", *args], cwd=cwd, env=env, capture_output=True,
+                          timeout=60)
+    assert not check or done.returncode == 0, done.stderr.decode() + done.stdout.decode()
+    return done
+
+
+@pytest.fixture
+def starter_site(tmp_path):
+    """deploy/starter copied as README's install steps do, with settings pointing at it."""
+    shutil.copytree(STARTER / "templates", tmp_path / "templates")
+    shutil.copytree(STARTER / "vars", tmp_path / "vars")
+    (tmp_path / "configserver.toml").write_text(
+        f'templates = "{tmp_path / "templates"}"\nvars = "{tmp_path / "vars"}"\n')
+    return tmp_path
+
+
+def _examples(text: str) -> dict[str, str]:
+    """The example files a starter file quotes in its comments: a line naming the file and what
+    it is for (`templates/models/IP232.j2, firmware for ...:`), then its lines, indented deeper."""
+    header = re.compile(r"^((?:templates|vars)/[^\s,]+\.(?:j2|toml))(?: \([^)]*\))?, [^:]*:$")
+    found: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        body = line[1:] if line.startswith("#") else line   # TOML comments
+        named = header.match(body.strip())
+        if named:
+            current = found.setdefault(named.group(1), [])
+        elif current is not None and body.startswith(" " * 5):
+            current.append(body.strip())
+        elif body.strip():
+            current = None
+    return {name: "\n".join(lines) + "\n" for name, lines in found.items()}
+
+
+def test_the_starter_passes_check_and_answers_a_device(starter_site):
+    _configserver("check", cwd=starter_site)
+    script = _configserver("render", "IP232-30-00-af", "--path", "/update?sn=0090333000af&ip=10.0.0.5",
+                           cwd=starter_site).stdout.decode()
+    lines = script.split("\r\n")
+    assert lines[1] == "mod cmd UP1 times /allow 22,23,0,1,2,3,4 /initial 5"
+    assert "config add UP1 /url https%3A%2F%2Fconfig.example.com%2Fupdate%3Fsn%3D%23m%26ip%3D%23i" in lines
+    assert "config add UP1 /poll 15" in lines
+    # the apply-once ending comes from configserver, once
+    assert [line for line in lines if line.startswith("config write")] == ["config write"]
+    assert lines[-3].startswith("mod cmd UP1 check ser ") and lines[-2:] == ["iresetn", ""]
+
+
+def test_the_starter_marks_its_values_to_change_as_the_samples_do():
+    text = (STARTER / "vars" / "default.toml").read_text()
+    filled = fill_in(text, {"update_url": '"https://pbx.example.net/cfg?sn=#m"', "poll_minutes": "30"})
+    values = tomllib.loads(filled)
+    assert (values["update_url"], values["poll_minutes"]) == ("https://pbx.example.net/cfg?sn=#m", 30)
+    # what the lab ships, and what must never reach a device behind a terminator
+    code = [str(value) for value in tomllib.loads(text).values()]
+    code += [re.sub(r"\{#.*?#\}", "", path.read_text(), flags=re.S) for path in (STARTER / "templates").rglob("*.j2")]
+    assert not [line for line in code if "127.0.0.1" in line or ":8443" in line or "localhost" in line]
+
+
+def test_the_starters_commented_examples_work_once_copied_into_files(starter_site):
+    examples = {**_examples((STARTER / "templates" / "default.j2").read_text()),
+                **_examples((STARTER / "vars" / "default.toml").read_text())}
+    assert sorted(examples) == [
+        "templates/devices/IP232-30-00-af.j2", "templates/models/IP232.j2",
+        "vars/devices/IP232-30-00-af.toml", "vars/models/IP232.toml",
+    ]
+    for name, text in examples.items():
+        (starter_site / name).parent.mkdir(parents=True, exist_ok=True)
+        (starter_site / name).write_text(text)
+    _configserver("check", cwd=starter_site)
+    device = _configserver("render", "IP232-30-00-af", cwd=starter_site)
+    assert b"template: devices/IP232-30-00-af.j2" in device.stderr
+    assert b"\r\nconfig add CMD0 /name Reception\r\n" in device.stdout
+    assert b"\r\nmod cmd UP0 prot http://firmware.example.com/13r3/ip232.bin ser 138912\r\n" in device.stdout
+    assert b"\r\nconfig add UP1 /poll 5\r\n" in device.stdout
+    other = _configserver("render", "IP232-30-01-10", cwd=starter_site)
+    assert b"template: models/IP232.j2" in other.stderr and b"config add CMD0" not in other.stdout
