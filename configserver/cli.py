@@ -188,6 +188,53 @@ def _cmd_trust_value(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_admin_user(args: argparse.Namespace) -> int:
+    """`admin-user add|remove|list`: the admin page's users file (setting `admin_users`)."""
+    from .admin import UsersError, add_user, read_users, remove_user
+
+    path = _settings(args).admin_users
+    try:
+        if args.admin_command == "list":
+            for name in sorted(read_users(path)):
+                print(name)
+        elif args.admin_command == "remove":
+            remove_user(path, args.name)
+            print(f"removed {args.name} from {path}")
+        else:
+            password = _read_password(args.name)
+            new = add_user(path, args.name, password)
+            print(f"{'added' if new else 'new password for'} {args.name} in {path}")
+    except UsersError as exc:
+        print(f"configserver admin-user: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _read_password(name: str) -> str:
+    """From a terminal: asked twice, never echoed. From a pipe: the first line of stdin."""
+    import getpass
+
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass(f"password for {name}: ")
+    if getpass.getpass("again: ") != first:
+        from .admin import UsersError
+
+        raise UsersError("the two passwords differ; nothing changed")
+    return first
+
+
+def _cmd_admin_serve(args: argparse.Namespace) -> int:
+    from .admin import AdminNotConfigured, serve
+
+    try:
+        serve(_settings(args))
+    except AdminNotConfigured as exc:
+        print(f"configserver admin-serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="configserver",
@@ -257,6 +304,21 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument("--properties", metavar="LIST",
                        help="prefix the properties the device should be handed: type,ip or *")
     trust.set_defaults(run=_cmd_trust_value)
+
+    # -- the admin page (README "Admin page") --
+    admin_serve = commands.add_parser(
+        "admin-serve", help="serve the admin page on its own listener (settings admin_port or admin_uds)")
+    admin_serve.set_defaults(run=_cmd_admin_serve)
+    admin_user = commands.add_parser("admin-user", help="the admin page's users (setting admin_users)").add_subparsers(
+        dest="admin_command", required=True, metavar="ACTION")
+    admin_add = admin_user.add_parser("add", help="add a user or set a new password (asked, or read from stdin)")
+    admin_add.add_argument("name")
+    admin_add.set_defaults(run=_cmd_admin_user)
+    admin_remove = admin_user.add_parser("remove", help="remove a user")
+    admin_remove.add_argument("name")
+    admin_remove.set_defaults(run=_cmd_admin_user)
+    admin_user.add_parser("list", help="list the users").set_defaults(run=_cmd_admin_user)
+    # -- end of the admin page --
 
     _accept_config_after_subcommands(parser)
     return parser

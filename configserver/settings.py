@@ -109,6 +109,20 @@ class Settings(BaseSettings):
     # Logging
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # --- Admin page and security log (README "Admin page"); added fields only ---
+    # Off until admin_port or admin_uds is set; `configserver admin-serve` listens there, never
+    # on the devices' listener. Loopback by default: publish it through a vhost or an SSH tunnel.
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = Field(None, ge=1, le=65535)
+    admin_uds: Path | None = None
+    admin_users: Path = Path("admin-users")
+    admin_session_minutes: int = Field(480, ge=1, le=7 * 24 * 60)
+    # "journal" (syslog to journald, identifier configserver-security), a file path, or none
+    security_log: str | None = None
+    # vars keys the device page masks, besides those ending in password, secret, pin or key
+    admin_secret_vars: list[str] = Field(default_factory=list)
+    # --- end of the admin block ---
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _networks(cls, value: Any) -> Any:

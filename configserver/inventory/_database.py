@@ -219,12 +219,25 @@ def _v3_backups(connection: Connection) -> None:
     create_backup_tables(connection)
 
 
+# The admin page's orders and problems (configserver/admin/_fleet.py): the fleet by hwid, page
+# after page; the refused polls of the last day, without reading the day's served ones.
+ADMIN_INDEXES = (
+    sa.Index("devices_hwid_sort", devices.c.hwid_key, devices.c.device),
+    sa.Index("polls_status_time", polls.c.status, polls.c.time),
+)
+
+
+def _v4_admin_page(connection: Connection) -> None:
+    create_indexes(connection, *ADMIN_INDEXES)
+
+
 # Append-only: a change to the schema is a new step at the end of this list, and the steps
 # before it stay as they are (never renumbered), so every database walks the same path.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _create_v1,
     _v2_indexed_lookups_claims_and_floods,
     _v3_backups,
+    _v4_admin_page,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

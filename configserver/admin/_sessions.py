@@ -1,0 +1,120 @@
+"""Logged-in admins, their CSRF tokens, and how failed logins are slowed down.
+
+A session lives in this process only: the cookie carries a random session id signed with a key
+made at start-up (itsdangerous), the server keeps who it belongs to, its CSRF token and when it
+ends. Logging out ends it here, whatever the browser keeps; a restart ends them all.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from itsdangerous import BadSignature, TimestampSigner
+
+SESSIONS_KEPT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One admin's login: who, the token every state-changing form must carry, when it ends."""
+
+    user: str
+    csrf: str
+    expires: float
+
+
+class Sessions:
+    """Sessions by signed cookie value. `lifetime` in seconds; `clock` for tests."""
+
+    def __init__(self, lifetime: float, clock=time.time) -> None:  # type: ignore[no-untyped-def]
+        self.lifetime = lifetime
+        self._clock = clock
+        self._signer = TimestampSigner(secrets.token_bytes(32), salt="configserver-admin-session")
+        self._login_signer = TimestampSigner(secrets.token_bytes(32), salt="configserver-admin-login")
+        self._by_id: dict[str, Session] = {}
+
+    def start(self, user: str) -> tuple[str, Session]:
+        """A new session for `user`: the cookie value to set, and the session."""
+        now = self._clock()
+        if len(self._by_id) >= SESSIONS_KEPT:
+            self._by_id = {key: s for key, s in self._by_id.items() if s.expires > now}
+            while len(self._by_id) >= SESSIONS_KEPT:   # still full: the oldest go first
+                self._by_id.pop(next(iter(self._by_id)))
+        session_id = secrets.token_urlsafe(32)
+        session = Session(user, secrets.token_urlsafe(32), now + self.lifetime)
+        self._by_id[session_id] = session
+        return self._signer.sign(session_id).decode(), session
+
+    def find(self, cookie: str | None) -> Session | None:
+        """The live session the cookie names, or None (absent, forged, expired, logged out)."""
+        session_id = self._unsign(cookie)
+        if session_id is None:
+            return None
+        session = self._by_id.get(session_id)
+        if session is None or session.expires <= self._clock():
+            self._by_id.pop(session_id, None)
+            return None
+        return session
+
+    def end(self, cookie: str | None) -> None:
+        """Log out: the session the cookie names is gone, here, at once."""
+        session_id = self._unsign(cookie)
+        if session_id is not None:
+            self._by_id.pop(session_id, None)
+
+    def _unsign(self, cookie: str | None) -> str | None:
+        if not cookie:
+            return None
+        try:
+            return self._signer.unsign(cookie, max_age=self.lifetime).decode()
+        except (BadSignature, UnicodeDecodeError):
+            return None
+
+    # The login form has no session yet: its token is a signed random value that the browser
+    # holds both as a cookie and in the form (double submit), good for an hour.
+    def login_token(self) -> str:
+        return self._login_signer.sign(secrets.token_urlsafe(16)).decode()
+
+    def login_token_valid(self, cookie: str | None, form: str | None) -> bool:
+        if not cookie or not form or not secrets.compare_digest(cookie, form):
+            return False
+        try:
+            self._login_signer.unsign(form, max_age=3600)
+        except BadSignature:
+            return False
+        return True
+
+
+FAILURE_WINDOW = 15 * 60.0
+FIRST_DELAY = 0.5
+MAX_DELAY = 8.0
+
+
+def failure_delay(recent_failures: int) -> float:
+    """Seconds to hold the answer to a failed login, given the failures from that address in
+    the last FAILURE_WINDOW (this one included): 0.5 s, doubling, at most 8 s."""
+    if recent_failures < 1:
+        return 0.0
+    return min(FIRST_DELAY * 2 ** (recent_failures - 1), MAX_DELAY)
+
+
+class Throttle:
+    """Failed logins per client address, over the last FAILURE_WINDOW seconds."""
+
+    def __init__(self, clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+        self._clock = clock
+        self._failures: dict[str, deque[float]] = {}
+
+    def failed(self, client: str) -> float:
+        """Count a failed login from `client`; return how long to hold its answer."""
+        now = self._clock()
+        if len(self._failures) > 10_000:   # bounded: forget the quiet addresses first
+            self._failures = {k: v for k, v in self._failures.items() if v and v[-1] > now - FAILURE_WINDOW}
+        times = self._failures.setdefault(client, deque())
+        while times and times[0] <= now - FAILURE_WINDOW:
+            times.popleft()
+        times.append(now)
+        return failure_delay(len(times))

@@ -1,0 +1,334 @@
+"""The admin page's web layer: login, the fleet, one device; HTML rendered on the server.
+
+Every page but the login form and the style sheet needs a session; every POST carries the
+session's CSRF token (the login form its own); every answer carries headers that forbid inline
+script, framing and caching. The app answers its own paths only: no path of it is a poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+import urllib.parse
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy.exc import SQLAlchemyError
+
+from .. import securitylog
+from ..forwarded import TrustedProxies
+from ..inventory import InventoryError, parse_duration
+from ..inventory._database import database_url, migrate, open_engine
+from ..settings import Settings
+from . import _fleet
+from ._sessions import Sessions, Throttle
+from ._users import Users, UsersError
+
+log = logging.getLogger("configserver.admin")
+
+SESSION_COOKIE = "configserver_admin"
+LOGIN_COOKIE = "configserver_admin_login"
+CHECK_SECONDS = 60.0   # how long the result of `check` is shown before it runs again
+
+# No inline script or style can run: everything comes from our own /static/admin.css, and
+# there is no script at all. Forms post to ourselves only; nobody may frame the page.
+CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'")
+SECURITY_HEADERS = {
+    "content-security-policy": CSP,
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cross-origin-opener-policy": "same-origin",
+    "cache-control": "no-store",
+}
+
+
+def _templates() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("configserver.admin", "templates"),
+        autoescape=True,              # every value is text, never markup
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True,
+    )
+    env.filters["ago"] = _ago
+    env.filters["utc"] = _utc
+    env.filters["duration"] = _duration
+    return env
+
+
+def _utc(stamp: float | None) -> str:
+    if stamp is None:
+        return "never"
+    return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _ago(stamp: float | None, now: float) -> str:
+    if stamp is None:
+        return "never"
+    return "just now" if now - stamp < 5 else f"{_duration(now - stamp)} ago"
+
+
+class AdminPage:
+    """Everything one admin listener keeps: settings, users, sessions, the inventory engine."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.users = Users(settings.admin_users)
+        try:
+            len(self.users)   # a broken users file stops start-up, with the line at fault
+        except UsersError as exc:
+            from ..settings import SettingsError
+            raise SettingsError(str(exc)) from None
+        self.sessions = Sessions(settings.admin_session_minutes * 60.0)
+        self.throttle = Throttle()
+        self.trusted = TrustedProxies(settings.trusted_proxies)
+        self.templates = _templates()
+        self.css = resources.files("configserver.admin").joinpath("static/admin.css").read_bytes()
+        try:
+            self.engine = open_engine(database_url(settings.database))
+        except InventoryError as exc:
+            from ..settings import SettingsError
+            raise SettingsError(str(exc)) from None
+        self._checked: tuple[float, list[Any]] | None = None
+
+    # -- transport facts ----------------------------------------------------------------------
+
+    def client_ip(self, request: Request) -> str | None:
+        """The admin's address: the TCP peer, or, from a trusted terminator (or on the unix
+        socket), the right-most X-Forwarded-For entry it appended."""
+        peer = request.client.host if request.client else None
+        if peer is not None and peer not in self.trusted:
+            return peer
+        forwarded = [part.strip() for part in request.headers.getlist("x-forwarded-for") for part in part.split(",")]
+        return (forwarded[-1] if forwarded and forwarded[-1] else None) or request.headers.get("x-real-ip") or peer
+
+    def over_tls(self, request: Request) -> bool:
+        """Whether the browser talks TLS to us or to the terminator in front (then the cookie is Secure)."""
+        if request.url.scheme == "https":
+            return True
+        peer = request.client.host if request.client else None
+        trusted = peer is None or peer in self.trusted
+        return trusted and request.headers.get("x-forwarded-proto", "").lower() == "https"
+
+    # -- rendering ----------------------------------------------------------------------------
+
+    def html(self, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+        body = self.templates.get_template(template).render(now=time.time(), **context)
+        return HTMLResponse(body, status_code=status)
+
+    def problems_of_check(self) -> list[Any]:
+        """`configserver check`'s problems, at most CHECK_SECONDS old."""
+        now = time.monotonic()
+        if self._checked is None or now - self._checked[0] > CHECK_SECONDS:
+            from ..lint import check
+            try:
+                found: list[Any] = check(self.settings)
+            except Exception as exc:  # noqa: BLE001 - the page still shows the fleet; it says why
+                log.exception("check failed", extra={"fields": {"event": "admin_check_failed"}})
+                found = [f"configserver check could not run: {type(exc).__name__}: {exc}"]
+            self._checked = (now, found)
+        return self._checked[1]
+
+
+def create_admin_app(settings: Settings) -> FastAPI:
+    """The admin page for `settings`, as an ASGI app. Builds, connects nothing yet; raises
+    SettingsError for a users file or database setting it cannot use."""
+    page = AdminPage(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        securitylog.configure(settings.security_log)
+        try:
+            await migrate(page.engine)   # the same schema `serve` makes: the page may start first
+        except (SQLAlchemyError, OSError, InventoryError) as exc:
+            log.error("inventory unusable", extra={"fields": {"event": "admin_inventory_failed", "error": str(exc)}})
+        yield
+        await page.engine.dispose()
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.page = page
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers[name] = value
+        if page.over_tls(request):
+            response.headers["strict-transport-security"] = "max-age=31536000"
+        return response
+
+    def set_cookie(response: Response, request: Request, name: str, value: str, max_age: int | None) -> None:
+        response.set_cookie(name, value, max_age=max_age, httponly=True, samesite="strict",
+                            secure=page.over_tls(request), path="/")
+
+    def to_login() -> RedirectResponse:
+        return RedirectResponse("/login", status_code=303)
+
+    @app.get("/static/admin.css")
+    def css() -> Response:
+        return Response(page.css, media_type="text/css; charset=utf-8")
+
+    @app.get("/login")
+    def login_form(request: Request) -> Response:
+        if page.sessions.find(request.cookies.get(SESSION_COOKIE)):
+            return RedirectResponse("/", status_code=303)
+        token = page.sessions.login_token()
+        response = page.html("login.html", token=token, error=None, user="", no_users=len(page.users) == 0)
+        set_cookie(response, request, LOGIN_COOKIE, token, 3600)
+        return response
+
+    @app.post("/login")
+    async def login(request: Request) -> Response:
+        form = await request.form()
+        user, password = str(form.get("user", "")), str(form.get("password", ""))
+        client = page.client_ip(request)
+        if not page.sessions.login_token_valid(request.cookies.get(LOGIN_COOKIE), str(form.get("csrf", ""))):
+            # a form we did not hand out (or one older than an hour): no password is checked
+            return page.html("login.html", 400, token=_fresh(page, request), error="The form expired; try again.",
+                             user=user, no_users=len(page.users) == 0)
+        if await asyncio.to_thread(page.users.verify, user, password):
+            cookie, _ = page.sessions.start(user)
+            log.info("admin login", extra={"fields": {"event": "admin_login", "user": user, "client_ip": client}})
+            response = RedirectResponse("/", status_code=303)
+            set_cookie(response, request, SESSION_COOKIE, cookie, int(page.sessions.lifetime))
+            response.delete_cookie(LOGIN_COOKIE, path="/")
+            return response
+        securitylog.login_failed(client, user)
+        log.warning("admin login failed", extra={"fields": {
+            "event": "admin_login_failed", "user": user[:64], "client_ip": client}})
+        await asyncio.sleep(page.throttle.failed(client or "-"))
+        token = page.sessions.login_token()
+        response = page.html("login.html", 401, token=token, error="Wrong user name or password.", user=user,
+                             no_users=len(page.users) == 0)
+        set_cookie(response, request, LOGIN_COOKIE, token, 3600)
+        return response
+
+    @app.post("/logout")
+    async def logout(request: Request) -> Response:
+        session = page.sessions.find(request.cookies.get(SESSION_COOKIE))
+        form = await request.form()
+        if session is None:
+            return to_login()
+        if not _same(str(form.get("csrf", "")), session.csrf):
+            return page.html("error.html", 403, session=session, title="Refused",
+                             message="This request did not carry the page's token (CSRF); reload the page and try again.")
+        page.sessions.end(request.cookies.get(SESSION_COOKIE))
+        response = to_login()
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    @app.get("/")
+    async def fleet(request: Request) -> Response:
+        session = page.sessions.find(request.cookies.get(SESSION_COOKIE))
+        if session is None:
+            return to_login()
+        args = request.query_params
+        fleet_filter, stale_text, problems = _fleet_filter(args)
+        try:
+            found = await _fleet.fleet_page(page.engine, fleet_filter, after=args.get("after"),
+                                            before=args.get("before"))
+            summary = await _fleet.summary(page.engine, stale_after=fleet_filter.stale or _fleet.DAY)
+        except SQLAlchemyError as exc:
+            return page.html("error.html", 503, session=session, title="Inventory unavailable",
+                             message=f"The inventory database cannot be read (setting 'database'): {_first(exc)}")
+        check_problems = await asyncio.to_thread(page.problems_of_check)
+        return page.html(
+            "fleet.html", session=session, page=found, summary=summary, filter=fleet_filter,
+            stale_text=stale_text, text=args.get("q", ""), problems=problems, check_problems=check_problems,
+            sorts=_fleet.SORT_LABELS, link=lambda **changes: _link(args, **changes),
+        )
+
+    @app.get("/devices/{key}")
+    async def device(request: Request, key: str) -> Response:
+        session = page.sessions.find(request.cookies.get(SESSION_COOKIE))
+        if session is None:
+            return to_login()
+        try:
+            facts = await _fleet.device_facts(page.engine, key)
+            history = await _fleet.device_history(page.engine, key) if facts else []
+        except SQLAlchemyError as exc:
+            return page.html("error.html", 503, session=session, title="Inventory unavailable",
+                             message=f"The inventory database cannot be read (setting 'database'): {_first(exc)}")
+        if facts is None:
+            return page.html("error.html", 404, session=session, title="No such device",
+                             message=f"The inventory knows no device {key!r}.")
+        return page.html("device.html", session=session, device=facts, history=history)
+
+    @app.api_route("/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
+    def not_found(request: Request, rest: str) -> Response:
+        # The admin listener answers its own pages only: no path here is a device poll.
+        session = page.sessions.find(request.cookies.get(SESSION_COOKIE))
+        if session is None:
+            return to_login()
+        return page.html("error.html", 404, session=session, title="Not found",
+                         message="There is no such page here.")
+
+    return app
+
+
+def _fresh(page: AdminPage, request: Request) -> str:
+    return request.cookies.get(LOGIN_COOKIE) or page.sessions.login_token()
+
+
+def _same(a: str, b: str) -> bool:
+    import secrets
+    return bool(a) and secrets.compare_digest(a, b)
+
+
+def _first(exc: BaseException) -> str:
+    original = getattr(exc, "orig", None) or exc
+    return str(original).splitlines()[0] if str(original) else type(original).__name__
+
+
+def _fleet_filter(args: Any) -> tuple[_fleet.FleetFilter, str, list[str]]:
+    """The filter the query string asks for, and what in it could not be used (said on the page)."""
+    problems: list[str] = []
+    status: int | None = None
+    if args.get("status"):
+        try:
+            status = int(args["status"])
+        except ValueError:
+            problems.append(f"status {args['status']!r} is not an HTTP status; showing every status")
+    stale_text = args.get("stale", "").strip()
+    stale: float | None = None
+    if stale_text:
+        try:
+            stale = parse_duration(stale_text)
+        except InventoryError as exc:
+            problems.append(str(exc))
+    sort = args.get("sort", "last_seen")
+    if sort not in _fleet.SORTS:
+        sort = "last_seen"
+    descending = args.get("order", "desc" if sort == "last_seen" else "asc") != "asc"
+    return _fleet.FleetFilter(
+        model=args.get("model", "").strip() or None, status=status, stale=stale,
+        text=args.get("q", "").strip()[:100] or None, sort=sort, descending=descending,  # type: ignore[arg-type]
+    ), stale_text, problems
+
+
+def _link(args: Any, **changes: Any) -> str:
+    """This page's URL with some query arguments changed (None drops one); paging starts over
+    unless a cursor is among the changes."""
+    query = {key: value for key, value in args.items() if key not in ("after", "before")}
+    for key, value in changes.items():
+        if value is None or value == "":
+            query.pop(key, None)
+        else:
+            query[key] = str(value)
+    return "/?" + urllib.parse.urlencode(query) if query else "/"
