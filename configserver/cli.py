@@ -136,6 +136,65 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_backups(args: argparse.Namespace) -> int:
+    """`backups HWID|MAC [--show N | --diff [A [B]]]`, `backups --missing DURATION`, `backups --now TARGET...`."""
+    from .backups import _admin as backups
+    from .identity import BROKEN_MODEL_NAMES
+
+    settings = _settings(args)
+    fixes = {**BROKEN_MODEL_NAMES, **settings.cn_fixes}
+    try:
+        if args.now:
+            targets = backups.request_targets(args.now, settings.groups, fixes)
+            backups.run(settings.database, lambda store: store.request(target for target, _ in targets))
+            for _, meaning in targets:
+                print(f"asked now: {meaning}; each uploads after its next poll")
+            return 0
+        if args.missing:
+            seconds = backups.parse_duration(args.missing)
+            print(backups.missing_table(backups.run(settings.database, lambda store: store.missing(seconds))), end="")
+            return 0
+        if args.device is None:
+            print("configserver backups: give a device (HWID or MAC), --missing DURATION or --now TARGET",
+                  file=sys.stderr)
+            return 2
+        mac, hwid = backups.device_key(args.device, fixes)
+        label = hwid or mac
+        if args.diff is not None and len(args.diff) > 2:
+            raise backups.BackupsError("--diff takes at most two version numbers")
+
+        async def read(store):  # type: ignore[no-untyped-def]
+            versions = await store.versions(mac)
+            if args.show is not None:
+                return versions, await store.content(mac, args.show)
+            if args.diff is not None:
+                numbers = [int(n) for n in args.diff] or [v.number for v in versions[:2]][::-1]
+                if len(args.diff) == 1:
+                    numbers.append(versions[0].number if versions else numbers[0])
+                return versions, [(n, await store.content(mac, n)) for n in numbers]
+            return versions, (await store.state(mac), await store.facts(mac))
+
+        versions, found = backups.run(settings.database, read)
+        if args.show is not None:
+            if found is None:
+                raise backups.BackupsError(f"{label} has no version {args.show} (see configserver backups {label})")
+            sys.stdout.buffer.write(found)
+            sys.stdout.flush()
+        elif args.diff is not None:
+            if len(found) < 2:
+                raise backups.BackupsError(f"{label} has fewer than two versions to compare")
+            for number, content in found:
+                if content is None:
+                    raise backups.BackupsError(f"{label} has no version {number} (see configserver backups {label})")
+            print(backups.diff_text(mac, label, found[0], found[1]), end="")
+        else:
+            print(backups.listing(label, mac, found[0], versions, found[1]), end="")
+    except (backups.InventoryError, ValueError) as exc:
+        print(f"configserver backups: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from .lint import check
     from .settings import DEFAULT_CONFIG_FILE
@@ -280,6 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
     history.set_defaults(run=_cmd_inventory)
     migrate = commands.add_parser("migrate", help="create or update the inventory database's schema now")
     migrate.set_defaults(run=_cmd_inventory)
+    # -- configuration backups (README "Configuration backups") --
+    backups = commands.add_parser(
+        "backups", help="a device's configuration backups; devices missing one; ask for them now")
+    backups.add_argument("device", nargs="?", metavar="HWID|MAC", help="list this device's versions")
+    backups.add_argument("--show", type=int, metavar="N", help="print version N as the device uploaded it")
+    backups.add_argument("--diff", nargs="*", metavar="A B",
+                         help="unified diff of versions A and B (default: the last two; A alone: A and the newest)")
+    backups.add_argument("--missing", metavar="DURATION", help="devices with no backup for DURATION (12h, 2d, 1w)")
+    backups.add_argument("--now", nargs="+", metavar="TARGET",
+                         help="ask at the next poll: all, a HWID or MAC, a group or a model")
+    backups.set_defaults(run=_cmd_backups)
+    # -- end of configuration backups --
 
     from .cabundle import run_check
 

@@ -106,6 +106,23 @@ class Settings(BaseSettings):
     audit_retention_days: int = Field(90, ge=1)
     audit_queue_size: int = Field(10000, ge=100)
 
+    # --- Configuration backups (README "Configuration backups"); added fields only ---
+    # the https:// URL the devices upload to, through the terminator; unset: no device is asked
+    backup_url: str | None = None
+    backup_interval_hours: float = Field(24, ge=0, le=24 * 366)   # 0: only when an admin asks
+    backup_facts: bool = True              # also fetch `mod cmd X509/CMD0 xml-info`
+    backup_keep: int = Field(10, ge=1, le=1000)
+    backup_retention_days: int = Field(365, ge=1)
+    backup_max_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+
+    @field_validator("backup_url")
+    @classmethod
+    def _backup_url(cls, value: str | None) -> str | None:
+        from .backups._urls import check_backup_url
+
+        return None if value is None else check_backup_url(value)
+    # --- end of the backups block ---
+
     # Logging
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
