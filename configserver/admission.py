@@ -1,6 +1,8 @@
 """The checks a poll passes before it may get a script, in order, each with its own reason.
 
-Pure rules: facts and query in, a DeviceIdentity out, or Refused with the reason.
+Pure rules: facts and query in, a DeviceIdentity out, or Refused with the reason. `Gate` admits
+by the certificate; `NamedDevice` admits the one device an admin names (`configserver render`),
+with the same query check a poll passes.
 """
 
 from __future__ import annotations
@@ -9,9 +11,16 @@ import datetime as dt
 import hashlib
 from collections.abc import Iterable, Mapping
 
+from .caches import BoundedCache
 from .certificates import CertificateError, CertificateVerifier, CheckedCert
 from .forwarded import ClientFacts
-from .identity import BROKEN_MODEL_NAMES, DeviceIdentity, InvalidDeviceName, parse_device_name, query_names_other_device
+from .identity import (
+    DeviceIdentity,
+    InvalidDeviceName,
+    parse_device_name,
+    query_names_other_device,
+)
+from .innovaphone import BROKEN_MODEL_NAMES
 from .names import DistinguishedName, DNError, parse_dn
 from .refusals import (
     CERTIFICATE_MISMATCH,
@@ -53,17 +62,14 @@ class Gate:
         verifier: CertificateVerifier,
         *,
         require_client_cert: bool = False,
-        cn_fixes: Mapping[str, str] | None = None,
+        fixes: Mapping[str, str] = BROKEN_MODEL_NAMES,
     ) -> None:
         self._accepted = frozenset(parse_dn(dn) for dn in accepted_issuers)
         self._verifier = verifier
         self._require_cert = require_client_cert
-        self._fixes = {**BROKEN_MODEL_NAMES, **(cn_fixes or {})}
-        self._verdicts: dict[bytes, tuple[DeviceIdentity, CheckedCert | None] | Refused] = {}
-
-    @property
-    def cn_fixes(self) -> Mapping[str, str]:
-        return self._fixes
+        self._fixes = fixes
+        self._verdicts: BoundedCache[bytes, tuple[DeviceIdentity, CheckedCert | None] | Refused] = BoundedCache(
+            _VERDICTS_KEPT)
 
     def admit(self, facts: ClientFacts, query: Mapping[str, list[str]], now: dt.datetime) -> DeviceIdentity:
         """Run the checks in order; return the device, or raise Refused naming the failed check.
@@ -83,20 +89,16 @@ class Gate:
             try:
                 verdict = self._identify(facts)
             except Refused as refusal:
-                verdict = Refused(refusal.reason, _clip(refusal.detail))
-            if len(self._verdicts) >= _VERDICTS_KEPT:
-                del self._verdicts[next(iter(self._verdicts))]
-            self._verdicts[key] = verdict
+                verdict = Refused(refusal.reason, _clip(refusal.detail), device=refusal.device, claimed=refusal.claimed)
+            self._verdicts.put(key, verdict)
         if isinstance(verdict, Refused):
-            raise Refused(verdict.reason, verdict.detail)
+            raise Refused(verdict.reason, verdict.detail, device=verdict.device, claimed=verdict.claimed)
         device, checked = verdict
         if checked is not None:
             problem = checked.problem(now)
             if problem:
-                raise Refused(CERTIFICATE_MISMATCH, problem)
-        other = query_names_other_device(device, query, self._fixes)
-        if other:
-            raise Refused(DEVICE_MISMATCH, f"query names {other}, certificate is {device.hwid}")
+                raise Refused(CERTIFICATE_MISMATCH, problem, device=device, claimed=True)
+        check_query(device, query, self._fixes)
         return device
 
     def _identify(self, facts: ClientFacts) -> tuple[DeviceIdentity, CheckedCert | None]:
@@ -131,18 +133,6 @@ class Gate:
         except InvalidDeviceName:
             raise Refused(INVALID_DEVICE_NAME, f"CN {cn!r}") from None
 
-        if facts.cert is not None:
-            if checked is None:
-                raise Refused(CERTIFICATE_MISMATCH, cert_error)
-            if checked.signature_problem:
-                raise Refused(CERTIFICATE_MISMATCH, checked.signature_problem)
-            if checked.subject != subject:
-                raise Refused(CERTIFICATE_MISMATCH, f"certificate subject {checked.subject} is not {subject}")
-            if checked.issuer != issuer:
-                raise Refused(CERTIFICATE_MISMATCH, f"certificate issuer {checked.issuer} is not {issuer}")
-        elif self._require_cert:
-            raise Refused(CERTIFICATE_MISMATCH, "no certificate forwarded and require_client_cert is set")
-
         device = DeviceIdentity(
             hwid=name.hwid,
             model=name.model,
@@ -153,6 +143,18 @@ class Gate:
             serial=checked.serial if checked else None,
             not_after=checked.not_after if checked else None,
         )
+        if facts.cert is not None:
+            problem = (
+                cert_error if checked is None
+                else checked.signature_problem
+                or (f"certificate subject {checked.subject} is not {subject}" if checked.subject != subject else None)
+                or (f"certificate issuer {checked.issuer} is not {issuer}" if checked.issuer != issuer else None)
+            )
+            if checked is None or problem:
+                raise Refused(CERTIFICATE_MISMATCH, problem, device=device, claimed=True)
+        elif self._require_cert:
+            raise Refused(CERTIFICATE_MISMATCH, "no certificate forwarded and require_client_cert is set",
+                          device=device, claimed=True)
         return device, checked
 
     @staticmethod
@@ -161,3 +163,24 @@ class Gate:
             return parse_dn(text)
         except DNError as exc:
             raise Refused(reason, f"unreadable {what} DN: {exc}") from None
+
+
+def check_query(device: DeviceIdentity, query: Mapping[str, list[str]], fixes: Mapping[str, str]) -> None:
+    """Raise Refused(device mismatch) when the poll's query names a device other than `device`."""
+    other = query_names_other_device(device, query, fixes)
+    if other:
+        raise Refused(DEVICE_MISMATCH, f"query names {_clip(other)}, certificate is {device.hwid}", device=device)
+
+
+class NamedDevice:
+    """Admits the one device an admin names, without a certificate (`configserver render`):
+    only the query check of a poll applies, so a preview refuses what the device would be refused."""
+
+    def __init__(self, device: DeviceIdentity, fixes: Mapping[str, str] = BROKEN_MODEL_NAMES) -> None:
+        self.device = device
+        self._fixes = fixes
+
+    def admit(self, facts: ClientFacts | None, query: Mapping[str, list[str]], now: dt.datetime) -> DeviceIdentity:
+        if self.device.hwid:   # a device known by its MAC alone names no hwid to compare
+            check_query(self.device, query, self._fixes)
+        return self.device

@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from .errors import ConfigserverError
+
 EVERY_POLL_MARKER = "# configserver: every poll above"
 # What the device does once a changed script is applied (innovaphone.md 1.2): reset when idle,
 # reset now, each "only if the change needs it" (n), or nothing (ser).
@@ -40,7 +42,7 @@ _BOOLEANS = {"true": True, "false": False}
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
-class OptionsError(ValueError):
+class OptionsError(ConfigserverError, ValueError):
     """A template's `{# configserver: ... #}` comment cannot be understood; `line` is where it is."""
 
     def __init__(self, message: str, line: int) -> None:

@@ -22,6 +22,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from .errors import ConfigserverError
 from .names import DistinguishedName
 
 # One marker line of a PEM file. No part of it can match across the marker's end, so finding
@@ -61,11 +62,11 @@ def pem_blocks(data: bytes) -> list[PemBlock]:
     return blocks
 
 
-class CertificateError(ValueError):
+class CertificateError(ConfigserverError, ValueError):
     """A forwarded certificate cannot be decoded or does not verify; the text says why."""
 
 
-class CABundleError(ValueError):
+class CABundleError(ConfigserverError, ValueError):
     """The CA bundle file is unreadable or holds no CA certificate."""
 
 

@@ -210,11 +210,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from .app import create_app
-    from .preview import UnknownDevice, preview
+    from .preview import UnresolvedDevice, preview
+    from .service import Service
 
-    app = create_app(_settings(args, grace_seconds=0))   # the files as they are now
-    app.store.refresh()
     query = []
     for item in args.query:
         key, equals, value = item.partition("=")
@@ -222,9 +220,11 @@ def _cmd_render(args: argparse.Namespace) -> int:
             print(f"configserver render: --query {item!r}: give KEY=VALUE", file=sys.stderr)
             return 2
         query.append((key, value))
+    service = Service.from_settings(_settings(args), grace_seconds=0)   # the files as they are now
+    service.store.refresh()
     try:
-        answer = preview(app, args.device, args.path, query)
-    except UnknownDevice as exc:
+        answer = preview(service, args.device, args.path, query)
+    except UnresolvedDevice as exc:
         print(f"configserver render: {exc}", file=sys.stderr)
         return 2
     for line in answer.headers():

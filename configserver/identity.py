@@ -13,16 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-INNOVAPHONE_OUI = "00-90-33"
-
-# Some early certificates carry a model name that is not the product's ("some early
-# certificates where broken", innovaphone's own update server). Only the model part is fixed.
-BROKEN_MODEL_NAMES: Mapping[str, str] = {
-    "IP222s": "IP222",
-    "IP232s": "IP232",
-    "IP240a": "IP240",
-    "IP200a": "IP200",
-}
+from .errors import ConfigserverError
+from .innovaphone import BROKEN_MODEL_NAMES, INNOVAPHONE_OUI
 
 # re.ASCII: \d and friends must not admit Unicode digits or look-alikes; fullmatch with \Z-like
 # semantics: no trailing newline slips through.
@@ -34,7 +26,7 @@ _DEVICE_NAME = re.compile(
 _MAC = re.compile(r"(?:[0-9A-Fa-f]{2}[-:]?){5}[0-9A-Fa-f]{2}", re.ASCII)
 
 
-class InvalidDeviceName(ValueError):
+class InvalidDeviceName(ConfigserverError, ValueError):
     """The name is not `<model>-xx-xx-xx`."""
 
 
@@ -95,21 +87,25 @@ def query_names_other_device(
 ) -> str | None:
     """Whether the device's query names another device, the way innovaphone's server compares.
 
-    `hwid` is compared after the CN fix, `sn` and `mac` without dashes or colons, all without
-    regard to case. Returns a description of the first mismatch, or None. Empty values name
+    `hwid` is compared after the CN fix, `sn` and `mac` without dashes or colons, keys and values
+    without regard to case. Returns a description of the first mismatch, or None. Empty values name
     nothing (a URL whose placeholder the device left empty).
     """
-    for value in query.get("hwid", ()):
-        if not value:
-            continue
-        try:
-            claimed = parse_device_name(value, fixes).hwid
-        except InvalidDeviceName:
-            claimed = value
-        if claimed.lower() != device.hwid.lower():
-            return f"hwid={value}"
-    for key in ("sn", "mac"):
-        for value in query.get(key, ()):
-            if value and re.sub(r"[-:]", "", value).lower() != device.mac_plain:
-                return f"{key}={value}"
+    # Keys without regard to case: `HWID=` or `SN=` must not name another device unnoticed.
+    for key, values in query.items():
+        name = key.lower()
+        if name == "hwid":
+            for value in values:
+                if not value:
+                    continue
+                try:
+                    claimed = parse_device_name(value, fixes).hwid
+                except InvalidDeviceName:
+                    claimed = value
+                if claimed.lower() != device.hwid.lower():
+                    return f"{key}={value}"
+        elif name in ("sn", "mac"):
+            for value in values:
+                if value and re.sub(r"[-:]", "", value).lower() != device.mac_plain:
+                    return f"{key}={value}"
     return None

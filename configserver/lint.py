@@ -29,28 +29,41 @@ from pathlib import Path
 import jinja2
 from jinja2 import nodes
 
-from .app import RequestInfo
-from .apply_once import EVERY_POLL_MARKER, OptionsError, TemplateOptions, apply_once, line_of, parse_options
-from .identity import INNOVAPHONE_OUI, DeviceIdentity, InvalidDeviceName, normalize_mac, parse_device_name
-from .preview import device_names
-from .settings import Settings
-from .templates import TEMPLATE_SUFFIX, ConfigurationError, SourceFile, TemplateStore, device_key
-
-# Model names from the class lists of innovaphone's own update server (config.xml, build 2033).
-# A model missing here can still be used: any file that names it (say vars/models/<model>.toml)
-# makes it known to the check.
-INNOVAPHONE_MODELS = frozenset(
-    """
-    ip101 ip102 ip110 ip110a ip111 ip112 ip150 ip150a ip152 ip153 ip154 ip200a ip200b ip222
-    ip222a ip230 ip230a ip232 ip240 ip240a ip241 ip242 ip72 swphone mypbxi mypbxa
-    ipva ipvadect ip0010 ip0011 ip0013 ip1060 ip1130 ip1200 ip1201 ip1202 ip2000 ip22 ip24 ip28
-    ip29 ip29-2 ip29-4 ip3000 ip3010 ip3011 ip302 ip305 ip311 ip38 ip4001 ip400 ip411 ip6000
-    ip6010 ip6012 ip6013 ip800 ip810 ip811 ipbs ipbs2 pbl
-    """.split()
+from .apply_once import (
+    EVERY_POLL_MARKER,
+    OptionsError,
+    apply_once,
+    line_of,
+    parse_options,
 )
+from .content import (
+    DEVICES_CSV,
+    TEMPLATE_SUFFIX,
+    VARS_SUFFIX,
+    Choice,
+    ConfigurationError,
+    ContentStore,
+    SourceFile,
+    csv_row_device,
+    device_file_key,
+)
+from .identity import (
+    DeviceIdentity,
+    InvalidDeviceName,
+    normalize_mac,
+    parse_device_name,
+)
+from .innovaphone import INNOVAPHONE_OUI, MODELS
+from .lab.workspace import LAB_PORT
+from .poll import Pipeline, RequestInfo
+from .preview import device_names
+from .service import Service
+from .settings import Settings
 
 # A device of a model no file names, for a default template no named device reaches.
 _ANY_MODEL_DEVICE = "LINT-00-00-00"
+_OWN_APPLY_LINE = re.compile(r"^[ \t]*config[ \t]+(?:write|activate)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://(?P<host>\[[0-9a-f:.]+\]|[^/:\s\[\]]+)(?::(?P<port>\d+))?[^\s]*", re.IGNORECASE)
 _OWN_CHECK_LINE = re.compile(r"^[ \t]*mod[ \t]+cmd[ \t]+UP1[ \t]+check\b", re.IGNORECASE | re.MULTILINE)
 _LOOKS_LIKE_MARKER = re.compile(r"\s*#\s*configserver\b", re.IGNORECASE)
 _OPTIONS_COMMENT = re.compile(r"\{#-?\s*configserver:")
@@ -81,40 +94,41 @@ def check(settings: Settings, config_file: Path | None = None) -> list[Problem]:
     if not Path(settings.templates).is_dir():
         where = str(config_file) if config_file else "settings"
         return [Problem(where, 1, f"templates: {settings.templates} is not a folder (setting 'templates')")]
-    store = TemplateStore(
-        settings.templates, settings.vars, grace_seconds=0, cn_fixes=settings.cn_fixes,
-        groups=settings.groups, apply_once=settings.apply_once, final_command=settings.final_command,
-    )
-    store.refresh()
-    return _Check(store, settings, config_file).run()
+    service = Service.from_settings(settings, grace_seconds=0)
+    service.store.refresh()
+    return _Check(service.store, service.pipeline, settings, config_file).run()
 
 
 @dataclass(frozen=True)
 class _Job:
-    """One template rendered for one device, with what that device would render it with."""
+    """One template rendered for one device, with the choice that device would get for it."""
 
-    template: str
+    choice: Choice
     device: DeviceIdentity
-    variables: Mapping[str, object]
-    apply_once: bool
     label: str
+
+    @property
+    def template(self) -> str:
+        return self.choice.template or ""
 
 
 class _Check:
-    def __init__(self, store: TemplateStore, settings: Settings, config_file: Path | None) -> None:
+    def __init__(self, store: ContentStore, pipeline: Pipeline, settings: Settings, config_file: Path | None) -> None:
         self.store, self.snapshot, self.settings = store, store.snapshot, settings
+        self.pipeline = pipeline
         self.fixes = store.snapshot.fixes
         self.config_label = str(config_file) if config_file else "settings"
         self.config_text = config_file.read_text(errors="replace") if config_file and config_file.is_file() else ""
         self.found: dict[tuple[str, int, str], list[str]] = {}
         self.named = device_names(self.snapshot, self.fixes)
         self.file_models = self._models_named_by_files()
-        self.known_models = INNOVAPHONE_MODELS | set(self.file_models)
+        self.known_models = MODELS | set(self.file_models)
 
     def run(self) -> list[Problem]:
         self.templates()
         self.groups()
         self.vars()
+        self.coverage()
         self.render_all()
         problems = []
         for (file, line, message), devices in self.found.items():
@@ -160,12 +174,18 @@ class _Check:
             self._lookup_place(name)
 
     def _syntax(self, name: str, source: SourceFile) -> None:
-        environment = self.store.environment
+        environment = self.pipeline.renderer.environment
         try:
             tree = environment.parse(source.text, name, str(self.store.templates_dir / name))
             environment.compile(tree, name, str(self.store.templates_dir / name))
         except jinja2.TemplateSyntaxError as error:
             self.add(self.template_file(error.name or name), error.lineno, f"syntax error: {error.message}")
+            return
+        except RecursionError:
+            self.add(self.template_file(name), 1, "nested too deeply to be compiled: split it with include or macros")
+            return
+        except Exception as error:  # a constant Jinja folds at compile time, such as 2**10000000
+            self.add(self.template_file(name), 1, f"cannot be compiled: {type(error).__name__}: {str(error)[:200]}")
             return
         for node in tree.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
             target = node.template
@@ -211,7 +231,7 @@ class _Check:
             except InvalidDeviceName:
                 self.add(file, 1, f"{stem!r} is neither a hwid (<model>-xx-xx-xx) nor a MAC: no device gets this {kind}")
                 return
-        self._duplicate(file, lookup.get(f"devices/{device_key(stem, self.fixes)}"), name, kind)
+        self._duplicate(file, lookup.get(f"devices/{device_file_key(stem, self.fixes)}"), name, kind)
 
     def _model_file(self, file: str, stem: str, wanted: str) -> None:
         if stem in self.fixes:
@@ -267,16 +287,16 @@ class _Check:
                 match = _TOML_LINE.search(source.error)
                 self.add(file, int(match[1]) if match else 1, source.error)
                 continue
-            if name == "devices.csv":
+            if name == DEVICES_CSV:
                 self._csv(file, source.text)
-            elif not name.endswith(".toml"):
+            elif not name.endswith(VARS_SUFFIX):
                 self.add(file, 1, f"no device reads this file: {_VARS_LAYOUT}")
             elif name != "default.toml":
-                folder, _, stem = name[: -len(".toml")].partition("/")
+                folder, _, stem = name[: -len(VARS_SUFFIX)].partition("/")
                 if folder == "devices" and stem and "/" not in stem:
                     self._device_file(file, stem, self.snapshot.vars_lookup, name, "vars file")
                 elif folder == "models" and stem and "/" not in stem:
-                    self._model_file(file, stem, f"models/{stem}.toml")
+                    self._model_file(file, stem, f"models/{stem}{VARS_SUFFIX}")
                     self._duplicate(file, self.snapshot.vars_lookup.get(f"models/{stem.casefold()}"), name, "vars file")
                 else:
                     self.add(file, 1, f"no device reads this file: {_VARS_LAYOUT}")
@@ -293,33 +313,14 @@ class _Check:
                 continue
             line = reader.line_num
             values = dict(zip(header, row))
-            hwid, mac = (values.get("hwid") or "").strip(), (values.get("mac") or "").strip()
-            device = self._csv_device(file, line, hwid, mac)
-            if device is None:
+            named = csv_row_device(values.get("hwid"), values.get("mac"), self.fixes)
+            if named.problem:
+                self.add(file, line, named.problem)
+            if named.key is None:
                 continue
-            if device in seen:
-                self.add(file, line, f"names the same device as line {seen[device]}, whose values this row replaces")
-            seen[device] = line
-
-    def _csv_device(self, file: str, line: int, hwid: str, mac: str) -> str | None:
-        by_mac = normalize_mac(mac) if mac else None
-        if mac and by_mac is None:
-            self.add(file, line, f"mac {mac!r} is not a MAC")
-        elif by_mac is not None and not by_mac.startswith(INNOVAPHONE_OUI):
-            self.add(file, line, f"mac {mac} is no innovaphone MAC (they start {INNOVAPHONE_OUI})")
-            by_mac = None
-        if hwid:
-            try:
-                parsed = parse_device_name(hwid, self.fixes)
-            except InvalidDeviceName:
-                self.add(file, line, f"hwid {hwid!r} is not <model>-xx-xx-xx: the row names no device")
-                return None
-            if by_mac is not None and by_mac != parsed.mac:
-                self.add(file, line, f"hwid {hwid} and mac {mac} are different devices: only the hwid counts")
-            return device_key(hwid, self.fixes)
-        if not mac:
-            self.add(file, line, "neither hwid nor mac: the row names no device")
-        return by_mac
+            if named.key in seen:
+                self.add(file, line, f"names the same device as line {seen[named.key]}, whose values this row replaces")
+            seen[named.key] = line
 
     # -- rendering --------------------------------------------------------------------------
 
@@ -337,21 +338,19 @@ class _Check:
             choice = snapshot.choose(device)
             if choice.template is None or choice.problem:
                 continue   # no template is a 404 by design; a broken vars file is reported above
-            device = dataclasses.replace(device, groups=choice.groups)
             default_reached |= choice.template == default
-            yield _Job(choice.template, device, choice.variables, choice.apply_once, label)
+            yield _Job(choice, device, label)
             for group in choice.groups if synthetic else ():   # each group template, for each of its models
                 template = snapshot.lookup.get(f"groups/{group.casefold()}")
                 if template and template != choice.template:
-                    options = snapshot.options.get(template, TemplateOptions())
-                    apply = snapshot.apply_once if options.apply_once is None else options.apply_once
-                    yield _Job(template, device, choice.variables, apply, label)
+                    apply, final = snapshot.template_options(template)
+                    yield _Job(dataclasses.replace(choice, template=template, apply_once=apply, final_command=final),
+                               device, label)
         if default and not default_reached:
             device = self._identity(_ANY_MODEL_DEVICE)
             choice = snapshot.choose(device)
             if not choice.problem:
-                yield _Job(default, device, choice.variables, choice.apply_once,
-                           f"synthetic device {_ANY_MODEL_DEVICE} of a model no file names")
+                yield _Job(choice, device, f"synthetic device {_ANY_MODEL_DEVICE} of a model no file names")
 
     def _devices(self) -> Iterator[tuple[DeviceIdentity, str, bool]]:
         """The devices the folders name, then a synthetic device of each model: (device, label, synthetic)."""
@@ -386,15 +385,16 @@ class _Check:
             query = {"sn": device.mac.replace("-", ""), "hwid": device.hwid, "type": device.model,
                      "ip": "192.0.2.10", "ver": "13r3 sr1 [13.4711/134711/500]", "PROT": "13.4711", "BOOT": "134711",
                      "CHECK": check}
-            context = {"device": device, "vars": job.variables, "request": RequestInfo("/", query, "192.0.2.10"), "now": now}
             try:
-                scripts.append(self.store.render(job.template, context))
+                scripts.append(self.pipeline.script(
+                    self.snapshot, job.choice, device, RequestInfo("/", query, "192.0.2.10"), now))
             except ConfigurationError as error:
                 self.add(self.template_file(error.file or job.template), error.line, error.cause, job.label)
                 return
-        if not job.apply_once:
-            return
         source = self.snapshot.templates[job.template].text
+        self._urls(job, scripts[0], source)
+        if not job.choice.apply_once:
+            return
         if apply_once(scripts[0], None).digest != apply_once(scripts[1], None).digest:
             self.add(self.template_file(job.template), 1,
                      "the part applied once changes from poll to poll (does it use now or request?): "
@@ -404,6 +404,36 @@ class _Check:
             self.add(self.template_file(job.template), line_of(source, match.start()) if match else 1,
                      "a check line of its own while configserver applies the script once: "
                      "remove it, or turn that off with {# configserver: apply_once=false #}", job.label)
+        for match in _OWN_APPLY_LINE.finditer(scripts[0]):
+            line = match.group(0).strip()
+            found = re.search(rf"^[ \t]*{re.escape(line)}[ \t]*$", source, re.IGNORECASE | re.MULTILINE)
+            self.add(self.template_file(job.template), line_of(source, found.start()) if found else 1,
+                     f"{line!r} of its own while configserver applies the script once: the answer would carry it "
+                     "twice; remove it (configserver ends the script with config write and config activate)", job.label)
+
+    def _urls(self, job: _Job, script: str, source: str) -> None:
+        """URLs a real device could not reach: loopback, or the lab's built-in port."""
+        for match in _URL.finditer(script):
+            url, host, port = match.group(0), match["host"].strip("[]").lower(), match["port"]
+            if host == "localhost" or host.startswith("127.") or host == "::1":
+                why = "points at loopback: a device would call itself"
+            elif port == str(LAB_PORT):
+                why = f"uses port {str(LAB_PORT)}, the lab's built-in listener: production devices poll the terminator"
+            else:
+                continue
+            found = source.find(url)
+            found = found if found >= 0 else source.find(match["host"])
+            self.add(self.template_file(job.template), line_of(source, found) if found >= 0 else 1,
+                     f"{url} {why}", job.label)
+
+    def coverage(self) -> None:
+        """Devices no template can answer: they would get `404 # no configuration`."""
+        if not self.snapshot.lookup:
+            self.add(str(self.settings.templates), 1, "no template at all: every device would get "
+                     "404 # no configuration; start from deploy/starter (README, Deploying)")
+        elif "default" not in self.snapshot.lookup:
+            self.add(self.template_file("default.j2"), 1, "missing: a device with no device, model or group "
+                     "template of its own gets 404 # no configuration")
 
 
 def _find_line(text: str, pattern: str) -> int:

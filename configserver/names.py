@@ -17,8 +17,10 @@ from functools import cached_property
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from .errors import ConfigserverError
 
-class DNError(ValueError):
+
+class DNError(ConfigserverError, ValueError):
     """The text is not a distinguished name in any of the forms we know."""
 
 

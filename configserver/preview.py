@@ -1,33 +1,43 @@
 """What a device would get now, without the device or its certificate: `configserver render`.
 
-The answer comes from the service's own path (`ConfigServer.script_for`), after the same query
-check a poll passes; only the certificate checks are left out, since there is no certificate.
+The answer comes from the poll pipeline itself (poll.py), with an admission that names the
+device instead of reading a certificate: the same query check, choice, rendering and wrap, so
+a preview is the real answer by construction.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .app import ConfigServer, RequestInfo
+from .admission import NamedDevice
+from .content import (
+    DEVICES_CSV,
+    TEMPLATE_SUFFIX,
+    VARS_SUFFIX,
+    Choice,
+    Snapshot,
+    csv_row_device,
+)
+from .errors import ConfigserverError
 from .identity import (
-    INNOVAPHONE_OUI,
     DeviceIdentity,
     InvalidDeviceName,
     normalize_mac,
     parse_device_name,
-    query_names_other_device,
 )
-from .polls import PollRecord
-from .refusals import DEVICE_MISMATCH
-from .templates import TEMPLATE_SUFFIX, Choice, Snapshot
+from .innovaphone import INNOVAPHONE_OUI
+from .outcome import Outcome
+from .poll import PollRequest
+from .service import Service
 
 PREVIEW_ISSUER = "none (configserver render: no certificate)"
 
 
-class UnknownDevice(Exception):
+class UnresolvedDevice(ConfigserverError):
     """The name given is no device, or a MAC whose model no file tells; the text says what to give."""
 
 
@@ -37,9 +47,12 @@ class Preview:
 
     device: DeviceIdentity
     choice: Choice
-    record: PollRecord
-    body: bytes
+    record: Outcome
     note: str | None = None      # what the preview had to assume
+
+    @property
+    def body(self) -> bytes:
+        return self.record.body
 
     def headers(self) -> list[str]:
         """The decision, one `key: value` line each: device, template, vars files, digest..."""
@@ -86,15 +99,17 @@ def device_names(snapshot: Snapshot, fixes: Mapping[str, str]) -> dict[str, set[
             return
         found.setdefault(parsed.mac, set()).add(parsed.hwid)
 
-    for folder, suffix in ((snapshot.templates, TEMPLATE_SUFFIX), (snapshot.vars, ".toml")):
+    for folder, suffix in ((snapshot.templates, TEMPLATE_SUFFIX), (snapshot.vars, VARS_SUFFIX)):
         for name in folder:
             if name.startswith("devices/") and name.endswith(suffix) and name.count("/") == 1:
                 note(name[len("devices/"):-len(suffix)])
-    table = snapshot.vars.get("devices.csv")
+    table = snapshot.vars.get(DEVICES_CSV)
     for row in (table.data or []) if table is not None else []:
-        ident = ((row.get("hwid") or "").strip() or (row.get("mac") or "").strip())
-        if ident:
-            note(ident)
+        named = csv_row_device(row.get("hwid"), row.get("mac"), fixes)
+        if named.hwid is not None:
+            note(named.hwid)
+        elif named.key is not None:
+            note(named.key)
     return found
 
 
@@ -103,7 +118,7 @@ def resolve_device(name: str, snapshot: Snapshot, fixes: Mapping[str, str]) -> t
 
     A MAC is resolved through the hwid a file names for it. Without one, only a template named
     by the MAC can be chosen: the device is then rendered with an empty model and hwid, and the
-    note says so. Raises UnknownDevice when neither works.
+    note says so. Raises UnresolvedDevice when neither works.
     """
     try:
         parsed = parse_device_name(name, fixes)
@@ -113,9 +128,9 @@ def resolve_device(name: str, snapshot: Snapshot, fixes: Mapping[str, str]) -> t
         return DeviceIdentity(parsed.hwid, parsed.model, parsed.mac, cn=name, issuer=PREVIEW_ISSUER), None
     mac = normalize_mac(name)
     if mac is None:
-        raise UnknownDevice(f"{name!r} is neither a hwid (<model>-xx-xx-xx, e.g. IP232-30-00-af) nor a MAC")
+        raise UnresolvedDevice(f"{name!r} is neither a hwid (<model>-xx-xx-xx, e.g. IP232-30-00-af) nor a MAC")
     if not mac.startswith(INNOVAPHONE_OUI):
-        raise UnknownDevice(f"{mac} is not an innovaphone MAC (they start {INNOVAPHONE_OUI})")
+        raise UnresolvedDevice(f"{mac} is not an innovaphone MAC (they start {INNOVAPHONE_OUI})")
     tail = mac[len(INNOVAPHONE_OUI) + 1:]
     hwids = sorted(device_names(snapshot, fixes).get(mac, ()))
     if len(hwids) == 1:
@@ -123,10 +138,10 @@ def resolve_device(name: str, snapshot: Snapshot, fixes: Mapping[str, str]) -> t
         device = DeviceIdentity(parsed.hwid, parsed.model, parsed.mac, cn=parsed.hwid, issuer=PREVIEW_ISSUER)
         return device, f"hwid {parsed.hwid} found for MAC {mac} in the file names"
     if len(hwids) > 1:
-        raise UnknownDevice(f"files name several devices with MAC {mac} ({', '.join(hwids)}): give the hwid")
+        raise UnresolvedDevice(f"files name several devices with MAC {mac} ({', '.join(hwids)}): give the hwid")
     template = snapshot.lookup.get(f"devices/{mac}")
     if template is None:
-        raise UnknownDevice(
+        raise UnresolvedDevice(
             f"cannot tell which device {mac} is: no template is named by this MAC and no file names its hwid, "
             f"and model, group and default templates depend on the model: give the hwid (<model>-{tail})"
         )
@@ -138,28 +153,19 @@ def resolve_device(name: str, snapshot: Snapshot, fixes: Mapping[str, str]) -> t
 
 
 def preview(
-    app: ConfigServer, name: str, path: str = "/", query: Iterable[tuple[str, str]] = (), now: dt.datetime | None = None,
+    service: Service, name: str, path: str = "/", query: Iterable[tuple[str, str]] = (), now: dt.datetime | None = None,
 ) -> Preview:
-    """What the device `name` would get now from `app` when polling `path` with `query` added.
+    """What the device `name` would get now when polling `path` with `query` added.
 
-    `path` may carry a query of its own (`/update?type=IP232`). Raises UnknownDevice.
+    `path` may carry a query of its own (`/update?type=IP232`). Raises UnresolvedDevice.
     """
     now = now or dt.datetime.now(dt.timezone.utc)
-    snapshot = app.store.snapshot
-    device, note = resolve_device(name, snapshot, app.gate.cn_fixes)
+    snapshot = service.store.snapshot
+    device, note = resolve_device(name, snapshot, service.fixes)
     path, _, query_string = path.partition("?")
     args = urllib.parse.parse_qs(query_string, keep_blank_values=True)
     for key, value in query:
         args.setdefault(key, []).append(value)
-    record = PollRecord(
-        time=now.timestamp(), client_ip=None, path=path or "/", status=200, reason=None,
-        query={key: values[0] for key, values in args.items()},
-    )
-    other = query_names_other_device(device, args, app.gate.cn_fixes) if device.hwid else None
-    if other:
-        record.hwid, record.mac, record.model = device.hwid, device.mac, device.model
-        record.status, record.reason, record.detail = 403, DEVICE_MISMATCH, f"query names {other}, device is {device.hwid}"
-        body = f"# {DEVICE_MISMATCH}\n".encode()
-    else:
-        body = app.script_for(device, RequestInfo(record.path, record.query, None), now, record)
-    return Preview(device, snapshot.choose(device), record, body, note)
+    request = PollRequest("GET", path or "/", args, None, None, now.timestamp(), time.perf_counter())
+    outcome = service.pipeline.with_admission(NamedDevice(device, service.fixes)).answer(request, now)
+    return Preview(device, snapshot.choose(device), outcome, note)

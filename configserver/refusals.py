@@ -6,6 +6,13 @@ label, so an admin reading any of them knows which check failed.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from .errors import ConfigserverError
+
+if TYPE_CHECKING:
+    from .identity import DeviceIdentity
+
 UNTRUSTED_PROXY = "untrusted proxy"
 DUPLICATE_HEADER = "duplicate header"
 HTTPS_REQUIRED = "https required"
@@ -22,10 +29,18 @@ REASONS = (
 )
 
 
-class Refused(Exception):
-    """A poll must not get a script. `reason` is one of REASONS; `detail` is for the log only."""
+class Refused(ConfigserverError):
+    """A poll must not get a script. `reason` is one of REASONS; `detail` is for the log only.
 
-    def __init__(self, reason: str, detail: str | None = None) -> None:
+    `device` is the device the certificate names, when it names one; `claimed` says that the
+    refusal came from the certificate's own checks, so that name is not proven.
+    """
+
+    def __init__(
+        self, reason: str, detail: str | None = None, *, device: DeviceIdentity | None = None, claimed: bool = False,
+    ) -> None:
         super().__init__(reason if detail is None else f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.device = device
+        self.claimed = claimed and device is not None

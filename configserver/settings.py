@@ -10,11 +10,20 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from cryptography import x509
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -25,21 +34,17 @@ from pydantic_settings import (
 
 from .apply_once import FinalCommand
 from .certificates import CABundleError, load_ca_bundle
+from .errors import ConfigserverError
+from .innovaphone import DEVICE_CA_DNS, model_fixes
 from .names import DNError, parse_dn
 
 DEFAULT_CONFIG_FILE = Path("configserver.toml")
-
-# The legacy form reads root first and cannot be confused with RFC 4514's leaf-first order.
-INNOVAPHONE_DEVICE_CAS = [
-    "/C=DE/O=innovaphone/OU=innovaphone Device Certification Authority",
-    "/C=DE/O=innovaphone/OU=innovaphone Device Certification Authority 2",
-]
 
 TLSVersionName = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class SettingsError(Exception):
+class SettingsError(ConfigserverError):
     """A setting is missing, malformed or points at something unusable; the text names it."""
 
 
@@ -80,7 +85,7 @@ class Settings(BaseSettings):
     )
     ca_bundle: Path | None = None
     accepted_issuers: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: list(INNOVAPHONE_DEVICE_CAS)
+        default_factory=lambda: list(DEVICE_CA_DNS)
     )
     require_client_cert: bool = False
     # shared with the terminators, which set it as X-Configserver-Proxy-Secret on every request:
@@ -93,6 +98,15 @@ class Settings(BaseSettings):
     tls_key: Path | None = None
     tls_min_version: TLSVersionName = "TLSv1.2"
     tls_security_level: int | None = Field(None, ge=0, le=5)
+
+    # --- Listener limits (both listeners; configserver/limits.py) ---
+    # Bound what a client that sends little or too much can hold: time, descriptors, memory.
+    tls_handshake_timeout: float = Field(10.0, gt=0, le=300)
+    request_head_timeout: float = Field(10.0, gt=0, le=300)
+    keep_alive_timeout: float = Field(5.0, gt=0, le=300)
+    max_connections: int = Field(1000, ge=16, le=1_000_000)  # per worker; the unit's LimitNOFILE follows
+    max_request_head_bytes: int = Field(32768, ge=8192, le=1_048_576)
+    # --- end of listener limits ---
 
     # Applying each change once (mod cmd UP1 check)
     apply_once: bool = True
@@ -176,15 +190,27 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 32 characters: make one with `openssl rand -hex 32`")
         return value
 
-    @field_validator("ca_bundle")
-    @classmethod
-    def _bundle(cls, value: Path | None) -> Path | None:
-        if value is not None:
+    # the CA bundle, parsed once here: everything that verifies certificates takes it from here
+    _ca_certificates: list[x509.Certificate] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _bundle(self) -> "Settings":
+        if self.ca_bundle is not None:
             try:
-                load_ca_bundle(value)
+                self._ca_certificates = load_ca_bundle(self.ca_bundle)
             except CABundleError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+                raise ValueError(f"ca_bundle: {exc}") from None
+        return self
+
+    @property
+    def ca_certificates(self) -> list[x509.Certificate] | None:
+        """The CA certificates of `ca_bundle` (None without one), as read at validation."""
+        return self._ca_certificates
+
+    @property
+    def model_fixes(self) -> Mapping[str, str]:
+        """innovaphone's broken-model table, extended by `cn_fixes`."""
+        return model_fixes(self.cn_fixes)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "Settings":
@@ -245,6 +271,9 @@ def _describe(exc: ValidationError, path: Path, overrides: dict[str, Any]) -> st
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "settings"
         message = error["msg"].removeprefix("Value error, ")
+        named, colon, rest = message.partition(": ")
+        if not error["loc"] and colon and named in Settings.model_fields:   # a check across settings names its key
+            key, message = named, rest
         if error["type"] == "extra_forbidden":
             message = f"unknown setting (in {path} or the environment)"
             lines.append(f"setting {key!r}: {message}")

@@ -14,11 +14,12 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from .certificates import pem_blocks
+from .errors import ConfigserverError
 
 _PROPERTY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 
-class TrustValueError(ValueError):
+class TrustValueError(ConfigserverError, ValueError):
     """The file or the property list cannot give a Trust value; the text says why."""
 
 

@@ -309,13 +309,14 @@ def test_healthz_is_the_service_own(app):
 
 def count_renders(app, monkeypatch):
     calls = []
-    render = app.store.render
+    renderer = app.pipeline.renderer
+    render = renderer.render
 
-    def counting(template, context):
+    def counting(snapshot, template, context):
         calls.append(template)
-        return render(template, context)
+        return render(snapshot, template, context)
 
-    monkeypatch.setattr(app.store, "render", counting)
+    monkeypatch.setattr(renderer, "render", counting)
     return calls
 
 
@@ -445,14 +446,14 @@ def test_what_is_remembered_about_clients_stays_small(app, pki):
     big = "A" * 200_000
     for n in range(20):
         call(app, "/", [("X-SSL-Client-Verify", "FAILED:21"), ("X-SSL-Client-Cert", big + str(n))])
-    assert len(app.gate._verdicts) == 0  # refused before anything is remembered
+    assert len(app.service.gate._verdicts) == 0  # refused before anything is remembered
     for n in range(5):
         headers = terminator_headers(pki.phone)
         headers[3] = ("X-SSL-Client-Cert", big + str(n))
         refused(call(app, "/", headers), "certificate mismatch")
-    assert len(app.gate._verdicts) == 5
-    assert all(len(key) == 32 for key in app.gate._verdicts)
-    assert all(len(v.detail or "") < 400 for v in app.gate._verdicts.values())
+    assert len(app.service.gate._verdicts) == 5
+    assert all(len(key) == 32 for key in app.service.gate._verdicts)
+    assert all(len(v.detail or "") < 400 for v in app.service.gate._verdicts.values())
 
 
 def test_the_readme_explains_every_refusal_reason():

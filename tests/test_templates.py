@@ -5,8 +5,8 @@ import time
 
 import pytest
 
+from configserver.content import ContentStore, Renderer, to_crlf
 from configserver.identity import DeviceIdentity, parse_device_name
-from configserver.templates import TemplateStore, to_crlf
 
 
 def device(cn: str) -> DeviceIdentity:
@@ -14,11 +14,16 @@ def device(cn: str) -> DeviceIdentity:
     return DeviceIdentity(hwid=name.hwid, model=name.model, mac=name.mac, cn=cn, issuer="test")
 
 
+def render(store, template, context):
+    """Render `template` of the store's current snapshot."""
+    return Renderer(store.templates_dir).render(store.snapshot, template, context)
+
+
 @pytest.fixture
 def store(tmp_path):
     (tmp_path / "templates").mkdir()
     (tmp_path / "vars").mkdir()
-    return TemplateStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    return ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
 
 
 def write(store, relative, text, age: float = 10.0):
@@ -96,17 +101,17 @@ def test_variables_are_read_only_for_templates(store):
     store.refresh()
     choice = store.snapshot.choose(device("IP232-30-00-af"))
     with pytest.raises(Exception):
-        store.render(choice.template, {"vars": choice.variables})
+        render(store, choice.template, {"vars": choice.variables})
     assert choice.variables["t"]["x"] == 1
 
 
 def test_changed_template_is_used_after_the_next_scan(store):
     write(store, "templates/default.j2", "old\n")
     store.refresh()
-    assert store.render("default.j2", {}) == "old\r\n"
+    assert render(store, "default.j2", {}) == "old\r\n"
     write(store, "templates/default.j2", "new\n", age=5)
     assert store.refresh() is True
-    assert store.render("default.j2", {}) == "new\r\n"
+    assert render(store, "default.j2", {}) == "new\r\n"
 
 
 def test_unchanged_folder_keeps_the_snapshot(store):
@@ -118,19 +123,19 @@ def test_unchanged_folder_keeps_the_snapshot(store):
 
 
 def test_file_modified_within_the_grace_window_keeps_the_last_version(tmp_path):
-    store = TemplateStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1.0)
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1.0)
     write(store, "templates/default.j2", "complete\n")
     store.refresh()
     write(store, "templates/default.j2", "half writ", age=0)     # being written right now
     store.refresh()
-    assert store.render("default.j2", {}) == "complete\r\n"
+    assert render(store, "default.j2", {}) == "complete\r\n"
     write(store, "templates/devices/IP232-30-00-af.j2", "new device\n", age=0)
     store.refresh()
     assert store.snapshot.choose(device("IP232-30-00-af")).template == "default.j2"  # not yet visible
     os.utime(store.templates_dir / "default.j2", (time.time() - 2, time.time() - 2))
     os.utime(store.templates_dir / "devices/IP232-30-00-af.j2", (time.time() - 2, time.time() - 2))
     store.refresh()
-    assert store.render("default.j2", {}) == "half writ\r\n"
+    assert render(store, "default.j2", {}) == "half writ\r\n"
     assert store.snapshot.choose(device("IP232-30-00-af")).template == "devices/IP232-30-00-af.j2"
 
 
@@ -152,7 +157,7 @@ def test_nothing_outside_the_templates_folder_can_be_included(store, tmp_path):
     write(store, "templates/default.j2", "{% include '../secret.txt' %}")
     store.refresh()
     with pytest.raises(Exception) as error:
-        store.render("default.j2", {})
+        render(store, "default.j2", {})
     assert "not found" in str(error.value)
 
 
@@ -171,17 +176,17 @@ class Clock:
 
 def test_file_dated_in_the_future_is_read_once_it_has_stayed_the_same(tmp_path):
     clock = Clock()
-    store = TemplateStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1.0, clock=clock)
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1.0, clock=clock)
     write(store, "templates/default.j2", "from a skewed clock\n", age=-3600)
     assert store.refresh() is False and store.pending
     clock.now += 1.5
     assert store.refresh() is True
-    assert store.render("default.j2", {}) == "from a skewed clock\r\n"
+    assert render(store, "default.j2", {}) == "from a skewed clock\r\n"
 
 
 def test_a_change_spread_over_several_files_is_published_whole(tmp_path):
     clock = Clock()
-    store = TemplateStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1.0, clock=clock)
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1.0, clock=clock)
     write(store, "templates/devices/IP232-30-00-af.j2", "own\n")
     write(store, "vars/default.toml", 'a = "old"\n')
     store.refresh()
@@ -209,11 +214,11 @@ def test_a_file_written_while_it_is_read_is_not_taken(store, monkeypatch):
     assert store.refresh() is False and store.pending
     monkeypatch.undo()
     assert store.refresh() is True
-    assert store.render("default.j2", {}) == "complete\r\n"
+    assert render(store, "default.j2", {}) == "complete\r\n"
 
 
 def test_start_up_waits_for_files_still_settling(tmp_path):
-    store = TemplateStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0.2)
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0.2)
     write(store, "templates/default.j2", "x\n", age=0)
     store.settle(timeout=5)
     assert store.snapshot.lookup == {"default": "default.j2"}
@@ -244,7 +249,7 @@ def test_an_unreadable_include_fails_the_render(store):
     os.utime(path, (time.time() - 10, time.time() - 10))
     store.refresh()
     with pytest.raises(Exception, match="part.j2: not UTF-8"):
-        store.render("default.j2", {})
+        render(store, "default.j2", {})
 
 
 def test_a_csv_saved_with_a_byte_order_mark_is_read(store):

@@ -15,11 +15,13 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.schema import CreateColumn, CreateIndex
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.schema import CreateColumn, CreateIndex
+
+from ..errors import ConfigserverError
 
 
-class InventoryError(Exception):
+class InventoryError(ConfigserverError):
     """The inventory cannot do what was asked; the text says what to fix (often the `database` setting)."""
 
 
@@ -214,7 +216,9 @@ def _v2_indexed_lookups_claims_and_floods(connection: Connection) -> None:
 
 def _v3_backups(connection: Connection) -> None:
     # Configuration backups, device facts and backup requests (configserver/backups/_tables.py).
-    from ..backups._tables import create_backup_tables  # imported here: backups builds on this module
+    from ..backups._tables import (
+        create_backup_tables,  # imported here: backups builds on this module
+    )
 
     create_backup_tables(connection)
 

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigserverError
 from ..identity import InvalidDeviceName, parse_device_name
 from .pki import CertificateAuthority
 
@@ -29,7 +30,7 @@ LAB_HOST = "127.0.0.1"
 LAB_PORT = 8443
 
 
-class LabError(Exception):
+class LabError(ConfigserverError):
     """Something about a lab is wrong; the text says what to do."""
 
 

@@ -1,0 +1,123 @@
+"""Rendering a template of one snapshot into a script with CRLF line ends.
+
+Templates are loaded from the snapshot the poll chose, never from the disk and never from a
+snapshot published meanwhile: a poll that races a reload still renders one consistent view.
+Compiled templates are shared across snapshots while their file's version is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import traceback
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from ..errors import ConfigserverError
+from .snapshot import Snapshot
+
+_COMPILED_KEPT = 4096   # compiled templates kept; a per-device template is compiled again when needed
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_NO_VARIABLE = re.compile(r"'mappingproxy object' has no attribute '([^']*)'")
+_rendering: ContextVar[Snapshot | None] = ContextVar("configserver_rendering", default=None)
+
+
+class ConfigurationError(ConfigserverError):
+    """A device's configuration cannot be produced; the text names the file, line and cause."""
+
+    def __init__(self, cause: str, file: str | None = None, line: int | None = None) -> None:
+        where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
+        super().__init__(f"{where}{cause}")
+        self.cause, self.file, self.line = cause, file, line
+
+
+class _SnapshotLoader(jinja2.BaseLoader):
+    """Serves template sources from the snapshot being rendered: no file system access while
+    rendering, and no name that is not a file below the templates folder can ever be loaded."""
+
+    def __init__(self, templates_dir: Path) -> None:
+        self._dir = templates_dir
+
+    def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Callable[[], bool]]:
+        snapshot = _rendering.get()
+        source = snapshot.templates.get(template) if snapshot is not None else None
+        if source is None:
+            raise jinja2.TemplateNotFound(template)
+        if source.error:
+            raise jinja2.TemplateError(f"{template}: {source.error}")
+
+        def uptodate() -> bool:
+            current = _rendering.get()
+            return current is not None and current.templates.get(template) is source
+
+        return source.text, str(self._dir / template), uptodate
+
+    def list_templates(self) -> list[str]:
+        snapshot = _rendering.get()
+        return sorted(snapshot.templates) if snapshot is not None else []
+
+
+class Renderer:
+    """The Jinja environment of one templates folder."""
+
+    def __init__(self, templates_dir: Path) -> None:
+        self.templates_dir = Path(templates_dir).absolute()
+        self.environment = jinja2.Environment(
+            loader=_SnapshotLoader(self.templates_dir),
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,
+            keep_trailing_newline=True,
+            auto_reload=True,
+            cache_size=_COMPILED_KEPT,
+        )
+
+    def render(self, snapshot: Snapshot, template: str, context: Mapping[str, Any]) -> str:
+        """Render `template` of `snapshot` with `context` into a complete script with CRLF line ends.
+
+        Raises ConfigurationError naming the template file, line and cause of any failure
+        (syntax error, undefined variable, missing include...). Never returns half a script.
+        """
+        token = _rendering.set(snapshot)
+        try:
+            text = self.environment.get_template(template).render(context)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ConfigurationError(f"syntax error: {exc.message}", exc.name or template, exc.lineno) from None
+        except jinja2.TemplateNotFound as exc:
+            file, line = self._where(exc, template)
+            raise ConfigurationError(f"template not found: {exc.name}", file, line) from None
+        except Exception as exc:  # anything a template raises: undefined variables, type errors, RecursionError...
+            file, line = self._where(exc, template)
+            message = exc.message if isinstance(exc, jinja2.TemplateError) and exc.message else str(exc)
+            # `vars` and its tables are read-only mappings: say so in the admin's words
+            message = _NO_VARIABLE.sub(r"undefined variable '\1'", message)
+            raise ConfigurationError(f"{type(exc).__name__}: {message}"[:500], file, line) from None
+        finally:
+            _rendering.reset(token)
+        return to_crlf(text)
+
+    def compile(self, snapshot: Snapshot, template: str) -> jinja2.Template:
+        """The compiled template (for `check`). Raises jinja2.TemplateSyntaxError."""
+        token = _rendering.set(snapshot)
+        try:
+            return self.environment.get_template(template)
+        finally:
+            _rendering.reset(token)
+
+    def _where(self, exc: BaseException, template: str) -> tuple[str, int | None]:
+        root = str(self.templates_dir) + os.sep
+        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+            if frame.filename.startswith(root):
+                return frame.filename[len(root):], frame.lineno
+        return template, None
+
+
+def to_crlf(text: str) -> str:
+    """Every line ending in CRLF, whatever line endings the template file had."""
+    lines = _LINE_BREAK.split(text)
+    if lines and lines[-1] == "":
+        lines.pop()
+    return "\r\n".join(lines) + "\r\n" if lines else ""

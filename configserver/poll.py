@@ -1,0 +1,222 @@
+"""The poll pipeline: from what a device sent to the answer it gets, with no web framework in sight.
+
+    answer(request, now) -> Outcome
+
+Each stage returns a value, top to bottom:
+
+    admission   the request's certificate facts and query -> the device (or a refusal)
+    choice      the device -> template, variables and options, from one content snapshot
+    script      the template rendered for the device (kept per device while the snapshot holds)
+    wrap        the script wrapped to be applied once (apply_once.py), for the CHECK reported
+    outcome     status, reason, body, digests: one frozen value for the log, metrics and audit
+
+The web layer (app.py) only turns ASGI into a PollRequest and the Outcome into bytes;
+`configserver render` runs the same pipeline with an admission that names a device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from .apply_once import SENT, UNCHANGED, apply_once
+from .caches import BoundedCache
+from .content import Choice, ConfigurationError, ContentStore, Renderer, Snapshot
+from .forwarded import ClientFacts
+from .identity import DeviceIdentity
+from .outcome import Outcome
+from .refusals import Refused
+
+ANSWERS_KEPT = 100_000   # devices whose answers are kept for the snapshot in use
+METHOD_NOT_ALLOWED = "method not allowed"
+NO_CONFIGURATION = "no configuration"
+CONFIGURATION_ERROR = "configuration error"
+INTERNAL_ERROR = "internal error"
+
+# What a device sends may never start a line of its script: control characters are dropped
+# from everything `request` shows a template (CR and LF would end a line after the CRLF pass).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Admission(Protocol):
+    """The first stage: who is polling. Returns the device or raises Refused."""
+
+    def admit(self, facts: ClientFacts, query: Mapping[str, list[str]], now: dt.datetime) -> DeviceIdentity: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PollRequest:
+    """What the transport saw of one poll."""
+
+    method: str
+    path: str
+    query: Mapping[str, list[str]]     # every value of every argument, as the device sent them
+    facts: ClientFacts | None          # the certificate facts (headers or the TLS connection)
+    client_ip: str | None              # the device's address as far as it is known
+    time: float                        # unix seconds, when the request arrived
+    started: float = 0.0               # time.perf_counter() at arrival, for the duration
+
+    def first_values(self) -> dict[str, str]:
+        return {key: values[0] for key, values in self.query.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """`request` in templates: what the device asked for, without control characters.
+    `query` is the device's word only, never proof of anything."""
+
+    path: str
+    query: Mapping[str, str]
+    client_ip: str | None
+
+    @classmethod
+    def of(cls, request: PollRequest) -> "RequestInfo":
+        query = {_CONTROL.sub("", key): _CONTROL.sub("", value) for key, value in request.first_values().items()}
+        return cls(_CONTROL.sub("", request.path), query, request.client_ip)
+
+
+@dataclass(frozen=True, slots=True)
+class Answers:
+    """What a device gets from one rendering of its template: the script to send, and, when it
+    is applied once, its digest and the short answer for a device that reports that digest."""
+
+    sent: bytes
+    sent_sha256: str
+    digest: str | None = None
+    unchanged: bytes = b""
+    unchanged_sha256: str = ""
+
+
+class Pipeline:
+    """Answers polls from the snapshots of one content store."""
+
+    def __init__(
+        self, admission: Admission, store: ContentStore, renderer: Renderer | None = None,
+        *, digest_key: bytes | None = None, answers_kept: int = ANSWERS_KEPT,
+    ) -> None:
+        self.admission = admission
+        self.store = store
+        self.renderer = renderer or Renderer(store.templates_dir)
+        self._digest_key = digest_key
+        self._answers_kept = answers_kept
+        self._answers_of: Snapshot | None = None
+        self._answers: BoundedCache[DeviceIdentity, Answers] = BoundedCache(answers_kept)
+
+    def with_admission(self, admission: Admission) -> "Pipeline":
+        """The same content and renderer, another first stage (for `render`)."""
+        return Pipeline(admission, self.store, self.renderer, digest_key=self._digest_key, answers_kept=1)
+
+    # -- the stages -------------------------------------------------------------------------
+
+    def answer(self, request: PollRequest, now: dt.datetime) -> Outcome:
+        """The answer to one poll: the device's own script, or a one-line `# reason` comment."""
+        if request.method not in ("GET", "HEAD"):
+            return self._outcome(request, 405, METHOD_NOT_ALLOWED, b"# method not allowed\n")
+        try:
+            device = self.admission.admit(request.facts, request.query, now)  # type: ignore[arg-type]
+        except Refused as refusal:
+            return self.refuse(request, refusal)
+        return self.serve(device, request, now)
+
+    def refuse(self, request: PollRequest, refusal: Refused) -> Outcome:
+        """The answer to a poll that gets no script: `403 # reason`, with the device the
+        certificate names, if any, marked as claimed where the name is not proven."""
+        return self._outcome(request, 403, refusal.reason, f"# {refusal.reason}\n".encode(), detail=refusal.detail,
+                             device=refusal.device, claimed=refusal.claimed)
+
+    def serve(self, device: DeviceIdentity, request: PollRequest, now: dt.datetime) -> Outcome:
+        """The answer for an admitted device, from the snapshot in use when it is called."""
+        snapshot = self.store.snapshot
+        choice = snapshot.choose(device)
+        values = request.query.get("CHECK")
+        reported = values[0] if values else None
+        if choice.problem:
+            return self._outcome(request, 500, CONFIGURATION_ERROR, b"# configuration error\n",
+                                 detail=choice.problem, device=device, choice=choice, reported=reported)
+        if choice.template is None:
+            return self._outcome(request, 404, NO_CONFIGURATION, f"# no configuration for {device.hwid}\n".encode(),
+                                 device=device, choice=choice, reported=reported)
+        answers = None if choice.per_poll else self._kept(snapshot).get(device)
+        if answers is None:
+            try:
+                script = self.script(snapshot, choice, device, RequestInfo.of(request), now)
+            except ConfigurationError as error:
+                return self._outcome(request, 500, CONFIGURATION_ERROR, b"# configuration error\n",
+                                     detail=str(error), device=device, choice=choice, reported=reported)
+            answers = self.wrap(script, choice, reported)
+            if not choice.per_poll:
+                self._answers.put(device, answers)
+        if answers.digest is not None and reported == answers.digest:
+            body, sha, decision = answers.unchanged, answers.unchanged_sha256, UNCHANGED
+        else:
+            body, sha, decision = answers.sent, answers.sent_sha256, SENT if answers.digest is not None else None
+        return self._outcome(request, 200, None, body, device=device, choice=choice, reported=reported,
+                             digest=answers.digest, decision=decision, script_sha256=sha)
+
+    def script(
+        self, snapshot: Snapshot, choice: Choice, device: DeviceIdentity, request: RequestInfo, now: dt.datetime,
+    ) -> str:
+        """The device's template rendered (CRLF lines). Raises ConfigurationError."""
+        context = {
+            "device": dataclasses.replace(device, groups=choice.groups) if choice.groups else device,
+            "vars": choice.variables,
+            "request": request,
+            "now": now,
+        }
+        return self.renderer.render(snapshot, choice.template, context)  # type: ignore[arg-type]
+
+    def wrap(self, script: str, choice: Choice, reported: str | None) -> Answers:
+        """The script as sent. An answer that will be kept holds both forms (sent and unchanged);
+        one rendered for this poll only holds the form that `reported` calls for."""
+        key = self._digest_key
+        if not choice.apply_once:
+            body = script.encode("utf-8")
+            return Answers(body, script_hash(body, key))
+        if choice.per_poll:
+            applied = apply_once(script, reported, choice.final_command, key)
+            body = applied.script.encode("utf-8")
+            if applied.decision == UNCHANGED:
+                return Answers(b"", "", applied.digest, body, script_hash(body, key))
+            return Answers(body, script_hash(body, key), applied.digest)
+        sent = apply_once(script, None, choice.final_command, key)
+        unchanged = apply_once(script, sent.digest, choice.final_command, key)
+        sent_body, unchanged_body = sent.script.encode("utf-8"), unchanged.script.encode("utf-8")
+        return Answers(sent_body, script_hash(sent_body, key), sent.digest, unchanged_body, script_hash(unchanged_body, key))
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _kept(self, snapshot: Snapshot) -> BoundedCache[DeviceIdentity, Answers]:
+        """The answers kept for `snapshot`: a new snapshot starts with none."""
+        if self._answers_of is not snapshot:
+            self._answers = BoundedCache(self._answers_kept)
+            self._answers_of = snapshot
+        return self._answers
+
+    @staticmethod
+    def _outcome(
+        request: PollRequest, status: int, reason: str | None, body: bytes, *, detail: str | None = None,
+        device: DeviceIdentity | None = None, claimed: bool = False, choice: Choice | None = None,
+        reported: str | None = None, digest: str | None = None, decision: str | None = None,
+        script_sha256: str | None = None,
+    ) -> Outcome:
+        return Outcome(
+            time=request.time, client_ip=request.client_ip, path=request.path, status=status, reason=reason,
+            hwid=device.hwid if device else None, mac=device.mac if device else None,
+            model=device.model if device else None, template=choice.template if choice else None,
+            script_sha256=script_sha256, query=request.first_values(),
+            duration_ms=round((time.perf_counter() - request.started) * 1000, 3) if request.started else 0.0,
+            detail=detail, check_reported=reported, check_digest=digest, decision=decision, claimed=claimed,
+            body=body,
+        )
+
+
+def script_hash(body: bytes, key: bytes | None) -> str:
+    """`script_sha256` of the log and the audit: SHA-256, or HMAC-SHA256 with `digest_key`."""
+    return hmac.new(key, body, hashlib.sha256).hexdigest() if key else hashlib.sha256(body).hexdigest()
