@@ -12,8 +12,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 
 import pytest
@@ -257,3 +259,45 @@ def test_the_starters_commented_examples_work_once_copied_into_files(starter_sit
     assert b"\r\nconfig add UP1 /poll 5\r\n" in device.stdout
     other = _configserver("render", "IP232-30-01-10", cwd=starter_site)
     assert b"template: models/IP232.j2" in other.stderr and b"config add CMD0" not in other.stdout
+
+
+# -- Apache's error log: why a device was refused, and nothing for those served ------------------
+
+def _log_until(path, text: str, timeout: float = 10.0) -> list[str]:
+    """The log's lines once `text` is in it (the filter writes a moment after Apache)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return path.read_text().splitlines()
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not in {path}: {path.read_text() if path.exists() else 'no file'}")
+
+
+def test_apache_logs_why_a_device_was_refused_and_nothing_for_each_one_served(fresh_terminator):
+    apache = fresh_terminator("apache")
+    error_log = next(path for path in apache.server.logs if path.name == "configserver-error.log")
+    for _ in range(3):
+        assert apache.poll("phone").status == 200
+    assert apache.poll("expired").status is None and apache.poll(None).status is None
+    lines = _log_until(error_log, "peer did not return a certificate")
+    device_lines = [line for line in lines if "[client 127.0.0.3:" in line]
+    # the reasons, with the device's address and certificate name; no line per served poll
+    assert any("certificate has expired [subject: CN=IP232-30-00-af," in line for line in device_lines), lines
+    assert not [line for line in device_lines if not re.search(r"AH0(2276|2008):", line)], lines
+    # the port the devices poll, not ":443"
+    named = re.findall(r"\(server ([^)]*)\)", "\n".join(lines))
+    assert named and set(named) == {f"localhost:{apache.port}"}
+
+
+def test_apache_log_filter_writes_to_a_fresh_file_after_logrotate_and_a_reload(fresh_terminator):
+    apache = fresh_terminator("apache")
+    error_log = next(path for path in apache.server.logs if path.name == "configserver-error.log")
+    assert apache.poll("expired").status is None
+    _log_until(error_log, "certificate has expired")
+    # what Debian's logrotate does: move the file away, then `systemctl reload apache2` (graceful)
+    error_log.rename(error_log.with_name("configserver-error.log.1"))
+    apache.server.process.send_signal(signal.SIGUSR1)
+    apache.server.wait_until(lambda: error_log.exists(), "a new error log after the reload")
+    assert apache.poll("unrelated-ca").status is None
+    _log_until(error_log, "unable to get local issuer certificate")
+    assert "unable to get local issuer" not in error_log.with_name("configserver-error.log.1").read_text()
