@@ -19,6 +19,7 @@ with the identifier `configserver-security`, where the journal adds the time its
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import logging.handlers
 import time
@@ -91,10 +92,11 @@ def _emit(line: str) -> None:
 
 
 def _address(ip: str | None) -> str:
-    # An address has no spaces or quotes; anything else is not an address and must not look like one.
-    if not ip or any(not (ch.isalnum() or ch in ".:") for ch in ip):
+    # Only an IP address is written as one: anything else must not look like one to fail2ban.
+    try:
+        return str(ipaddress.ip_address(ip or ""))
+    except ValueError:
         return "-"
-    return ip
 
 
 def _token(value: str | None) -> str:

@@ -1,0 +1,222 @@
+"""Who may see the admin page, and what it shows: sessions, CSRF, headers, its own listener."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from driving import call
+from fastapi.testclient import TestClient
+from test_admin_queries import NOW, fill_sqlite, fleet_rows
+
+from configserver import load_settings, securitylog
+from configserver.admin import add_user, create_admin_app
+from configserver.admin._sessions import MAX_DELAY, Sessions, Throttle, failure_delay
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def admin_settings(tmp_path: Path):
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "default.j2").write_text("config change SIP0 /user {{ device.hwid }}\n")
+    (tmp_path / "vars").mkdir()
+    add_user(tmp_path / "admin-users", "alice", PASSWORD)
+    devices, polls = fleet_rows(120)
+    database = fill_sqlite(tmp_path / "inventory.db", devices, polls)
+    return load_settings(
+        templates=tmp_path / "templates", vars=tmp_path / "vars", database=database,
+        admin_users=tmp_path / "admin-users", admin_port=8081, security_log=str(tmp_path / "security.log"),
+    )
+
+
+@pytest.fixture
+def browser(admin_settings):
+    with TestClient(create_admin_app(admin_settings), follow_redirects=False) as client:
+        yield client
+    securitylog.configure(None)
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert match, html
+    return match.group(1)
+
+
+def log_in(client: TestClient, user: str = "alice", password: str = PASSWORD):
+    form = client.get("/login")
+    return client.post("/login", data={"user": user, "password": password, "csrf": csrf_of(form.text)})
+
+
+def test_no_page_without_a_session(browser) -> None:
+    for path in ("/", "/devices/00-90-33-00-00-01", "/?status=403", "/anything"):
+        answer = browser.get(path)
+        assert answer.status_code == 303 and answer.headers["location"] == "/login", path
+        assert "00-90-33" not in answer.text
+
+
+def test_logging_in_opens_the_fleet_with_a_strict_httponly_cookie(browser) -> None:
+    answer = log_in(browser)
+    assert answer.status_code == 303 and answer.headers["location"] == "/"
+    cookie = answer.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Max-Age=28800" in cookie
+    assert "Secure" not in cookie           # plain HTTP on loopback: a Secure cookie would never come back
+    fleet = browser.get("/")
+    assert fleet.status_code == 200
+    assert "120 devices" in fleet.text and "IP232-" in fleet.text
+
+
+def test_the_cookie_is_secure_behind_tls(admin_settings) -> None:
+    with TestClient(create_admin_app(admin_settings), base_url="https://admin.example", follow_redirects=False) as client:
+        cookie = log_in(client).headers["set-cookie"]
+        assert "Secure" in cookie
+        assert client.get("/").headers["strict-transport-security"] == "max-age=31536000"
+
+
+def test_a_wrong_password_is_refused_slowed_down_and_logged(admin_settings) -> None:
+    app = create_admin_app(admin_settings)
+    with TestClient(app, client=("203.0.113.5", 50000), follow_redirects=False) as browser:
+        started = time.monotonic()
+        answer = log_in(browser, password="not the password")
+        assert answer.status_code == 401 and "Wrong user name or password" in answer.text
+        assert time.monotonic() - started >= failure_delay(1)
+        assert "configserver_admin=" not in answer.headers.get("set-cookie", "")
+        assert browser.get("/").status_code == 303
+        assert log_in(browser, user="mallory", password=PASSWORD).status_code == 401
+    # through a terminator the page trusts: the address it forwards, not its own
+    with TestClient(app, client=("127.0.0.1", 50000), follow_redirects=False) as browser:
+        form = browser.get("/login")
+        browser.post("/login", data={"user": "alice", "password": "wrong", "csrf": csrf_of(form.text)},
+                     headers={"X-Forwarded-For": "192.0.2.1, 198.51.100.7"})
+    # from a peer it does not trust, a forwarded address counts for nothing
+    with TestClient(app, client=("203.0.113.9", 50000), follow_redirects=False) as browser:
+        form = browser.get("/login")
+        browser.post("/login", data={"user": "alice", "password": "wrong", "csrf": csrf_of(form.text)},
+                     headers={"X-Forwarded-For": "198.51.100.99"})
+    securitylog.configure(None)
+    lines = Path(str(admin_settings.security_log)).read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [
+        'configserver-security: login-failed client=203.0.113.5 user="alice"',
+        'configserver-security: login-failed client=203.0.113.5 user="mallory"',
+        'configserver-security: login-failed client=198.51.100.7 user="alice"',
+        'configserver-security: login-failed client=203.0.113.9 user="alice"',
+    ]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", line.split(" ")[0]) for line in lines)
+
+
+def test_a_login_form_we_did_not_hand_out_checks_no_password(browser) -> None:
+    answer = browser.post("/login", data={"user": "alice", "password": PASSWORD, "csrf": "forged"})
+    assert answer.status_code == 400
+    assert browser.get("/").status_code == 303
+
+
+def test_logging_out_needs_the_pages_token_and_ends_the_session_here(browser) -> None:
+    log_in(browser)
+    page = browser.get("/")
+    cookie = browser.cookies.get("configserver_admin")
+    assert browser.post("/logout", data={"csrf": "not the token"}).status_code == 403
+    assert browser.get("/").status_code == 200                 # still logged in
+    answer = browser.post("/logout", data={"csrf": csrf_of(page.text)})
+    assert answer.status_code == 303 and answer.headers["location"] == "/login"
+    browser.cookies.set("configserver_admin", cookie)           # the old cookie, kept by someone
+    assert browser.get("/").status_code == 303
+
+
+def test_every_answer_forbids_inline_script_framing_and_caching(browser) -> None:
+    for answer in (browser.get("/login"), browser.get("/"), log_in(browser), browser.get("/"),
+                   browser.get("/static/admin.css")):
+        csp = answer.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+        assert "script-src" not in csp      # falls back to default-src 'none': no script at all
+        assert answer.headers["x-frame-options"] == "DENY"
+        assert answer.headers["cache-control"] == "no-store"
+    assert "<script" not in browser.get("/").text and " style=" not in browser.get("/").text
+
+
+def test_the_admin_listener_serves_no_device_script(browser, pki) -> None:
+    from driving import terminator_headers
+
+    headers = dict(terminator_headers(pki.phone))
+    for client_headers in (headers, {}):
+        answer = browser.get("/update", headers=client_headers)
+        assert answer.status_code == 303 and answer.text == ""
+    log_in(browser)
+    answer = browser.get("/update", headers=headers)
+    assert answer.status_code == 404 and answer.headers["content-type"].startswith("text/html")
+    assert "config change" not in answer.text
+
+
+def test_the_devices_listener_answers_nothing_of_the_page(site) -> None:
+    site.write("templates/default.j2", "config change SIP0 /user {{ device.hwid }}\n")
+    app = site.app()
+    for path in ("/login", "/", "/static/admin.css", "/devices/00-90-33-30-00-af"):
+        answer = call(app, path)
+        assert answer.headers["content-type"].startswith("text/plain"), path
+        assert answer.text.startswith("#") and "<" not in answer.text, path
+    assert call(app, "/login", method="POST").status == 405
+
+
+def test_the_fleet_filters_and_pages_as_asked(browser) -> None:
+    log_in(browser)
+    refused = browser.get("/", params={"status": "403"})
+    assert refused.status_code == 200
+    statuses = re.findall(r'<span class="status s(\d)xx"', refused.text.split("<tbody>")[1])
+    assert statuses and set(statuses) == {"4"}
+    first = browser.get("/", params={"model": "IP1202", "sort": "hwid", "order": "asc"})
+    names = re.findall(r'<a href="/devices/[^"]+">(IP1202-[^<]+)</a>', first.text)
+    assert names == sorted(names) and len(names) == 24                     # 120 devices, one in five
+    assert 'rel="next"' not in first.text
+    everyone = browser.get("/")
+    assert 'rel="next"' in everyone.text
+    after = re.search(r'rel="next" href="([^"]+)"', everyone.text).group(1).replace("&amp;", "&")
+    second = browser.get(after)
+    assert 'rel="prev"' in second.text and second.text.count('href="/devices/') == 50
+    after = re.search(r'rel="next" href="([^"]+)"', second.text).group(1).replace("&amp;", "&")
+    third = browser.get(after)
+    assert third.text.count('href="/devices/') == 20 and 'rel="next"' not in third.text
+    bad = browser.get("/", params={"stale": "soon"})
+    assert "is not a duration" in bad.text
+
+
+def test_the_device_page_shows_its_polls_newest_first_with_refusal_reasons(browser) -> None:
+    log_in(browser)
+    answer = browser.get("/devices/00-90-33-00-00-00")      # device 0: its poll was refused
+    assert answer.status_code == 200
+    assert "IP232-00-00-00" in answer.text and "Recent polls" in answer.text
+    history = answer.text.split("Recent polls")[1]
+    assert 'class="refused"' in history and re.search(r"(wrong CA|device mismatch)", history)
+    assert browser.get("/devices/no-such-device").status_code == 404
+
+
+# -- the rules behind it -----------------------------------------------------------------------
+
+def test_a_session_ends_when_its_lifetime_is_over() -> None:
+    clock = [NOW]
+    sessions = Sessions(lifetime=60, clock=lambda: clock[0])
+    cookie, session = sessions.start("alice")
+    assert sessions.find(cookie) == session
+    clock[0] += 61
+    assert sessions.find(cookie) is None
+
+
+def test_a_session_cookie_that_was_changed_is_no_session() -> None:
+    sessions = Sessions(lifetime=60)
+    cookie, _ = sessions.start("alice")
+    assert sessions.find(cookie[:-1] + ("A" if cookie[-1] != "A" else "B")) is None
+    assert sessions.find(Sessions(lifetime=60).start("alice")[0]) is None   # another process's key
+
+
+@pytest.mark.parametrize(("failures", "delay"), [(0, 0), (1, 0.5), (2, 1), (3, 2), (4, 4), (5, 8), (9, MAX_DELAY)])
+def test_failed_logins_wait_longer_each_time(failures: int, delay: float) -> None:
+    assert failure_delay(failures) == delay
+
+
+def test_failed_logins_are_forgotten_after_the_window() -> None:
+    clock = [0.0]
+    throttle = Throttle(clock=lambda: clock[0])
+    assert [throttle.failed("198.51.100.7") for _ in range(3)] == [0.5, 1, 2]
+    assert throttle.failed("203.0.113.9") == 0.5             # per address
+    clock[0] += 15 * 60 + 1
+    assert throttle.failed("198.51.100.7") == 0.5

@@ -1,0 +1,79 @@
+"""The admin page's users file and `configserver admin-user`."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configserver.admin import UsersError, add_user, read_users, remove_user
+from configserver.admin._users import Users
+
+PASSWORD = "correct horse battery staple"
+
+
+def test_a_user_added_can_log_in_and_the_file_holds_no_password(tmp_path: Path) -> None:
+    path = tmp_path / "admin-users"
+    assert add_user(path, "alice", PASSWORD) is True
+    text = path.read_text()
+    assert PASSWORD not in text and text.startswith("alice:$argon2id$")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    users = Users(path)
+    assert users.verify("alice", PASSWORD)
+    assert not users.verify("alice", PASSWORD + "!")
+    assert not users.verify("bob", PASSWORD)
+
+
+def test_a_new_password_replaces_the_old_one_and_the_page_sees_it_without_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "admin-users"
+    add_user(path, "alice", PASSWORD)
+    users = Users(path)
+    assert users.verify("alice", PASSWORD)
+    assert add_user(path, "alice", "another long passphrase") is False
+    add_user(path, "bob", "bob's long passphrase")
+    assert not users.verify("alice", PASSWORD) and users.verify("alice", "another long passphrase")
+    assert users.verify("bob", "bob's long passphrase")
+    remove_user(path, "bob")
+    assert not users.verify("bob", "bob's long passphrase") and sorted(read_users(path)) == ["alice"]
+
+
+@pytest.mark.parametrize(("name", "password", "message"), [
+    ("alice:x", PASSWORD, "is not a user name"),
+    ("", PASSWORD, "is not a user name"),
+    ("alice", "short", "at least 12 characters"),
+])
+def test_a_bad_name_or_short_password_is_refused_with_the_rule(tmp_path: Path, name, password, message) -> None:
+    with pytest.raises(UsersError, match=message):
+        add_user(tmp_path / "admin-users", name, password)
+    assert not (tmp_path / "admin-users").exists()
+
+
+def test_a_broken_users_file_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "admin-users"
+    path.write_text("# admins\nalice:plaintext-password\n")
+    with pytest.raises(UsersError, match=r"admin-users:2: not 'name:\$argon2"):
+        read_users(path)
+
+
+def run_cli(tmp_path: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "configserver", *args], cwd=tmp_path, input=stdin,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_admin_user_add_reads_the_password_from_stdin(tmp_path: Path) -> None:
+    added = run_cli(tmp_path, "admin-user", "add", "alice", stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    assert added.stdout == "added alice in admin-users\n"
+    assert Users(tmp_path / "admin-users").verify("alice", PASSWORD)
+    assert run_cli(tmp_path, "admin-user", "list").stdout == "alice\n"
+    short = run_cli(tmp_path, "admin-user", "add", "bob", stdin="short\n")
+    assert short.returncode == 1 and "at least 12 characters" in short.stderr
+
+
+def test_admin_serve_says_how_to_turn_the_page_on(tmp_path: Path) -> None:
+    off = run_cli(tmp_path, "admin-serve")
+    assert off.returncode == 2
+    assert "set admin_port" in off.stderr and "admin_uds" in off.stderr
