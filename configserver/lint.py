@@ -421,10 +421,18 @@ class _Check:
                 why = f"uses port {str(LAB_PORT)}, the lab's built-in listener: production devices poll the terminator"
             else:
                 continue
-            found = source.find(url)
-            found = found if found >= 0 else source.find(match["host"])
-            self.add(self.template_file(job.template), line_of(source, found) if found >= 0 else 1,
-                     f"{url} {why}", job.label)
+            self.add(*self._where_written(job, source, url), f"{url} {why}", job.label)
+
+    def _where_written(self, job: _Job, source: str, text: str) -> tuple[str, int]:
+        """The file and line that wrote `text` into a script: the template, or a vars file it reads."""
+        found = source.find(text)
+        if found >= 0:
+            return self.template_file(job.template), line_of(source, found)
+        for name in job.choice.vars_files:
+            vars_source = self.snapshot.vars.get(name)
+            if vars_source is not None and (found := vars_source.text.find(text)) >= 0:
+                return self.vars_file(name), line_of(vars_source.text, found)
+        return self.template_file(job.template), 1
 
     def coverage(self) -> None:
         """Devices no template can answer: they would get `404 # no configuration`."""

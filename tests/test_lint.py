@@ -185,3 +185,62 @@ def test_the_command_exits_non_zero_for_ci(tree):
                           capture_output=True, text=True, cwd=tree.root)
     assert done.returncode == 1
     assert done.stdout.startswith("templates/default.j2:1: syntax error: ")
+
+
+# -- what a folder cannot answer, and what a device could not reach ------------------------------
+
+def test_an_empty_templates_folder_is_a_problem(site, capsys, monkeypatch):
+    monkeypatch.chdir(site.root)
+    site.write("configserver.toml", 'templates = "templates"\nvars = "vars"\n')
+    status, lines = check(capsys)
+    assert status == 1
+    assert lines == ["templates:1: no template at all: every device would get 404 # no configuration; "
+                     "start from deploy/starter (README, Deploying)"]
+
+
+def test_a_missing_default_template_is_a_problem(tree, capsys):
+    (tree.templates / "default.j2").unlink()
+    status, lines = check(capsys)
+    assert status == 1 and lines[0].startswith("templates/default.j2:1: missing: a device with no device, model")
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("https://127.0.0.1:8443/update", "points at loopback"),
+    ("https://localhost/update", "points at loopback"),
+    ("http://[::1]/cfg", "points at loopback"),
+    ("https://config.example.net:8443/update", "uses port 8443, the lab's built-in listener"),
+])
+def test_a_url_a_real_device_could_not_reach_is_named_with_its_line(tree, capsys, url, why):
+    tree.write("vars/default.toml", f'password = "secret"\nhours = "0,1,2"\nupdate_url = "{url}"\n')
+    tree.write("templates/default.j2", "# default\nconfig change UP1 /url {{ vars.update_url }}\n")
+    status, lines = check(capsys)
+    assert status == 1
+    assert any(line.startswith(f"vars/default.toml:3: {url} {why}") for line in lines), lines
+
+
+def test_a_url_written_in_the_template_is_named_there(tree, capsys):
+    tree.write("templates/default.j2", "# default\nconfig change UP1 /url https://127.0.0.1:8443/update\n")
+    status, lines = check(capsys)
+    assert any(line.startswith("templates/default.j2:2: https://127.0.0.1:8443/update points at") for line in lines)
+
+
+def test_a_public_update_url_passes(tree, capsys):
+    tree.write("templates/default.j2", "# default\nconfig change UP1 /url https://config.example.net/update\n")
+    assert check(capsys) == (0, [])
+
+
+def test_config_write_of_a_templates_own_would_be_sent_twice(tree, capsys):
+    tree.write("templates/default.j2", "# default\nconfig change SIP0 /user {{ device.hwid }}\nconfig write\nconfig activate\n")
+    status, lines = check(capsys)
+    assert status == 1
+    assert any(line.startswith("templates/default.j2:3: 'config write' of its own") for line in lines), lines
+    assert any(line.startswith("templates/default.j2:4: 'config activate' of its own") for line in lines), lines
+
+
+def test_a_template_that_cannot_even_be_compiled_is_one_problem_not_a_traceback(tree, capsys):
+    tree.write("templates/models/IP1202.j2", "{{ 2**100000 }}\n")
+    tree.write("templates/devices/IP232-30-00-af.j2", "{% if 1 %}" * 5000 + "x" + "{% endif %}" * 5000)
+    status, lines = check(capsys)
+    assert status == 1
+    assert any(line.startswith("templates/models/IP1202.j2:1: cannot be compiled: ValueError") for line in lines), lines
+    assert any(line.startswith("templates/devices/IP232-30-00-af.j2:1: nested too deeply") for line in lines), lines

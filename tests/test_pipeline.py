@@ -1,0 +1,151 @@
+"""The poll pipeline: one snapshot per poll, one devices.csv rule, refusals that name their
+device, and nothing a device sends becoming a line of its script."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from driving import call, terminator_headers
+
+from configserver.cli import main
+from configserver.content import ContentRules, Renderer, Snapshot, SourceFile, build_snapshot
+
+
+def recorded(app) -> list:
+    outcomes: list = []
+    app.recorders.append(outcomes.append)
+    return outcomes
+
+
+# -- one devices.csv rule for the server, render and check ---------------------------------
+
+def test_a_devices_csv_row_named_by_mac_alone_is_used_by_server_render_and_check(site, pki, capsysbinary, monkeypatch):
+    site.write("templates/default.j2", "config change SIP0 /user {{ vars.user }}\n")
+    site.write("vars/default.toml", 'user = "nobody"\n')
+    site.write("vars/devices.csv", "hwid,mac,user\n  ,00-90-33-30-00-af,alice\n")
+    answer = call(site.app(), "/", terminator_headers(pki.phone))
+    assert answer.status == 200 and "/user alice\r\n" in answer.text
+
+    monkeypatch.chdir(site.root)
+    site.write("configserver.toml", 'templates = "templates"\nvars = "vars"\n')
+    assert main(["render", "IP232-30-00-af"]) == 0
+    assert b"/user alice\r\n" in capsysbinary.readouterr().out
+    assert main(["check"]) == 0
+
+
+# -- one snapshot from start to end -----------------------------------------------------------
+
+def test_a_reload_between_choosing_and_rendering_never_mixes_two_versions(site, pki, monkeypatch):
+    site.write("templates/default.j2", "{% include 'part.j2' %}\nconfig change SIP0 /pwd {{ vars.pwd }}\n")
+    site.write("templates/part.j2", "# part one")
+    site.write("vars/default.toml", 'pwd = "one"\n')
+    app = site.app()
+    first = call(app, "/", terminator_headers(pki.phone))
+    assert "# part one\r\nconfig change SIP0 /pwd one\r\n" in first.text
+
+    site.write("templates/part.j2", "# part two")
+    site.write("vars/default.toml", 'pwd = "two"\n')
+    for path in (site.templates / "part.j2", site.vars / "default.toml"):
+        os.utime(path, (1, 1))   # settled long ago: the next refresh publishes them
+    choose = Snapshot.choose
+
+    def choose_then_reload(snapshot, device):
+        choice = choose(snapshot, device)
+        app.store.refresh()   # a reload lands while this poll is under way
+        return choice
+
+    monkeypatch.setattr(Snapshot, "choose", choose_then_reload)
+    racing = call(app, "/", terminator_headers(pki.gateway))
+    assert "# part one\r\nconfig change SIP0 /pwd one\r\n" in racing.text   # all old, nothing of the new
+    monkeypatch.undo()
+    after = call(app, "/", terminator_headers(pki.gateway))
+    assert "# part two\r\nconfig change SIP0 /pwd two\r\n" in after.text
+
+
+def test_a_template_is_rendered_from_the_snapshot_given_even_after_a_newer_one_was_compiled(tmp_path):
+    def snapshot(part: str, stamp: int) -> Snapshot:
+        templates = {
+            "default.j2": SourceFile("default.j2", (1, 1, 1), "{% include 'part.j2' %}"),
+            "part.j2": SourceFile("part.j2", (stamp, 1, 1), part),
+        }
+        return build_snapshot(templates, {}, ContentRules())
+
+    old, new = snapshot("old", 1), snapshot("new", 2)
+    renderer = Renderer(tmp_path)
+    assert renderer.render(new, "default.j2", {}) == "new\r\n"
+    assert renderer.render(old, "default.j2", {}) == "old\r\n"
+    assert renderer.render(new, "default.j2", {}) == "new\r\n"
+
+
+# -- refusals that name a device ----------------------------------------------------------------
+
+def test_a_refused_certificate_that_names_a_device_is_recorded_under_it_as_claimed(site, pki):
+    site.write("templates/default.j2", "# hello\n")
+    app = site.app()
+    outcomes = recorded(app)
+    assert call(app, "/", terminator_headers(pki.expired, "haproxy")).status == 403
+    expired = outcomes[-1]
+    assert (expired.reason, expired.hwid, expired.claimed) == ("certificate mismatch", "IP232-30-00-b1", True)
+    assert "claimed" in expired.log_fields()
+
+
+def test_a_device_mismatch_names_the_proven_device(site, pki):
+    site.write("templates/default.j2", "# hello\n")
+    app = site.app()
+    outcomes = recorded(app)
+    assert call(app, "/", terminator_headers(pki.phone), query="hwid=IP232-30-00-b0").status == 403
+    mismatch = outcomes[-1]
+    assert (mismatch.reason, mismatch.hwid, mismatch.claimed) == ("device mismatch", "IP232-30-00-af", False)
+
+
+def test_a_refusal_that_names_no_device_records_none(site, pki):
+    site.write("templates/default.j2", "# hello\n")
+    app = site.app()
+    outcomes = recorded(app)
+    call(app, "/", terminator_headers(pki.unrelated))
+    assert (outcomes[-1].reason, outcomes[-1].hwid) == ("wrong CA", None)
+
+
+@pytest.mark.parametrize("query", ["HWID=IP232-30-00-b0", "Sn=0090333000b0", "MAC=00:90:33:30:00:b0"])
+def test_query_keys_naming_another_device_are_caught_in_any_case(site, pki, query):
+    site.write("templates/default.j2", "# hello\n")
+    answer = call(site.app(), "/", terminator_headers(pki.phone), query=query)
+    assert (answer.status, answer.text) == (403, "# device mismatch\n")
+
+
+# -- nothing a device sends starts a line -------------------------------------------------------
+
+@pytest.mark.parametrize("query", ["ver=a%0airesetn", "ver=a%0d%0airesetn", "ver=a%0diresetn", "ver=a%00b%0a%0biresetn"])
+def test_control_characters_from_the_device_never_start_a_line(site, pki, query):
+    site.write("templates/default.j2", "# firmware {{ request.query.ver }} at {{ request.path }}\nconfig change X\n")
+    answer = call(site.app(), "/up\niresetn", terminator_headers(pki.phone), query=query)
+    assert answer.status == 200
+    lines = answer.text.split("\r\n")
+    assert lines[0].startswith("# firmware a") and lines[0].endswith("iresetn")
+    assert lines[1] == "config change X"
+    assert lines.count("iresetn") == 1   # the wrap's own final command, nothing injected
+
+
+def test_the_every_poll_marker_cannot_be_injected(site, pki):
+    site.write("templates/default.j2", "# {{ request.query.x }}\nconfig change X\n")
+    answer = call(site.app(), "/", terminator_headers(pki.phone),
+                  query="x=%0a%23%20configserver%3A%20every%20poll%20above")
+    assert "\r\n# configserver: every poll above\r\n" not in answer.text
+    assert answer.text.startswith("# # configserver: every poll above\r\nconfig change X\r\n")
+
+
+# -- nothing outside the two folders --------------------------------------------------------------
+
+def test_a_symlink_out_of_the_folders_is_never_read(site, pki, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside") / "secret.txt"
+    outside.write_text("root:x:0:0\n")
+    (site.templates / "models").mkdir()
+    (site.templates / "models" / "IP232.j2").symlink_to(outside)
+    site.write("templates/shared.j2", "# shared for {{ device.hwid }}\n")
+    (site.templates / "devices").mkdir()
+    (site.templates / "devices" / "IP1202-35-fe-4d.j2").symlink_to(site.templates / "shared.j2")
+    app = site.app()
+    assert call(app, "/", terminator_headers(pki.phone)).status == 404   # the link out is not a template
+    gateway = call(app, "/", terminator_headers(pki.gateway))
+    assert gateway.status == 200 and gateway.text.startswith("# shared for IP1202-35-fe-4d\r\n")
