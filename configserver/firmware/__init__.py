@@ -1,0 +1,72 @@
+"""Firmware and boot code for the fleet: targets per model, rollout waves, maintenance windows.
+
+    _declaration.py  the `[firmware]` table of the vars files, layered into one device's declaration
+    _rollout.py      which wave a device is in (a stable hash of its hwid) and when it opens
+    _decision.py     declaration, reported build, wave, window -> the lines a poll gets
+
+The rules are pure functions on values; `configserver firmware` and the poll pipeline call them.
+"""
+
+from ._decision import (
+    HALTED,
+    NO_LINES,
+    NO_TARGET,
+    ON_TARGET,
+    OUTSIDE_WINDOW,
+    SENT,
+    TAKES_NONE,
+    WAITING,
+    FirmwareAnswer,
+    decide,
+    differs,
+    file_url,
+    takes,
+    times_line,
+    window_open,
+)
+from ._declaration import (
+    BUILD,
+    KINDS,
+    NOTHING,
+    Declaration,
+    FirmwareError,
+    Rollout,
+    Wave,
+    Window,
+    check_url,
+    resolve,
+)
+from ._rollout import AT_ONCE, FIRST, Placement, place, position
+
+__all__ = [
+    "AT_ONCE",
+    "BUILD",
+    "FIRST",
+    "HALTED",
+    "KINDS",
+    "NOTHING",
+    "NO_LINES",
+    "NO_TARGET",
+    "ON_TARGET",
+    "OUTSIDE_WINDOW",
+    "SENT",
+    "TAKES_NONE",
+    "WAITING",
+    "Declaration",
+    "FirmwareAnswer",
+    "FirmwareError",
+    "Placement",
+    "Rollout",
+    "Wave",
+    "Window",
+    "check_url",
+    "decide",
+    "differs",
+    "file_url",
+    "place",
+    "position",
+    "resolve",
+    "takes",
+    "times_line",
+    "window_open",
+]
