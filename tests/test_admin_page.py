@@ -21,8 +21,12 @@ PASSWORD = "correct horse battery staple"
 @pytest.fixture
 def admin_settings(tmp_path: Path):
     (tmp_path / "templates").mkdir()
-    (tmp_path / "templates" / "default.j2").write_text("config change SIP0 /user {{ device.hwid }}\n")
+    (tmp_path / "templates" / "default.j2").write_text(
+        "config change SIP0 /user {{ device.hwid }} /pwd {{ vars.sip.password }}\n"
+        "config change ADMIN /pin {{ vars.admin_pin }} /site {{ vars.site }}\n")
     (tmp_path / "vars").mkdir()
+    (tmp_path / "vars" / "default.toml").write_text(
+        'site = "lab"\nadmin_pin = "7391"\n[sip]\npassword = "hunter2-sip-pw"\nregistrar = "sip.example"\n')
     add_user(tmp_path / "admin-users", "alice", PASSWORD)
     devices, polls = fleet_rows(120)
     database = fill_sqlite(tmp_path / "inventory.db", devices, polls)
@@ -188,6 +192,36 @@ def test_the_device_page_shows_its_polls_newest_first_with_refusal_reasons(brows
     history = answer.text.split("Recent polls")[1]
     assert 'class="refused"' in history and re.search(r"(wrong CA|device mismatch)", history)
     assert browser.get("/devices/no-such-device").status_code == 404
+
+
+def test_the_device_page_shows_the_script_it_would_get_with_secrets_masked(browser) -> None:
+    log_in(browser)
+    answer = browser.get("/devices/00-90-33-00-00-00")
+    assert "What it would get now" in answer.text
+    script = answer.text.split('<pre class="script">')[1].split("</pre>")[0]
+    assert "config change SIP0 /user IP232-00-00-00 /pwd ••••••" in script
+    assert "/pin •••••• /site lab" in script
+    assert "hunter2-sip-pw" not in answer.text and "7391" not in answer.text
+    assert "mod cmd UP1 check ser" in script          # the very answer a poll gets, wrapped to apply once
+    assert "2 secrets" in answer.text and "sip.registrar" in answer.text
+    shown = browser.get("/devices/00-90-33-00-00-00", params={"reveal": "1"})
+    assert "/pwd hunter2-sip-pw" in shown.text and "/pin 7391" in shown.text
+
+
+@pytest.mark.parametrize(("name", "secret"), [
+    ("password", True), ("sip.password", True), ("admin_pin", True), ("api_key", True), ("SIP.Secret", True),
+    ("site", False), ("keyboard", False), ("pinned", False), ("registrar", False), ("extra", True),
+])
+def test_which_variables_are_secret(name: str, secret: bool) -> None:
+    from configserver.admin._script import is_secret
+    assert is_secret(name, marked=["extra"]) is secret
+
+
+def test_masking_hides_every_occurrence_but_never_a_short_value() -> None:
+    from configserver.admin._script import MASK, mask
+    masked = mask("a hunter2 b hunter2x c 12\n", {"sip": {"password": "hunter2"}, "pin": "12", "site": "x"})
+    assert masked.script == f"a {MASK} b {MASK}x c 12\n"
+    assert masked.variables == [("sip.password", MASK, True), ("pin", MASK, True), ("site", "x", False)]
 
 
 # -- the rules behind it -----------------------------------------------------------------------

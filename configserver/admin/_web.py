@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import threading
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ from ..forwarded import TrustedProxies
 from ..inventory import InventoryError, parse_duration
 from ..inventory._database import database_url, migrate, open_engine
 from ..settings import Settings
-from . import _fleet
+from . import _fleet, _script
 from ._sessions import Sessions, Throttle
 from ._users import Users, UsersError
 
@@ -106,6 +107,8 @@ class AdminPage:
             from ..settings import SettingsError
             raise SettingsError(str(exc)) from None
         self._checked: tuple[float, list[Any]] | None = None
+        self._service: Any = None
+        self._service_lock = threading.Lock()
 
     # -- transport facts ----------------------------------------------------------------------
 
@@ -144,6 +147,33 @@ class AdminPage:
                 found = [f"configserver check could not run: {type(exc).__name__}: {exc}"]
             self._checked = (now, found)
         return self._checked[1]
+
+
+    def would_get(self, name: str, path: str, reported: str | None, reveal: bool) -> dict[str, Any]:
+        """What the device `name` would get now polling `path` (`configserver render`'s answer),
+        masked unless `reveal`; or, as `error`, why it cannot be shown."""
+        from ..errors import ConfigserverError
+        from ..preview import preview
+
+        try:
+            with self._service_lock:   # one scan and render at a time; the store is shared
+                if self._service is None:
+                    from ..service import Service
+                    self._service = Service.from_settings(self.settings, grace_seconds=0)
+                self._service.store.refresh()
+                answer = preview(self._service, name, path or "/")
+        except ConfigserverError as exc:
+            return {"error": str(exc)}
+        record, choice = answer.record, answer.choice
+        masked = _script.mask(answer.body.decode("utf-8", "replace").replace("\r\n", "\n"),
+                              choice.variables, self.settings.admin_secret_vars, reveal=reveal)
+        return {
+            "error": None, "status": record.status, "reason": record.reason, "detail": record.detail,
+            "template": choice.template, "vars_files": choice.vars_files, "groups": choice.groups,
+            "note": answer.note, "digest": record.check_digest, "applied": (
+                None if record.check_digest is None else reported == record.check_digest),
+            "script": masked.script, "variables": masked.variables, "secrets": masked.secrets, "reveal": reveal,
+        }
 
 
 def create_admin_app(settings: Settings) -> FastAPI:
@@ -268,7 +298,13 @@ def create_admin_app(settings: Settings) -> FastAPI:
         if facts is None:
             return page.html("error.html", 404, session=session, title="No such device",
                              message=f"The inventory knows no device {key!r}.")
-        return page.html("device.html", session=session, device=facts, history=history)
+        reveal = request.query_params.get("reveal") == "1"
+        if reveal:
+            log.warning("admin shows secrets", extra={"fields": {
+                "event": "admin_reveal", "user": session.user, "device": key, "client_ip": page.client_ip(request)}})
+        reported = next((p.check_reported for p in history if p.status == 200), None)
+        script = await asyncio.to_thread(page.would_get, facts.hwid or facts.key, facts.path or "/", reported, reveal)
+        return page.html("device.html", session=session, device=facts, history=history, script=script)
 
     @app.api_route("/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
     def not_found(request: Request, rest: str) -> Response:
