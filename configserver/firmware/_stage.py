@@ -1,0 +1,129 @@
+"""The firmware stage of the poll pipeline: a device's declaration from one content snapshot,
+its wave, the halted targets, and the lines of this poll.
+
+The lines go above the device's script, outside its `CHECK` digest: they depend on what the
+device reports and on the time, not on the templates, so a device never applies its script
+again because its firmware changed. A node that serves polls hands the stage a RolloutState
+(a Ledger) to note sends in and read halts from; `configserver render` and `check` use none.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..identity import DeviceIdentity
+from ._decision import NO_LINES, FirmwareAnswer, decide
+from ._declaration import Declaration, FirmwareError, Rollout, resolve
+from ._rollout import place
+
+_DECLARATIONS_KEPT = 4096   # distinct sets of vars files (and groups) one snapshot remembers
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """One poll's firmware line for one device and kind, queued for `firmware_sent`."""
+
+    device: str     # the inventory's key: the MAC
+    hwid: str
+    model: str
+    kind: str
+    build: str
+    wave: int | None
+    time: float
+
+
+class Ledger(Protocol):
+    """Where a serving node notes the files it sent and learns which targets are halted
+    (RolloutState, over the inventory's database)."""
+
+    def note(self, send: Send) -> None: ...
+
+    def halted(self, model: str, kind: str, build: str) -> bool: ...
+
+
+class _Source(Protocol):
+    data: Any
+
+
+class _Snapshot(Protocol):
+    vars: Mapping[str, _Source]
+    vars_lookup: Mapping[str, str]
+    model_groups: Mapping[str, tuple[str, ...]]
+
+
+class _Choice(Protocol):
+    vars_files: tuple[str, ...]
+    groups: tuple[str, ...]
+
+
+def firmware_layers(snapshot: _Snapshot, vars_files: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
+    """(file, its `firmware` table) for each of `vars_files` (in the vars order) that has one."""
+    for name in vars_files:
+        source = snapshot.vars.get(name)
+        data = source.data if source is not None else None
+        if name.endswith(".toml") and isinstance(data, Mapping) and "firmware" in data:
+            yield name, data["firmware"]
+
+
+def model_declaration(snapshot: _Snapshot, model: str) -> Declaration:
+    """What the fleet, the model's groups and its model file declare for `model`, without any
+    device's own file. Raises FirmwareError."""
+    files = tuple(name for name in (snapshot.vars_lookup.get("default"),
+                                    snapshot.vars_lookup.get(f"models/{model.casefold()}")) if name)
+    return resolve(list(firmware_layers(snapshot, files)), snapshot.model_groups.get(model.casefold(), ()))
+
+
+class FirmwareStage:
+    """Decides one poll's firmware lines; notes sends in `state` when given one."""
+
+    def __init__(self, state: Ledger | None = None) -> None:
+        self.state = state
+        self._of: object | None = None
+        self._declarations: dict[tuple[tuple[str, ...], tuple[str, ...]], Declaration | FirmwareError] = {}
+
+    def declaration(self, snapshot: _Snapshot, choice: _Choice) -> Declaration:
+        """The device's declaration (worked out once per set of vars files per snapshot).
+        Raises FirmwareError for a malformed `[firmware]` table."""
+        if self._of is not snapshot:
+            self._of, self._declarations = snapshot, {}
+        key = (choice.vars_files, choice.groups)
+        found = self._declarations.get(key)
+        if found is None:
+            try:
+                found = resolve(list(firmware_layers(snapshot, choice.vars_files)), choice.groups)
+            except FirmwareError as error:
+                found = error
+            if len(self._declarations) < _DECLARATIONS_KEPT:
+                self._declarations[key] = found
+        if isinstance(found, FirmwareError):
+            raise found
+        return found
+
+    def answer(
+        self, snapshot: _Snapshot, choice: _Choice, device: DeviceIdentity, query: Mapping[str, str], now: dt.datetime,
+    ) -> FirmwareAnswer:
+        """The firmware lines of this poll. Raises FirmwareError for a malformed declaration."""
+        declaration = self.declaration(snapshot, choice)
+        if declaration.empty:
+            return NO_LINES
+        placement = place(declaration.rollout, device.hwid, device.mac, choice.groups)
+        state = self.state
+        halted = () if state is None else tuple(
+            kind for kind, build in declaration.targets.items() if state.halted(device.model, kind, build))
+        answer = decide(declaration, device.model, query, placement, now, halted)
+        if state is not None:
+            for kind, build in answer.sent.items():
+                state.note(Send(device.mac, device.hwid, device.model, kind, build, placement.wave, now.timestamp()))
+        return answer
+
+    def policy(self, snapshot: _Snapshot):  # type: ignore[no-untyped-def]
+        """(model, kind) -> the model's rollout, for the watch over failures."""
+        def rollout(model: str, kind: str) -> Rollout | None:
+            try:
+                return model_declaration(snapshot, model).rollout
+            except FirmwareError:
+                return None
+        return rollout
