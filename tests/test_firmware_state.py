@@ -7,7 +7,6 @@ import datetime as dt
 
 from configserver.firmware import Rollout
 from configserver.firmware._state import RolloutState, Send
-from configserver.firmware._tables import create_firmware_tables
 from configserver.inventory._database import database_url, devices, migrate, open_engine
 
 T0 = 1_800_000_000.0
@@ -20,9 +19,7 @@ def run(coroutine):
 
 async def _open(path):
     engine = open_engine(database_url(f"sqlite:///{path}"))
-    await migrate(engine)
-    async with engine.begin() as connection:
-        await connection.run_sync(create_firmware_tables)
+    await migrate(engine)   # the inventory's migrations create the firmware tables too
     return engine
 
 

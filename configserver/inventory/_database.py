@@ -235,6 +235,13 @@ def _v4_admin_page(connection: Connection) -> None:
     create_indexes(connection, *ADMIN_INDEXES)
 
 
+def _v5_firmware(connection: Connection) -> None:
+    # Firmware sent to each device, and halted rollouts (configserver/firmware/_tables.py).
+    from ..firmware._tables import create_firmware_tables  # imported here: firmware builds on this module
+
+    create_firmware_tables(connection)
+
+
 # Append-only: a change to the schema is a new step at the end of this list, and the steps
 # before it stay as they are (never renumbered), so every database walks the same path.
 MIGRATIONS: list[Callable[[Connection], None]] = [
@@ -242,6 +249,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _v2_indexed_lookups_claims_and_floods,
     _v3_backups,
     _v4_admin_page,
+    _v5_firmware,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
