@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from .caches import BoundedCache
 from .certificates import CertificateError, CertificateVerifier, CheckedCert
@@ -29,9 +29,11 @@ from .refusals import (
     INVALID_DEVICE_NAME,
     NOT_A_DEVICE,
     NOT_VERIFIED,
+    REVOKED,
     WRONG_CA,
     Refused,
 )
+from .revocation import Revocations
 
 _VERDICTS_KEPT = 65536
 _DETAIL_CHARS = 300
@@ -63,8 +65,10 @@ class Gate:
         *,
         require_client_cert: bool = False,
         fixes: Mapping[str, str] = BROKEN_MODEL_NAMES,
+        revocations: Callable[[], Revocations] | None = None,
     ) -> None:
         self._accepted = frozenset(parse_dn(dn) for dn in accepted_issuers)
+        self._revocations = revocations
         self._verifier = verifier
         self._require_cert = require_client_cert
         self._fixes = fixes
@@ -98,6 +102,8 @@ class Gate:
             problem = checked.problem(now)
             if problem:
                 raise Refused(CERTIFICATE_MISMATCH, problem, device=device, claimed=True)
+        if self._revocations is not None:
+            check_revoked(device, self._revocations())
         check_query(device, query, self._fixes)
         return device
 
@@ -165,6 +171,13 @@ class Gate:
             raise Refused(reason, f"unreadable {what} DN: {exc}") from None
 
 
+def check_revoked(device: DeviceIdentity, revocations: Revocations) -> None:
+    """Raise Refused(revoked) when the revoked file names `device`, its MAC or its certificate."""
+    entry = revocations.revokes(device)
+    if entry:
+        raise Refused(REVOKED, f"{entry} is in the revoked file", device=device)
+
+
 def check_query(device: DeviceIdentity, query: Mapping[str, list[str]], fixes: Mapping[str, str]) -> None:
     """Raise Refused(device mismatch) when the poll's query names a device other than `device`."""
     other = query_names_other_device(device, query, fixes)
@@ -176,11 +189,17 @@ class NamedDevice:
     """Admits the one device an admin names, without a certificate (`configserver render`):
     only the query check of a poll applies, so a preview refuses what the device would be refused."""
 
-    def __init__(self, device: DeviceIdentity, fixes: Mapping[str, str] = BROKEN_MODEL_NAMES) -> None:
+    def __init__(
+        self, device: DeviceIdentity, fixes: Mapping[str, str] = BROKEN_MODEL_NAMES,
+        revocations: Revocations | None = None,
+    ) -> None:
         self.device = device
         self._fixes = fixes
+        self._revocations = revocations
 
     def admit(self, facts: ClientFacts | None, query: Mapping[str, list[str]], now: dt.datetime) -> DeviceIdentity:
+        if self._revocations is not None:
+            check_revoked(self.device, self._revocations)
         if self.device.hwid:   # a device known by its MAC alone names no hwid to compare
             check_query(self.device, query, self._fixes)
         return self.device

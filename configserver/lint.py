@@ -57,6 +57,7 @@ from .innovaphone import INNOVAPHONE_OUI, MODELS
 from .lab.workspace import LAB_PORT
 from .poll import Pipeline, RequestInfo
 from .preview import device_names
+from .revocation import RevocationError, read_revocations
 from .service import Service
 from .settings import Settings
 
@@ -94,7 +95,7 @@ def check(settings: Settings, config_file: Path | None = None) -> list[Problem]:
     if not Path(settings.templates).is_dir():
         where = str(config_file) if config_file else "settings"
         return [Problem(where, 1, f"templates: {settings.templates} is not a folder (setting 'templates')")]
-    service = Service.from_settings(settings, grace_seconds=0)
+    service = Service.from_settings(settings.model_copy(update={"revoked": None}), grace_seconds=0)
     service.store.refresh()
     return _Check(service.store, service.pipeline, settings, config_file).run()
 
@@ -128,6 +129,7 @@ class _Check:
         self.templates()
         self.groups()
         self.vars()
+        self.revoked()
         self.coverage()
         self.render_all()
         problems = []
@@ -321,6 +323,20 @@ class _Check:
             if named.key in seen:
                 self.add(file, line, f"names the same device as line {seen[named.key]}, whose values this row replaces")
             seen[named.key] = line
+
+    # -- the revoked file --------------------------------------------------------------------
+
+    def revoked(self) -> None:
+        path = self.settings.revoked
+        if path is None:
+            return
+        try:
+            revocations = read_revocations(path, self.fixes)
+        except RevocationError as error:
+            self.add(str(path), 1, str(error).removeprefix(f"{path}: "))
+            return
+        for line, why in revocations.problems:
+            self.add(str(path), line, why)
 
     # -- rendering --------------------------------------------------------------------------
 

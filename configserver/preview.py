@@ -167,5 +167,6 @@ def preview(
     for key, value in query:
         args.setdefault(key, []).append(value)
     request = PollRequest("GET", path or "/", args, None, None, now.timestamp(), time.perf_counter())
-    outcome = service.pipeline.with_admission(NamedDevice(device, service.fixes)).answer(request, now)
+    admission = NamedDevice(device, service.fixes, service.revoked.current())
+    outcome = service.pipeline.with_admission(admission).answer(request, now)
     return Preview(device, snapshot.choose(device), outcome, note)

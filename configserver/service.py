@@ -15,6 +15,7 @@ from .certificates import CertificateVerifier
 from .content import ContentRules, ContentStore
 from .forwarded import TrustedProxies
 from .poll import Pipeline
+from .revocation import RevocationError, RevocationFile
 from .settings import Settings, SettingsError
 
 
@@ -49,20 +50,26 @@ class Service:
     trusted: TrustedProxies
     store: ContentStore
     pipeline: Pipeline
+    revoked: RevocationFile
 
     @classmethod
     def from_settings(cls, settings: Settings, *, grace_seconds: float | None = None) -> "Service":
         """Resolve `settings`. Raises SettingsError naming the setting at fault."""
         fixes = settings.model_fixes
+        try:
+            revoked = RevocationFile(settings.revoked, fixes)
+        except RevocationError as exc:
+            raise SettingsError(f"setting 'revoked': {exc}") from None
         gate = Gate(
             settings.accepted_issuers,
             CertificateVerifier(settings.ca_certificates),
             require_client_cert=settings.require_client_cert,
             fixes=fixes,
+            revocations=revoked.current,
         )
         trusted = TrustedProxies(
             settings.trusted_proxies, settings.proxy_secret.get_secret_value() if settings.proxy_secret else None,
         )
         store = content_store(settings, grace_seconds=grace_seconds)
         digest_key = settings.digest_key.get_secret_value().encode() if settings.digest_key else None
-        return cls(settings, fixes, gate, trusted, store, Pipeline(gate, store, digest_key=digest_key))
+        return cls(settings, fixes, gate, trusted, store, Pipeline(gate, store, digest_key=digest_key), revoked)

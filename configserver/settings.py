@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     # proves a request came through one of them, not from any other local process
     proxy_secret: SecretStr | None = None
     cn_fixes: dict[str, str] = Field(default_factory=dict)
+    # devices that get `403 # revoked`: hwids, MACs or certificate fingerprints, one a line
+    revoked: Path | None = None
 
     # Built-in TLS listener
     tls_cert: Path | None = None
