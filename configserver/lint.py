@@ -59,7 +59,7 @@ from .poll import Pipeline, RequestInfo
 from .preview import device_names
 from .revocation import RevocationError, read_revocations
 from .service import Service
-from .settings import Settings
+from .settings import Settings, environment_variable
 
 # A device of a model no file names, for a default template no named device reaches.
 _ANY_MODEL_DEVICE = "LINT-00-00-00"
@@ -93,7 +93,7 @@ def check(settings: Settings, config_file: Path | None = None) -> list[Problem]:
     are read as they are: the check has no earlier version to fall back to.
     """
     if not Path(settings.templates).is_dir():
-        where = str(config_file) if config_file else "settings"
+        where = environment_variable("templates") or (str(config_file) if config_file else "settings")
         return [Problem(where, 1, f"templates: {settings.templates} is not a folder (setting 'templates')")]
     service = Service.from_settings(settings.model_copy(update={"revoked": None}), grace_seconds=0)
     service.store.refresh()
@@ -255,7 +255,7 @@ class _Check:
         for group, models in self.snapshot.groups.items():
             for model in models:
                 if model in self.settings.groups.get(group, ()):
-                    file, text = self.config_label, self.config_text
+                    file, text = environment_variable("groups") or self.config_label, self.config_text
                 else:
                     file, text = self.vars_file("default.toml"), default_text
                 line = _find_line(text, rf"""["']{re.escape(model)}["']""")

@@ -289,10 +289,16 @@ def _source(key: str, path: Path, overrides: dict[str, Any]) -> str:
     """Where the value of `key` came from, strongest source first, as Settings reads them."""
     if overrides.get(key) is not None:
         return " (from the command line)"
-    wanted = f"CONFIGSERVER_{key}".upper()
-    variable = next((name for name in os.environ if name.upper() == wanted), None)   # any case, as Settings reads it
+    variable = environment_variable(key)
     if variable is not None:
         return f" (from the environment variable {variable})"
     if path.is_file():
         return f" (in {path})"
     return ""
+
+
+def environment_variable(key: str) -> str | None:
+    """The name of the `CONFIGSERVER_*` variable that sets `key` now, if any (in any case, as
+    Settings reads them): a message about a value from there must name it, not the file."""
+    wanted = f"CONFIGSERVER_{key}".upper()
+    return next((name for name in os.environ if name.upper() == wanted), None)

@@ -123,3 +123,13 @@ def test_a_bad_value_from_the_file_names_the_file(tmp_path):
 def test_a_bad_command_line_value_says_so():
     with pytest.raises(SettingsError, match=r"^setting 'workers' \(from the command line\): "):
         load_settings(workers=0)
+
+
+def test_check_names_the_variable_that_set_a_missing_templates_folder(tmp_path):
+    (tmp_path / "configserver.toml").write_text('templates = "templates"\n')
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("CONFIGSERVER_")}
+    env["CONFIGSERVER_TEMPLATES"] = str(tmp_path / "nowhere")
+    result = subprocess.run([sys.executable, "-m", "configserver", "check"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stdout.startswith("CONFIGSERVER_TEMPLATES:1: templates: ") and "configserver.toml" not in result.stdout
