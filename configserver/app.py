@@ -30,6 +30,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from .backups import Backups, UploadOutcome
 from .content import ContentStore
 from .forwarded import facts_from_headers, facts_from_tls, peer_ip
 from .inventory import Inventory, InventoryError
@@ -39,6 +40,7 @@ from .poll import INTERNAL_ERROR, Pipeline, PollRequest
 from .refusals import Refused
 from .service import Service
 from .settings import Settings, SettingsError, load_settings
+from .tls import is_device_listener
 
 log = logging.getLogger("configserver.poll")
 
@@ -76,6 +78,14 @@ class ConfigServer:
             ["state"], registry=self.registry, multiprocess_mode="livesum",
         )
         self._counters: dict[tuple[int, str], Any] = {}
+        # -- configuration backups (configserver/backups/): on when backup_url is set
+        try:
+            self.backups = Backups.from_settings(settings, self.registry)
+        except InventoryError as exc:
+            raise SettingsError(str(exc)) from None
+        if self.backups is not None:
+            self.pipeline.backups = self.backups.asking
+        # -- end of configuration backups
         self.api = self._service_routes()
 
     @property
@@ -113,9 +123,13 @@ class ConfigServer:
         await asyncio.to_thread(self.store.settle)
         reloader = asyncio.create_task(self._reload_forever())
         await self.inventory.start()  # returns at once; a database that is away is retried
+        if self.backups is not None:
+            await self.backups.start()  # returns at once, as the inventory does
         try:
             yield
         finally:
+            if self.backups is not None:
+                await self.backups.close()
             reloader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reloader
@@ -132,7 +146,10 @@ class ConfigServer:
     # -- ASGI entry ---------------------------------------------------------------------------
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
-        if scope["type"] == "http" and scope["path"] not in SERVICE_PATHS:
+        if (scope["type"] == "http" and scope["method"] == "PUT" and self.backups is not None
+                and scope["path"] == self.backups.path):
+            await self.upload(scope, receive, send)
+        elif scope["type"] == "http" and scope["path"] not in SERVICE_PATHS:
             await self.poll(scope, send)
         elif scope["type"] == "http" and scope["path"] == "/metrics" and self._from_a_device(scope):
             # for whoever scrapes the app directly, not for devices
@@ -163,10 +180,34 @@ class ConfigServer:
         await _send(send, outcome.status, outcome.body, head=scope["method"] == "HEAD")
         self._finish(outcome)
 
+    async def upload(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        """A device's PUT of its configuration or facts (configserver/backups/): the same
+        admission as a poll, so the certificate's device and nobody else; then backups/ reads,
+        checks and stores the body."""
+        assert self.backups is not None
+        started, arrived = time.perf_counter(), time.time()
+        client_ip = peer_ip(scope)
+        query = urllib.parse.parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        device = None
+        try:
+            facts = self._facts(scope)
+            client_ip = facts.client_ip or client_ip
+            device = self.service.gate.admit(facts, query, dt.datetime.fromtimestamp(arrived, dt.timezone.utc))
+        except Refused as refusal:
+            outcome = UploadOutcome(403, refusal.reason, refusal.detail)
+        else:
+            try:
+                outcome = await self.backups.receive(device, query, receive, _content_length(scope), arrived)
+            except Exception:  # a bug must cost this upload only; the type alone, never the body
+                log.exception("upload failed", extra={"fields": {"event": "upload_failed", "path": scope["path"]}})
+                outcome = UploadOutcome(500, INTERNAL_ERROR)
+        await _send(send, outcome.status, outcome.body, head=False)
+        self.backups.finish(outcome, path=scope["path"], client_ip=client_ip, device=device, started=started)
+
     def _from_a_device(self, scope: dict[str, Any]) -> bool:
         """Whether a request came the devices' way: through a terminator, or over the built-in
         TLS listener (every client there has a device certificate, or is trying to)."""
-        if self.settings.builtin_tls:
+        if is_device_listener(scope):
             return True
         return any(name.startswith(b"x-ssl-client-") for name, _ in scope.get("headers", ()))
 
@@ -191,6 +232,14 @@ async def _send(send: Callable[..., Any], status: int, body: bytes, *, head: boo
         "headers": [(b"content-type", _PLAIN), (b"content-length", str(len(body)).encode()), _NO_STORE],
     })
     await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+def _content_length(scope: dict[str, Any]) -> int | None:
+    """The declared body length of an upload, None when chunked or unreadable."""
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def create_app(settings: Settings) -> ConfigServer:

@@ -233,3 +233,8 @@ def test_builtin_listener_never_gives_another_devices_script(builtin_port, files
             assert hwid == GOOD[who]
     if status == 200:
         assert f"secret-of-{GOOD[who]}" in text
+
+
+def test_metrics_are_not_served_over_the_built_in_listener(builtin_port, files, pki):
+    [(status, body)] = get(builtin_port, device_context(files, pki.phone), "/metrics")
+    assert (status, body) == (404, b"# not found\n")
