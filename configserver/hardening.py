@@ -29,8 +29,8 @@ PTRACE_SCOPE = Path("sys/kernel/yama/ptrace_scope")
 
 _ADVICE = (
     "behind nginx, a process running as the terminator's user (www-data: PHP-FPM, CGI scripts) can read "
-    "the proxy secret out of nginx's workers. Prefer Apache or lighttpd, or run nginx's workers in a "
-    "group of their own (README, \"The proxy secret\")"
+    "the proxy secret out of nginx's workers. Prefer Apache or lighttpd, or run nginx's workers as a user "
+    "and group of their own (README, \"The proxy secret\")"
 )
 
 log = logging.getLogger("configserver.hardening")
