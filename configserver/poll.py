@@ -51,6 +51,13 @@ class Admission(Protocol):
     def admit(self, facts: ClientFacts, query: Mapping[str, list[str]], now: dt.datetime) -> DeviceIdentity: ...
 
 
+class AskForUploads(Protocol):
+    """Configuration backups (configserver/backups/): the `mod cmd UP0 scfg` lines this poll's
+    answer carries, none when the device is not due."""
+
+    def lines(self, mac: str, hwid: str, model: str, now: float | None = None) -> list[str]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class PollRequest:
     """What the transport saw of one poll."""
@@ -108,6 +115,7 @@ class Pipeline:
         self._answers_kept = answers_kept
         self._answers_of: Snapshot | None = None
         self._answers: BoundedCache[DeviceIdentity, Answers] = BoundedCache(answers_kept)
+        self.backups: AskForUploads | None = None   # set by the web layer when backup_url is set
 
     def with_admission(self, admission: Admission) -> "Pipeline":
         """The same content and renderer, another first stage (for `render`)."""
@@ -157,6 +165,13 @@ class Pipeline:
             body, sha, decision = answers.unchanged, answers.unchanged_sha256, UNCHANGED
         else:
             body, sha, decision = answers.sent, answers.sent_sha256, SENT if answers.digest is not None else None
+        # -- configuration backups: the upload requests go above the script, so before its check
+        # line (which skips what follows it) and outside its digest; script_sha256 stays the script's.
+        if self.backups is not None:
+            ask = self.backups.lines(device.mac, device.hwid, device.model, request.time)
+            if ask:
+                body = ("\r\n".join(ask) + "\r\n").encode() + body
+        # -- end of configuration backups
         return self._outcome(request, 200, None, body, device=device, choice=choice, reported=reported,
                              digest=answers.digest, decision=decision, script_sha256=sha)
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 _HOMES = {
     "Asking": "_asking",
+    "Backups": "_service",
     "CertificateFacts": "_facts", "DeviceFacts": "_facts", "FactsUnreadable": "_facts",
     "parse_certificate_facts": "_facts", "parse_device_facts": "_facts",
     "ALL": "_schedule", "device_target": "_schedule", "is_due": "_schedule", "model_target": "_schedule",
@@ -42,6 +43,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from ._asking import Asking
+    from ._service import Backups
     from ._facts import CertificateFacts, DeviceFacts, FactsUnreadable, parse_certificate_facts, parse_device_facts
     from ._schedule import ALL, device_target, is_due, model_target, slot_offset, slot_start
     from ._store import BackupState, BackupStore, Stored, Version
