@@ -214,11 +214,18 @@ def create_admin_app(settings: Settings) -> FastAPI:
     def css() -> Response:
         return Response(page.css, media_type="text/css; charset=utf-8")
 
+    @app.get("/favicon.ico")
+    def favicon() -> Response:
+        return Response(status_code=404)
+
     @app.get("/login")
     def login_form(request: Request) -> Response:
         if page.sessions.find(request.cookies.get(SESSION_COOKIE)):
             return RedirectResponse("/", status_code=303)
-        token = page.sessions.login_token()
+        # The token already held stays: a second tab, or the browser's own requests that end
+        # here (favicon), must not make the form in the first one stale.
+        held = request.cookies.get(LOGIN_COOKIE)
+        token = held if page.sessions.login_token_valid(held, held) else page.sessions.login_token()
         response = page.html("login.html", token=token, error=None, user="", no_users=len(page.users) == 0)
         set_cookie(response, request, LOGIN_COOKIE, token, 3600)
         return response

@@ -1,0 +1,233 @@
+"""The admin page in a real browser: Debian's headless Chromium, driven by Playwright.
+
+A lab server takes polls from lab devices over mutual TLS; the admin page, on a listener of its
+own, shows them. An admin logs in, finds the devices, filters, opens one with its history and a
+refusal's reason, and logs out; a wrong password is refused; no page shows without a session;
+and the page's Content-Security-Policy stops inline script.
+
+With CONFIGSERVER_SCREENSHOTS=DIR the fleet and device pages are saved there (the README's).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from needs import need_server
+
+from configserver.lab import create_lab, poll
+
+CHROMIUM = "/usr/bin/chromium"
+PASSWORD = "correct horse battery staple"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, what: str) -> None:
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        assert process.poll() is None, f"{what} stopped: {process.stderr.read().decode() if process.stderr else ''}"
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return              # it answers
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{what} did not start")
+
+
+class Lab:
+    def __init__(self, root: Path, device_port: int, admin_port: int) -> None:
+        self.root, self.device_port, self.admin_port = root, device_port, admin_port
+        self.lab = create_lab(root / "lab")
+        self.admin = f"http://127.0.0.1:{admin_port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CONFIGSERVER_")}
+        self.env.update({
+            "CONFIGSERVER_DATABASE": f"sqlite:///{root}/inventory.db",
+            "CONFIGSERVER_ADMIN_PORT": str(admin_port),
+            "CONFIGSERVER_ADMIN_USERS": str(root / "admin-users"),
+            "CONFIGSERVER_SECURITY_LOG": str(root / "security.log"),
+            "CONFIGSERVER_GRACE_SECONDS": "0",
+        })
+
+    def command(self, *args: str, **options) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "configserver", "--config", str(self.lab.config), *args],
+                                cwd=self.root, env=self.env, **options)
+
+    def poll(self, name: str, path: str = "/update") -> int:
+        device = self.lab.device(name)
+        answer = poll(f"https://127.0.0.1:{self.device_port}{path}", cert=device.cert, key=device.key,
+                      server_ca=self.lab.server_ca)
+        return answer.status
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    need_server(Path(CHROMIUM).is_file(), "chromium (Debian package)")
+    lab = Lab(tmp_path_factory.mktemp("admin"), free_port(), free_port())
+    added = lab.command("admin-user", "add", "alice", stdin=subprocess.PIPE)
+    added.communicate(PASSWORD.encode() + b"\n", timeout=60)
+    assert added.returncode == 0
+    devices = lab.command("serve", "--port", str(lab.device_port), stderr=subprocess.PIPE)
+    admin = lab.command("admin-serve", stderr=subprocess.PIPE)
+    try:
+        wait_for(f"{lab.admin}/login", admin, "admin-serve")
+        deadline = time.time() + 30
+        while True:
+            try:
+                lab.poll("IP232-30-00-af")
+                break
+            except Exception:
+                assert devices.poll() is None and time.time() < deadline, "serve did not start"
+                time.sleep(0.2)
+        yield lab
+    finally:
+        for process in (devices, admin):
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[object]:
+    need_server(Path(CHROMIUM).is_file(), "chromium (Debian package)")
+    sync_api = pytest.importorskip("playwright.sync_api") if os.environ.get("CI") != "true" else __import__(
+        "playwright.sync_api", fromlist=["sync_playwright"])
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(chromium):
+    context = chromium.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(15000)
+    yield page
+    context.close()
+
+
+def log_in(page, lab: Lab, password: str = PASSWORD) -> None:
+    page.goto(f"{lab.admin}/login")
+    page.fill("input[name=user]", "alice")
+    page.fill("input[name=password]", password)
+    with page.expect_navigation():
+        page.click("main button[type=submit]")
+
+
+def screenshot(page, name: str) -> None:
+    folder = os.environ.get("CONFIGSERVER_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / name), full_page=True)
+
+
+def test_an_admin_sees_the_lab_polls_filters_opens_a_device_and_logs_out(lab: Lab, page) -> None:
+    for name, build in (("IP232-30-00-af", "13A127"), ("IP232-30-01-10", "13A127"), ("IP1202-35-fe-4d", "14A012"),
+                        ("IP112-30-03-01", "13A140"), ("IP222s-30-00-b0", "13A127")):
+        assert lab.poll(name, f"/update?PROT={build}&BOOT=113454") == 200   # as devices report their builds
+    # a device whose URL names another device: refused, with the reason
+    assert lab.poll("IP232-30-01-10", "/update?hwid=IP232-30-00-af") == 403
+
+    page.goto(lab.admin + "/")
+    assert page.url == f"{lab.admin}/login"              # no page without a session
+    log_in(page, lab)
+    assert page.url == f"{lab.admin}/", page.content()
+    deadline = time.time() + 15                          # the inventory writes in batches
+    while page.locator("table.fleet tbody a").count() < 5:
+        assert time.time() < deadline, page.content()
+        time.sleep(0.3)
+        page.reload()
+    names = page.locator("table.fleet tbody td:first-child a").all_inner_texts()
+    assert set(names) == {"IP232-30-00-af", "IP232-30-01-10", "IP1202-35-fe-4d", "IP112-30-03-01", "IP222-30-00-b0"}
+    assert "device mismatch" in page.locator("section.problems").inner_text()
+    screenshot(page, "admin-fleet.png")
+
+    page.fill("input[name=model]", "ip232")
+    with page.expect_navigation():
+        page.click("form.filters button[type=submit]")
+    assert sorted(page.locator("table.fleet tbody td:first-child a").all_inner_texts()) == [
+        "IP232-30-00-af", "IP232-30-01-10"]
+    assert "model=ip232" in page.url
+
+    with page.expect_navigation():
+        page.click("text=IP232-30-01-10")
+    assert page.url == f"{lab.admin}/devices/00-90-33-30-01-10"
+    history = page.locator("table.history tbody tr")
+    assert history.count() == 2, page.content()
+    newest = history.nth(0).inner_text()
+    assert "403" in newest and "device mismatch" in newest and "/update" in newest
+    assert "200" in history.nth(1).inner_text()
+    assert "13A127" in page.locator("div.columns").inner_text()     # the firmware it reported
+    would_get = page.locator("section.would-get").inner_text()
+    assert "models/IP232.j2" in would_get
+    assert "mod cmd UP1 check ser" in page.locator("pre.script").inner_text()
+    screenshot(page, "admin-device.png")
+
+    with page.expect_navigation():
+        page.click("header button:has-text('Log out')")
+    assert page.url == f"{lab.admin}/login"
+    page.goto(f"{lab.admin}/devices/00-90-33-30-01-10")
+    assert page.url == f"{lab.admin}/login"
+
+
+def test_a_wrong_password_is_refused_and_logged(lab: Lab, page) -> None:
+    log_in(page, lab, password="not the password")
+    assert page.url == f"{lab.admin}/login"
+    assert "Wrong user name or password" in page.locator("p.alert").inner_text()
+    page.goto(lab.admin + "/")
+    assert page.url == f"{lab.admin}/login"
+    log = (lab.root / "security.log").read_text()
+    assert re.search(r'login-failed client=127\.0\.0\.1 user="alice"', log), log
+
+
+def test_the_content_security_policy_stops_inline_script(lab: Lab, page) -> None:
+    log_in(page, lab)
+    violations: list[str] = []
+    page.on("console", lambda message: violations.append(message.text))
+    # what an injected <script> or event handler would be: neither may run
+    page.evaluate("""() => {
+        const script = document.createElement('script');
+        script.textContent = 'window.inlineRan = true';
+        document.body.appendChild(script);
+        const image = document.createElement('img');
+        image.setAttribute('onerror', 'window.handlerRan = true');
+        image.src = 'data:,nothing';
+        document.body.appendChild(image);
+    }""")
+    page.wait_for_timeout(300)
+    assert page.evaluate("() => [window.inlineRan === undefined, window.handlerRan === undefined]") == [True, True]
+    assert any("Content Security Policy" in text for text in violations), violations
+    # and the page loads nothing it does not serve itself
+    assert page.evaluate("() => document.scripts.length") == 1          # the one just refused
+    styles = page.evaluate("() => [...document.styleSheets].map(s => s.href)")
+    assert styles == [f"{lab.admin}/static/admin.css"]
+
+
+def test_the_page_fits_a_phone(lab: Lab, chromium) -> None:
+    context = chromium.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    try:
+        page = context.new_page()
+        log_in(page, lab)
+        width = page.evaluate("() => document.documentElement.scrollWidth")
+        assert width <= 390, width                  # no sideways scrolling of the page itself
+        assert page.locator("table.fleet th.wide").first.is_hidden()
+    finally:
+        context.close()
