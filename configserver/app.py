@@ -32,6 +32,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from .backups import Backups, UploadOutcome
 from .content import ContentStore
+from .firmware._watch import FirmwareWatch
 from .forwarded import facts_from_headers, facts_from_tls, peer_ip
 from .inventory import Inventory, InventoryError
 from .logs import configure_logging
@@ -86,6 +87,11 @@ class ConfigServer:
         if self.backups is not None:
             self.pipeline.backups = self.backups.asking
         # -- end of configuration backups
+        # -- firmware (configserver/firmware/): this node's sends, the shared halts, the failure watch
+        self.clock: Callable[[], float] = time.time   # when a poll arrived; tests set their own
+        self.firmware = FirmwareWatch(settings.database, self.pipeline.firmware, lambda: self.store.snapshot,
+                                      registry=self.registry, clock=lambda: self.clock())
+        # -- end of firmware
         self.api = self._service_routes()
 
     @property
@@ -125,9 +131,11 @@ class ConfigServer:
         await self.inventory.start()  # returns at once; a database that is away is retried
         if self.backups is not None:
             await self.backups.start()  # returns at once, as the inventory does
+        await self.firmware.start()  # returns at once, as the inventory does
         try:
             yield
         finally:
+            await self.firmware.close()
             if self.backups is not None:
                 await self.backups.close()
             reloader.cancel()
@@ -160,7 +168,7 @@ class ConfigServer:
     async def poll(self, scope: dict[str, Any], send: Callable[..., Any]) -> None:
         """Answer one update poll with what the pipeline decides; log, count and record it."""
         started = time.perf_counter()
-        arrived = time.time()
+        arrived = self.clock()
         client_ip = peer_ip(scope)
         query = urllib.parse.parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True)
         try:

@@ -29,6 +29,7 @@ from typing import Protocol
 from .apply_once import SENT, UNCHANGED, apply_once
 from .caches import BoundedCache
 from .content import Choice, ConfigurationError, ContentStore, Renderer, Snapshot
+from .firmware import FirmwareError, FirmwareStage
 from .forwarded import ClientFacts
 from .identity import DeviceIdentity
 from .outcome import Outcome
@@ -116,6 +117,7 @@ class Pipeline:
         self._answers_of: Snapshot | None = None
         self._answers: BoundedCache[DeviceIdentity, Answers] = BoundedCache(answers_kept)
         self.backups: AskForUploads | None = None   # set by the web layer when backup_url is set
+        self.firmware = FirmwareStage()   # firmware/: the web layer gives it a Ledger when serving
 
     def with_admission(self, admission: Admission) -> "Pipeline":
         """The same content and renderer, another first stage (for `render`)."""
@@ -165,6 +167,15 @@ class Pipeline:
             body, sha, decision = answers.unchanged, answers.unchanged_sha256, UNCHANGED
         else:
             body, sha, decision = answers.sent, answers.sent_sha256, SENT if answers.digest is not None else None
+        # -- firmware (configserver/firmware/): the window, fast polling and firmware lines go
+        # above the script and outside its digest; script_sha256 stays the script's.
+        try:
+            firmware = self.firmware.answer(snapshot, choice, device, request.first_values(), now)
+        except FirmwareError as error:
+            return self._outcome(request, 500, CONFIGURATION_ERROR, b"# configuration error\n",
+                                 detail=str(error), device=device, choice=choice, reported=reported)
+        body = firmware.text.encode() + body
+        # -- end of firmware
         # -- configuration backups: the upload requests go above the script, so before its check
         # line (which skips what follows it) and outside its digest; script_sha256 stays the script's.
         if self.backups is not None:

@@ -3,6 +3,8 @@
     _declaration.py  the `[firmware]` table of the vars files, layered into one device's declaration
     _rollout.py      which wave a device is in (a stable hash of its hwid) and when it opens
     _decision.py     declaration, reported build, wave, window -> the lines a poll gets
+    _stage.py        the poll pipeline's stage: a device's declaration from a content snapshot
+    _state.py        sends and halts in the inventory's database (imported only where served)
 
 The rules are pure functions on values; `configserver firmware` and the poll pipeline call them.
 """
@@ -37,6 +39,7 @@ from ._declaration import (
     resolve,
 )
 from ._rollout import AT_ONCE, FIRST, Placement, place, position
+from ._stage import FirmwareStage, Ledger, Send, firmware_layers, model_declaration
 
 __all__ = [
     "AT_ONCE",
@@ -55,14 +58,19 @@ __all__ = [
     "Declaration",
     "FirmwareAnswer",
     "FirmwareError",
+    "FirmwareStage",
+    "Ledger",
     "Placement",
     "Rollout",
+    "Send",
     "Wave",
     "Window",
     "check_url",
     "decide",
     "differs",
     "file_url",
+    "firmware_layers",
+    "model_declaration",
     "place",
     "position",
     "resolve",

@@ -1,0 +1,118 @@
+"""The rollout as a serving node runs it: sends written, halts read, failures watched, metrics.
+
+Every `interval` seconds, off the poll path: write the sends this node's polls queued, read
+the halted targets (so a halt any node takes holds here within one interval), count the
+failures and halt what passed its threshold. The poll path itself only reads memory.
+
+Imported by the web layer only: it carries the metrics (prometheus_client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from ..inventory._database import database_url, migrate, open_engine
+from ._stage import FirmwareStage, Send
+from ._state import RolloutState
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+log = logging.getLogger("configserver.firmware")
+
+INTERVAL = 5.0
+
+
+class _CountingState(RolloutState):
+    """RolloutState that also counts each send in the metrics."""
+
+    def __init__(self, engine: Any, sent: Counter) -> None:
+        super().__init__(engine)
+        self._sent = sent
+
+    def note(self, send: Send) -> None:
+        super().note(send)
+        self._sent.labels(send.model.casefold(), send.kind).inc()
+
+
+class FirmwareWatch:
+    """The rollout's background work on one node, and its metrics."""
+
+    def __init__(
+        self, database: str, stage: FirmwareStage, snapshot: Callable[[], Any], *,
+        registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time,
+        interval: float = INTERVAL,
+    ) -> None:
+        """`stage`: the pipeline's firmware stage, given this node's state here; `snapshot`:
+        the content snapshot in use (the models' rollouts come from it). Connects nothing yet."""
+        self._engine = open_engine(database_url(database))
+        self._sent = Counter("configserver_firmware_sent", "Firmware and boot code lines sent, by model and kind",
+                             ["model", "kind"], registry=registry)
+        self._halted = Gauge("configserver_firmware_halted", "1 for each target whose rollout is halted",
+                             ["model", "kind", "build"], registry=registry, multiprocess_mode="livemax")
+        self.state = _CountingState(self._engine, self._sent)
+        self.stage = stage
+        stage.state = self.state
+        self._snapshot = snapshot
+        self._clock = clock
+        self._interval = interval
+        self._shown: set[tuple[str, str, str]] = set()
+        self._migrated = False
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, stage: FirmwareStage, snapshot: Callable[[], Any],
+                      registry: CollectorRegistry | None = None) -> FirmwareWatch:
+        return cls(settings.database, stage, snapshot, registry=registry)
+
+    async def tick(self) -> None:
+        """One pass: write the queued sends, read the halts, halt what failed. Raises the
+        database's errors (the loop logs them and tries again)."""
+        if not self._migrated:   # the inventory's writer may not have made our tables yet
+            await migrate(self._engine)
+            self._migrated = True
+        await self.state.flush()
+        await self.state.refresh()
+        await self.state.watch(self._clock(), self.stage.policy(self._snapshot()))
+        self._show(self.state.halts)
+
+    def _show(self, halts: frozenset[tuple[str, str, str]]) -> None:
+        for target in self._shown - halts:
+            self._halted.labels(*target).set(0)
+        for target in halts:
+            self._halted.labels(*target).set(1)
+        self._shown = set(halts)
+
+    async def start(self) -> None:
+        """Start the background passes; returns at once."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="firmware-watch")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the database is away: polls go on, the next pass retries
+                log.warning("firmware watch failed", extra={"fields": {
+                    "event": "firmware_watch_failed", "error": f"{type(exc).__name__}: {exc}"[:300]}})
+            await asyncio.sleep(self._interval)
+
+    async def close(self) -> None:
+        """Stop the passes, write what is queued (if the database answers), let go of it."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Exception):
+            await self.state.flush()
+        await self._engine.dispose()
