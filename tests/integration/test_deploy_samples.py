@@ -43,7 +43,17 @@ def test_apache_sample_verifies_devices_for_the_whole_virtual_host_and_sets_head
     # the devices' virtual host, the first; others (the admin page's) answer people, not devices
     start = next(i for i, line in enumerate(lines) if line.lower().startswith("<virtualhost"))
     lines = lines[start:lines.index("</VirtualHost>", start) + 1]
-    assert not any(re.match(r"<(Location|Directory|Files|If)", line, re.I) for line in lines)
+    # Sections may limit methods or sizes, never verify or set identity headers per path: a
+    # per-<Location> SSLVerifyClient or a header set inside <If> leaves the other paths open.
+    depth = 0
+    for line in lines:
+        if re.match(r"</(Location|Directory|Files|If|Else|LimitExcept|Limit)", line, re.I):
+            depth -= 1
+        elif re.match(r"<(Location|Directory|Files|If|Else|LimitExcept|Limit)", line, re.I):
+            depth += 1
+        elif depth:
+            assert not re.match(r"(SSLVerify|SSLCACertificate|RequestHeader|SSLOptions)", line, re.I), line
+    assert depth == 0
     assert [line for line in lines if line.lower().startswith("sslverifyclient")] == ["SSLVerifyClient require"]
     headers = {}
     for line in lines:
