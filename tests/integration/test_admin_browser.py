@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -229,5 +230,147 @@ def test_the_page_fits_a_phone(lab: Lab, chromium) -> None:
         width = page.evaluate("() => document.documentElement.scrollWidth")
         assert width <= 390, width                  # no sideways scrolling of the page itself
         assert page.locator("table.fleet th.wide").first.is_hidden()
+    finally:
+        context.close()
+
+
+# -- through the terminators' admin vhosts -------------------------------------------------------
+
+def enable_admin_block(kind: str, sample: str, port: int, backend_port: int) -> str:
+    """The sample with its admin block turned on, as the README tells an admin to."""
+    if kind == "apache":
+        defines = (f"Define CONFIGSERVER_ADMIN_PORT {port}\n"
+                   f"Define CONFIGSERVER_ADMIN_BACKEND http://127.0.0.1:{backend_port}/\n")
+        return sample.replace("# ==== end of values to change", defines + "# ==== end of values to change", 1)
+    start = sample.index("# ==== admin page")
+    end = sample.index("# ==== end of admin page")
+    block = "\n".join(line[1:] if re.match(r"#(?! )|#    ", line) else line
+                      for line in sample[start:end].splitlines()) + "\n"
+    block = block.replace("8081", str(backend_port))
+    block = block.replace("listen 8444 ssl", f"listen 127.0.0.1:{port} ssl").replace('":8444"', f'"127.0.0.1:{port}"')
+    return sample[:start] + block + sample[end:]
+
+
+@pytest.fixture(params=["apache", "nginx", "lighttpd"])
+def admin_vhost(request, lab: Lab) -> Iterator[tuple[str, int, int]]:
+    """A terminator started from its deploy sample, admin block on: (kind, devices' port, admin port)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from terminator_lab import (
+        DEPLOY,
+        Server,
+        apache_main_conf,
+        fill_in,
+        find_binary,
+        lighttpd_main_conf,
+        nginx_main_conf,
+        running_as_root,
+        tcp_open,
+        write_secret_file,
+    )
+
+    kind = request.param
+    binary = find_binary({"apache": "apache2", "nginx": "nginx", "lighttpd": "lighttpd"}[kind])
+    need_server(binary is not None, kind)
+    root = Path(tempfile.mkdtemp(prefix=f"admin-{kind}-"))
+    root.chmod(0o755)
+    for sub in ("logs", "run", "tmp", "htdocs"):
+        (root / sub).mkdir(mode=0o755)
+        if running_as_root() and sub in ("logs", "tmp"):
+            shutil.chown(root / sub, user="www-data", group="www-data")
+    device_port, admin_port = free_port(), free_port()
+    lab_dir = lab.lab.root
+    cert, key, cas = lab_dir / "server" / "server.pem", lab_dir / "server" / "server.key", lab.lab.ca_bundle
+    secret = "s" * 40
+    nowhere = root / "run" / "no-app.sock"    # the devices' app is not needed: only the page is asked
+    if kind == "apache":
+        sample = fill_in((DEPLOY / "apache" / "configserver.conf").read_text(), {
+            "Define CONFIGSERVER_ADDRESS": "127.0.0.1", "Define CONFIGSERVER_PORT": str(device_port),
+            "Define CONFIGSERVER_NAME": "localhost", "Define CONFIGSERVER_CERT": str(cert),
+            "Define CONFIGSERVER_KEY": str(key), "Define CONFIGSERVER_DEVICE_CAS": str(cas),
+            "Define CONFIGSERVER_BACKEND": f"unix:{nowhere}|http://localhost/",
+            "Define CONFIGSERVER_PROXY_SECRET": secret,
+        })
+        write_secret_file(root / "site.conf", enable_admin_block(kind, sample, admin_port, lab.admin_port))
+        (root / "main.conf").write_text(apache_main_conf(root, root / "site.conf"))
+        command = [binary, "-d", str(root), "-f", str(root / "main.conf"), "-DFOREGROUND"]
+        env = {**os.environ, "APACHE_LOG_DIR": str(root / "logs")}
+    elif kind == "nginx":
+        sample = fill_in((DEPLOY / "nginx" / "configserver.conf").read_text(), {
+            "server": f"unix:{nowhere}", "listen": f"127.0.0.1:{device_port} ssl", "server_name": "localhost",
+            "ssl_certificate": str(cert), "ssl_certificate_key": str(key), "ssl_client_certificate": str(cas),
+            "proxy_set_header X-Configserver-Proxy-Secret": secret,
+        })
+        block = enable_admin_block(kind, sample, admin_port, lab.admin_port)
+        block = block.replace("/etc/configserver/tls/server.crt", str(cert)).replace(
+            "/etc/configserver/tls/server.key", str(key))
+        write_secret_file(root / "site.conf", block)
+        (root / "main.conf").write_text(nginx_main_conf(root, root / "site.conf"))
+        command = [binary, "-p", f"{root}/", "-c", str(root / "main.conf"), "-e", str(root / "logs" / "error.log")]
+        env = None
+    else:
+        chain = root / "server-chain.pem"
+        chain.write_bytes(cert.read_bytes() + (lab_dir / "ca" / "server-ca.pem").read_bytes())
+        lua = root / "client-cert.lua"
+        shutil.copyfile(DEPLOY / "lighttpd" / "configserver-client-cert.lua", lua)
+        lua.chmod(0o644)
+        sample = fill_in((DEPLOY / "lighttpd" / "50-configserver.conf").read_text(), {
+            "var.configserver_listen": f'"127.0.0.1:{device_port}"', "var.configserver_cert": f'"{chain}"',
+            "var.configserver_key": f'"{key}"', "var.configserver_device_cas": f'"{cas}"',
+            "var.configserver_lua": f'"{lua}"', "var.configserver_backend": f'( "host" => "{nowhere}" )',
+            "var.configserver_proxy_secret": f'"{secret}"',
+        })
+        write_secret_file(root / "site.conf", enable_admin_block(kind, sample, admin_port, lab.admin_port))
+        (root / "main.conf").write_text(lighttpd_main_conf(root, root / "site.conf", free_port()))
+        command = [binary, "-D", "-f", str(root / "main.conf")]
+        env = None
+    server = Server(kind, command, [root / "logs" / "error.log"], env).start(root / "output.log")
+    try:
+        server.wait_until(lambda: tcp_open(admin_port) and tcp_open(device_port), "both listeners")
+        yield kind, device_port, admin_port
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_each_samples_admin_vhost_serves_the_page_over_tls_and_the_devices_vhost_does_not(
+        admin_vhost, lab: Lab, chromium) -> None:
+    kind, device_port, admin_port = admin_vhost
+    log_file = lab.root / "security.log"
+    before = len(log_file.read_text().splitlines()) if log_file.exists() else 0
+    context = chromium.new_context(ignore_https_errors=True)   # the lab's server certificate
+    try:
+        page = context.new_page()
+        page.set_default_timeout(15000)
+        base = f"https://127.0.0.1:{admin_port}"
+        page.goto(base + "/")
+        assert page.url == f"{base}/login"
+        # a client's own X-Forwarded-For must not become the address the page logs and fail2ban bans
+        page.set_extra_http_headers({"X-Forwarded-For": "198.51.100.66"})
+        page.fill("input[name=user]", "alice")
+        page.fill("input[name=password]", "wrong through " + kind)
+        with page.expect_navigation():
+            page.click("main button[type=submit]")
+        assert "Wrong user name or password" in page.content()
+        page.fill("input[name=user]", "alice")
+        page.fill("input[name=password]", PASSWORD)
+        with page.expect_navigation():
+            page.click("main button[type=submit]")
+        assert page.url == f"{base}/" and page.locator("table.fleet").count() == 1
+        cookie = next(c for c in context.cookies() if c["name"] == "configserver_admin")
+        assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    finally:
+        context.close()
+    new_lines = log_file.read_text().splitlines()[before:]
+    assert [line.split(" ", 1)[1] for line in new_lines] == [
+        'configserver-security: login-failed client=127.0.0.1 user="alice"']   # the peer, not 198.51.100.66
+    # the devices' port: no page without a device certificate, and with one only the devices' app
+    context = chromium.new_context(ignore_https_errors=True)
+    try:
+        page = context.new_page()
+        try:
+            answer = page.goto(f"https://127.0.0.1:{device_port}/login")
+        except Exception:   # Apache and lighttpd fail the handshake
+            answer = None
+        assert answer is None or (answer.status == 400 and "Log in" not in page.content())
     finally:
         context.close()
