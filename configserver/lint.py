@@ -47,6 +47,7 @@ from .content import (
     csv_row_device,
     device_file_key,
 )
+from .firmware import check_firmware
 from .identity import (
     DeviceIdentity,
     InvalidDeviceName,
@@ -132,6 +133,7 @@ class _Check:
         self.revoked()
         self.coverage()
         self.render_all()
+        self.firmware()
         problems = []
         for (file, line, message), devices in self.found.items():
             if devices:
@@ -449,6 +451,15 @@ class _Check:
             if vars_source is not None and (found := vars_source.text.find(text)) >= 0:
                 return self.vars_file(name), line_of(vars_source.text, found)
         return self.template_file(job.template), 1
+
+    # -- firmware (configserver/firmware/): tables, builds, files, URLs ---------------------
+
+    def firmware(self) -> None:
+        devices = ((device, label) for device, label, _ in self._devices())
+        for problem in check_firmware(self.snapshot, devices):
+            self.add(self.vars_file(problem.file), problem.line, problem.message, problem.device)
+
+    # -- end of firmware
 
     def coverage(self) -> None:
         """Devices no template can answer: they would get `404 # no configuration`."""

@@ -4,11 +4,13 @@
     _rollout.py      which wave a device is in (a stable hash of its hwid) and when it opens
     _decision.py     declaration, reported build, wave, window -> the lines a poll gets
     _stage.py        the poll pipeline's stage: a device's declaration from a content snapshot
+    _check.py        what `configserver check` finds in the `[firmware]` tables
     _state.py        sends and halts in the inventory's database (imported only where served)
 
 The rules are pure functions on values; `configserver firmware` and the poll pipeline call them.
 """
 
+from ._check import FirmwareProblem, check_firmware
 from ._decision import (
     HALTED,
     NO_LINES,
@@ -58,6 +60,7 @@ __all__ = [
     "Declaration",
     "FirmwareAnswer",
     "FirmwareError",
+    "FirmwareProblem",
     "FirmwareStage",
     "Ledger",
     "Placement",
@@ -65,6 +68,7 @@ __all__ = [
     "Send",
     "Wave",
     "Window",
+    "check_firmware",
     "check_url",
     "decide",
     "differs",

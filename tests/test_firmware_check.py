@@ -1,0 +1,103 @@
+"""`configserver check` and `render` see the firmware lines: each problem by file and line."""
+
+from __future__ import annotations
+
+import pytest
+
+from configserver.cli import main
+
+FLEET = """
+[groups]
+phones = ["IP232", "IP222"]
+
+[firmware]
+url = "http://fw.example.com/firmware/"
+folder = "{folder}"
+prot = "13.4711"
+boot = "13.4711"
+"""
+
+
+@pytest.fixture
+def tree(site, monkeypatch, tmp_path):
+    """A tree with firmware for IP232 and IP222 whose files are all in the folder."""
+    monkeypatch.chdir(site.root)
+    folder = tmp_path / "firmware"
+    for name in ("ip232.bin", "boot232.bin", "ip222.bin", "boot222.bin"):
+        (folder / "13.4711").mkdir(parents=True, exist_ok=True)
+        (folder / "13.4711" / name).write_bytes(b"image")
+    site.write("configserver.toml", 'templates = "templates"\nvars = "vars"\n')
+    site.write("templates/default.j2", "config change SIP0 /user {{ device.hwid }}\n")
+    site.write("vars/default.toml", FLEET.format(folder=folder))
+    site.write("vars/devices/IP232-30-00-af.toml", "[firmware]\nprot = \"13.4711\"\n")
+    site.folder = folder
+    return site
+
+
+def check(capsys) -> tuple[int, list[str]]:
+    status = main(["--config", "configserver.toml", "check"])
+    return status, capsys.readouterr().out.splitlines()
+
+
+def test_a_tree_whose_files_are_all_there_passes(tree, capsys):
+    assert check(capsys) == (0, [])
+
+
+def test_a_file_missing_from_the_folder_is_named_with_the_url_the_device_would_fetch(tree, capsys):
+    (tree.folder / "13.4711" / "boot222.bin").unlink()
+    status, lines = check(capsys)
+    assert status == 1
+    assert lines == [
+        f"vars/default.toml:7: {tree.folder}/13.4711/boot222.bin is missing: IP222 devices would be sent "
+        "http://fw.example.com/firmware/13.4711/boot222.bin and fail to fetch it (for synthetic device IP222-00-00-00)"
+    ]
+
+
+def test_a_bad_build_in_a_device_file_is_named_there(tree, capsys):
+    tree.write("vars/devices/IP232-30-00-af.toml", "# pinned\n[firmware]\nprot = \"13 4711\"\n")
+    status, lines = check(capsys)
+    assert status == 1
+    assert len(lines) == 1
+    assert lines[0].startswith("vars/devices/IP232-30-00-af.toml:3: firmware.prot = '13 4711' is not a build")
+    assert lines[0].endswith("(for IP232-30-00-af)")
+
+
+def test_a_build_for_a_model_that_takes_none_is_named(tree, capsys):
+    tree.write("vars/models/IPBS2.toml", "[firmware]\nboot = \"13.4711\"\n")
+    tree.write("vars/models/IPVA.toml", "[firmware]\nboot = \"13.4711\"\n")
+    (tree.folder / "13.4711" / "ipva.bin").write_bytes(b"image")
+    status, lines = check(capsys)
+    assert status == 1
+    assert lines == [
+        "vars/models/IPBS2.toml:2: firmware.boot: IPBS2 takes no boot code updates (innovaphone's list): "
+        "this build is never sent; remove it (for synthetic device IPBS2-00-00-00)",
+        "vars/models/IPVA.toml:2: firmware.boot: IPVA takes no boot code updates (innovaphone's list): "
+        "this build is never sent; remove it (for synthetic device IPVA-00-00-00)",
+    ]
+
+
+def test_unknown_model_loopback_url_and_a_first_device_that_is_nothing(tree, capsys):
+    tree.write("vars/models/IP999.toml", "[firmware]\nurl = \"http://127.0.0.1/firmware/\"\nfolder = \"/nonexistent\"\n"
+                                         "[firmware.rollout]\nfirst = [\"reception\"]\n")
+    status, lines = check(capsys)
+    assert status == 1
+    assert [line.split(": ", 1)[0] for line in lines] == ["vars/models/IP999.toml:2", "vars/models/IP999.toml:2",
+                                                          "vars/models/IP999.toml:3", "vars/models/IP999.toml:3",
+                                                          "vars/models/IP999.toml:5"]
+    text = "\n".join(lines)
+    assert "model IP999 is not one innovaphone's update server knows" in text
+    assert "points at loopback" in text
+    assert "/nonexistent/13.4711/ip999.bin is missing" in text
+    assert "'reception' is no group, hwid or MAC" in text
+
+
+def test_render_previews_the_firmware_lines_above_the_script(tree, capsysbinary):
+    status = main(["--config", "configserver.toml", "render", "IP232-30-00-af",
+                   "--query", "PROT=13.4000", "--query", "BOOT=13.4711", "--query", "CHECK=abc"])
+    out = capsysbinary.readouterr().out.decode()
+    assert status == 0
+    assert out.splitlines()[:3] == [
+        "mod cmd UP0 prot http://fw.example.com/firmware/13.4711/ip232.bin ser 13.4711",
+        "iresetn",
+        "config change SIP0 /user IP232-30-00-af",
+    ]
