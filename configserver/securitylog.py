@@ -55,6 +55,10 @@ def configure(target: str | Path | None) -> None:
     if target is None or str(target) == "":
         return
     if str(target) == JOURNAL:
+        # Python's handler would keep quiet about a missing socket and lose every line.
+        if not Path(SYSLOG_SOCKET).exists():
+            raise OSError(f"setting 'security_log': journal: cannot reach {SYSLOG_SOCKET}; "
+                          "is systemd-journald running? (or give a file)")
         handler: logging.Handler = logging.handlers.SysLogHandler(
             address=SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_AUTHPRIV)
         handler.setFormatter(logging.Formatter(f"{IDENTIFIER}: %(message)s"))
@@ -87,7 +91,7 @@ def login_failed(client_ip: str | None, user: str) -> None:
 def _emit(line: str) -> None:
     try:
         _log.info(line)
-    except Exception:  # noqa: BLE001 - a refusal must be answered even when its log line is lost
+    except Exception:  # noqa: BLE001, S110 - a refusal must be answered even when its log line is lost
         pass
 
 

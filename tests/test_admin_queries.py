@@ -148,7 +148,7 @@ def test_a_devices_history_walks_the_device_time_index(sqlite_fleet) -> None:
 
 
 def test_paging_by_key_walks_a_filtered_fleet_once_in_order_and_back(sqlite_fleet, fleet) -> None:
-    devices, polls = fleet
+    devices, _ = fleet
     wanted = sorted((d for d in devices if d["model"] == "IP222" and d["status"] == 500),
                     key=lambda d: (d["last_seen"], d["device"]), reverse=True)
     assert len(wanted) > 120   # several pages
@@ -177,7 +177,7 @@ def test_paging_by_key_walks_a_filtered_fleet_once_in_order_and_back(sqlite_flee
 
 
 def test_the_fleet_page_shows_whether_each_device_applied_its_script(sqlite_fleet, fleet) -> None:
-    devices, polls = fleet
+    _, polls = fleet
     decisions = {p["device"]: p["decision"] for p in polls if p["status"] == 200}
 
     async def first_page():

@@ -59,3 +59,29 @@ def test_without_a_target_nothing_is_written_and_nothing_fails(tmp_path: Path) -
 def test_a_file_that_cannot_be_opened_stops_start_up_naming_the_setting(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="setting 'security_log': cannot append to"):
         securitylog.configure(tmp_path / "no-such-folder" / "security.log")
+
+
+def test_the_journal_target_sends_the_same_line_to_syslog_as_authpriv(tmp_path: Path, monkeypatch) -> None:
+    import socket
+
+    path = tmp_path / "log"
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)   # what journald listens on at /dev/log
+    journal.bind(str(path))
+    journal.settimeout(5)
+    monkeypatch.setattr(securitylog, "SYSLOG_SOCKET", str(path))
+    try:
+        securitylog.configure("journal")
+        securitylog.refusal("198.51.100.7", "wrong CA", "IP232-30-00-af", "/update")
+        datagram = journal.recv(4096).decode()
+    finally:
+        securitylog.configure(None)
+        journal.close()
+    # <86>: facility authpriv (10), severity info (6); journald takes the identifier from the tag
+    assert datagram.rstrip("\x00") == (
+        '<86>configserver-security: refusal client=198.51.100.7 reason="wrong CA" hwid=IP232-30-00-af path=/update')
+
+
+def test_a_journal_that_is_not_there_stops_start_up_saying_so(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(securitylog, "SYSLOG_SOCKET", str(tmp_path / "no-journal"))
+    with pytest.raises(OSError, match="setting 'security_log': journal: cannot reach"):
+        securitylog.configure("journal")

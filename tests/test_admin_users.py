@@ -60,7 +60,7 @@ def test_a_broken_users_file_names_its_line(tmp_path: Path) -> None:
 
 def run_cli(tmp_path: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "configserver", *args], cwd=tmp_path, input=stdin,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_admin_user_add_reads_the_password_from_stdin(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ answers no poll. Users come from the `admin_users` file (`configserver admin-use
 
 from __future__ import annotations
 
+from ._serve import AdminNotConfigured, serve
 from ._users import UsersError, add_user, read_users, remove_user
 from ._web import create_admin_app
-from ._serve import AdminNotConfigured, serve
 
 __all__ = ["AdminNotConfigured", "UsersError", "add_user", "create_admin_app", "read_users", "remove_user", "serve"]

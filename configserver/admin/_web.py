@@ -68,7 +68,7 @@ def _templates() -> jinja2.Environment:
 def _utc(stamp: float | None) -> str:
     if stamp is None:
         return "never"
-    return dt.datetime.fromtimestamp(stamp, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return dt.datetime.fromtimestamp(stamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _duration(seconds: float) -> str:
@@ -142,7 +142,7 @@ class AdminPage:
             from ..lint import check
             try:
                 found: list[Any] = check(self.settings)
-            except Exception as exc:  # noqa: BLE001 - the page still shows the fleet; it says why
+            except Exception as exc:
                 log.exception("check failed", extra={"fields": {"event": "admin_check_failed"}})
                 found = [f"configserver check could not run: {type(exc).__name__}: {exc}"]
             self._checked = (now, found)
@@ -180,10 +180,14 @@ def create_admin_app(settings: Settings) -> FastAPI:
     """The admin page for `settings`, as an ASGI app. Builds, connects nothing yet; raises
     SettingsError for a users file or database setting it cannot use."""
     page = AdminPage(settings)
+    try:
+        securitylog.configure(settings.security_log)
+    except OSError as exc:
+        from ..settings import SettingsError
+        raise SettingsError(str(exc)) from None
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        securitylog.configure(settings.security_log)
         try:
             await migrate(page.engine)   # the same schema `serve` makes: the page may start first
         except (SQLAlchemyError, OSError, InventoryError) as exc:

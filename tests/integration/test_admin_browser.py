@@ -25,8 +25,10 @@ from pathlib import Path
 
 import pytest
 from needs import need_server
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import sync_playwright
 
-from configserver.lab import create_lab, poll
+from configserver.lab import LabError, create_lab, poll
 
 CHROMIUM = "/usr/bin/chromium"
 PASSWORD = "correct horse battery staple"
@@ -95,7 +97,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             try:
                 lab.poll("IP232-30-00-af")
                 break
-            except Exception:
+            except LabError:   # not listening yet
                 assert devices.poll() is None and time.time() < deadline, "serve did not start"
                 time.sleep(0.2)
         yield lab
@@ -108,9 +110,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[object]:
     need_server(Path(CHROMIUM).is_file(), "chromium (Debian package)")
-    sync_api = pytest.importorskip("playwright.sync_api") if os.environ.get("CI") != "true" else __import__(
-        "playwright.sync_api", fromlist=["sync_playwright"])
-    with sync_api.sync_playwright() as playwright:
+    with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
@@ -369,7 +369,7 @@ def test_each_samples_admin_vhost_serves_the_page_over_tls_and_the_devices_vhost
         page = context.new_page()
         try:
             answer = page.goto(f"https://127.0.0.1:{device_port}/login")
-        except Exception:   # Apache and lighttpd fail the handshake
+        except PlaywrightError:   # Apache and lighttpd fail the handshake
             answer = None
         assert answer is None or (answer.status == 400 and "Log in" not in page.content())
     finally:
