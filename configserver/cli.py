@@ -235,6 +235,40 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0 if answer.record.status == 200 else 1
 
 
+def _cmd_firmware(args: argparse.Namespace) -> int:
+    import time
+
+    from .firmware import FirmwareError, _report
+    from .inventory import InventoryError
+
+    settings = _settings(args)
+    now = time.time()
+    action = getattr(args, "firmware_command", None)
+    kinds = (args.kind or ["prot", "boot"]) if action else []
+    try:
+        if action == "resume":
+            resumed = _report.resume(settings, args.model, kinds, now)
+            for model, kind, build in resumed:
+                print(f"resumed: {model.upper()} {kind} {build}")
+            if not resumed:
+                print(f"configserver firmware resume: no halted rollout of {args.model} ({', '.join(kinds)})",
+                      file=sys.stderr)
+                return 1
+        elif action == "halt":
+            halted = _report.halt_current(settings, args.model, kinds, now)
+            for kind, build in halted:
+                print(f"halted: {args.model.upper()} {kind} {build}")
+            if not halted:
+                print(f"configserver firmware halt: {args.model} has no target to halt", file=sys.stderr)
+                return 1
+        else:
+            print(_report.report_text(_report.report(settings, now), now), end="")
+    except (InventoryError, FirmwareError) as exc:
+        print(f"configserver firmware: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_trust_value(args: argparse.Namespace) -> int:
     from .trust import TrustValueError, trust_value
 
@@ -390,6 +424,20 @@ def build_parser() -> argparse.ArgumentParser:
     admin_remove.set_defaults(run=_cmd_admin_user)
     admin_user.add_parser("list", help="list the users").set_defaults(run=_cmd_admin_user)
     # -- end of the admin page --
+
+    # -- firmware (README "Firmware") --
+    firmware = commands.add_parser(
+        "firmware", help="the firmware rollout per model: targets, devices on them, waves, failures, halts")
+    firmware_actions = firmware.add_subparsers(dest="firmware_command", metavar="ACTION")
+    firmware.set_defaults(run=_cmd_firmware)
+    firmware_resume = firmware_actions.add_parser("resume", help="resume a model's halted rollout")
+    firmware_halt = firmware_actions.add_parser("halt", help="halt a model's rollout of its current target by hand")
+    for action in (firmware_resume, firmware_halt):
+        action.add_argument("model", help="the model, e.g. IP232 (any case)")
+        action.add_argument("--kind", choices=("prot", "boot"), action="append",
+                            help="prot (firmware) or boot (boot code); default: both")
+        action.set_defaults(run=_cmd_firmware)
+    # -- end of firmware --
 
     _accept_config_after_subcommands(parser)
     return parser

@@ -48,8 +48,8 @@ def test_a_file_missing_from_the_folder_is_named_with_the_url_the_device_would_f
     status, lines = check(capsys)
     assert status == 1
     assert lines == [
-        f"vars/default.toml:7: {tree.folder}/13.4711/boot222.bin is missing: IP222 devices would be sent "
-        "http://fw.example.com/firmware/13.4711/boot222.bin and fail to fetch it (for synthetic device IP222-00-00-00)"
+        (f"vars/default.toml:7: {tree.folder}/13.4711/boot222.bin is missing: IP222 devices would be sent "
+        "http://fw.example.com/firmware/13.4711/boot222.bin and fail to fetch it (for synthetic device IP222-00-00-00)")
     ]
 
 
@@ -69,10 +69,10 @@ def test_a_build_for_a_model_that_takes_none_is_named(tree, capsys):
     status, lines = check(capsys)
     assert status == 1
     assert lines == [
-        "vars/models/IPBS2.toml:2: firmware.boot: IPBS2 takes no boot code updates (innovaphone's list): "
-        "this build is never sent; remove it (for synthetic device IPBS2-00-00-00)",
-        "vars/models/IPVA.toml:2: firmware.boot: IPVA takes no boot code updates (innovaphone's list): "
-        "this build is never sent; remove it (for synthetic device IPVA-00-00-00)",
+        ("vars/models/IPBS2.toml:2: firmware.boot: IPBS2 takes no boot code updates (innovaphone's list): "
+        "this build is never sent; remove it (for synthetic device IPBS2-00-00-00)"),
+        ("vars/models/IPVA.toml:2: firmware.boot: IPVA takes no boot code updates (innovaphone's list): "
+        "this build is never sent; remove it (for synthetic device IPVA-00-00-00)"),
     ]
 
 
