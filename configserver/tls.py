@@ -6,11 +6,11 @@ a foreign or forged CA never gets as far as HTTP. The verified certificate then 
 through `scope["extensions"]["tls"]` (ASGI TLS extension 0.2), the same way it would with any
 server that implements the extension.
 
-uvicorn 0.54 does not fill that extension. The two protocol classes below do, and they are the
-only part of this module that knows uvicorn's internals: the day uvicorn ships the extension,
-delete them and drop the `http` entry from `uvicorn_options()`.
+uvicorn 0.54 neither fills that extension nor bounds the TLS handshake, so the connection's
+protocol (configserver/limits.py) starts TLS itself and fills the extension. `uvicorn_options`
+gives uvicorn that protocol for every `serve`, built-in TLS or not, with the listener's limits:
 
-    options = uvicorn_options(settings)      # {} unless built-in TLS is configured
+    options = uvicorn_options(settings)
     uvicorn.run(app, host=..., port=..., **options)
 """
 
@@ -20,28 +20,26 @@ import ssl
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+import functools
+import resource
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography import x509
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .limits import FD_RESERVE, GuardedH11Protocol, GuardedHttpToolsProtocol, Listener, ListenerLimits
 from .settings import SettingsError
 
 if TYPE_CHECKING:
-    import asyncio
-
     from .settings import Settings
 
 __all__ = [
     "ServerTLS",
-    "TLSH11Protocol",
-    "TLSHttpToolsProtocol",
+    "is_device_listener",
     "server_ssl_context",
     "tls_extension",
     "uvicorn_options",
 ]
-
-ASGIApp = Callable[..., Any]
 
 # ssl.SSLObject.version() names -> the protocol numbers the extension wants.
 _TLS_VERSIONS = {"SSLv3": 0x0300, "TLSv1": 0x0301, "TLSv1.1": 0x0302, "TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
@@ -94,46 +92,15 @@ def _cipher_suite(ssl_object: ssl.SSLObject) -> int | None:
     return _CIPHER_SUITES.get(name)
 
 
-def _with_tls_extension(app: ASGIApp, extension: dict[str, Any]) -> ASGIApp:
-    async def app_with_tls(scope: dict[str, Any], receive: Any, send: Any) -> Any:
-        if scope["type"] in ("http", "websocket"):
-            tls = dict(extension, client_cert_chain=list(extension["client_cert_chain"]))
-            scope.setdefault("extensions", {})["tls"] = tls
-        return await app(scope, receive, send)
+def is_device_listener(scope: Mapping[str, Any]) -> bool:
+    """Whether a request came in over TLS that this process terminated: the built-in listener,
+    where every client is a device (or claims to be one) with a certificate.
 
-    return app_with_tls
-
-
-class _FillsTLSExtension:
-    """Mixed into a uvicorn HTTP protocol: one instance serves one connection.
-
-    asyncio calls `connection_made` once the TLS handshake is complete, and both of uvicorn's
-    HTTP protocols read `self.app` afresh for every request on the connection, so wrapping it
-    here puts the extension into every request's scope, keep-alive ones included.
+    Such a request must not get what is meant for an admin's scraper on the local machine
+    (`/metrics`): the built-in listener answers whoever can reach it. Requests forwarded by a
+    terminator are told apart by their headers, not here.
     """
-
-    app: ASGIApp
-
-    def connection_made(self, transport: "asyncio.Transport") -> None:  # type: ignore[override]
-        super().connection_made(transport)  # type: ignore[misc]
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:  # the spec forbids the extension on plain HTTP
-            self.app = _with_tls_extension(self.app, tls_extension(ssl_object))
-
-
-class TLSH11Protocol(_FillsTLSExtension, H11Protocol):
-    """uvicorn's h11 protocol, filling the ASGI TLS extension."""
-
-
-try:
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-except ImportError:  # httptools is optional in uvicorn
-    HttpToolsProtocol = None  # type: ignore[assignment,misc]
-    TLSHttpToolsProtocol = None  # type: ignore[assignment,misc]
-else:
-
-    class TLSHttpToolsProtocol(_FillsTLSExtension, HttpToolsProtocol):  # type: ignore[no-redef]
-        """uvicorn's httptools protocol, filling the ASGI TLS extension."""
+    return "tls" in (scope.get("extensions") or {}) or scope.get("scheme") in ("https", "wss")
 
 
 # --- The server's SSL context -------------------------------------------------------------------
@@ -205,10 +172,6 @@ class ServerTLS:
             context.set_ciphers(f"DEFAULT:@SECLEVEL={self.security_level}")
         return context
 
-    def uvicorn_context_factory(self, config: Any, default_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-        """uvicorn's `ssl_context_factory`: called in each worker process."""
-        return self.ssl_context()
-
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and exc.reason:
@@ -224,23 +187,49 @@ def server_ssl_context(settings: "Settings") -> ssl.SSLContext:
     return ServerTLS.from_settings(settings).ssl_context()
 
 
-def uvicorn_options(settings: "Settings") -> dict[str, Any]:
-    """Keyword arguments for `uvicorn.run` / `uvicorn.Config` that turn on the built-in listener.
+def uvicorn_options(settings: "Settings", http: Literal["auto", "h11", "httptools"] = "auto") -> dict[str, Any]:
+    """Keyword arguments for `uvicorn.run` / `uvicorn.Config`, for every `serve`: the listener.
 
-    Returns {} when `tls_cert` and `tls_key` are not set (a terminator does TLS). Otherwise the
-    SSL context factory (built once here, so that a bad file stops start-up with a message naming
-    its key) and the protocol class that fills the TLS extension (as an import string, so that
-    it works with several workers too). Raises SettingsError.
+    The HTTP protocol (httptools when installed, else h11; `http` picks one) carrying the
+    listener's limits and, with `tls_cert` and `tls_key` set, its TLS (uvicorn itself is then
+    given no SSL options: the protocol starts TLS, see configserver/limits.py). Also uvicorn's
+    keep-alive timeout and h11's head limit. Checks the SSL files now, so that a bad one stops
+    start-up with a message naming its key, and raises the open-files limit to what
+    `max_connections` needs. Raises SettingsError.
 
-    Run uvicorn with `proxy_headers=False` as well: nothing sits in front of the built-in
-    listener whose X-Forwarded-For could be believed.
+    Run uvicorn with `proxy_headers=False` as well: client addresses come from our own
+    trusted-proxy rules, and nothing sits in front of the built-in listener.
     """
-    if not settings.builtin_tls:
-        return {}
-    server_tls = ServerTLS.from_settings(settings)
-    server_tls.ssl_context()
-    protocol = "TLSHttpToolsProtocol" if TLSHttpToolsProtocol is not None else "TLSH11Protocol"
+    limits = ListenerLimits.from_settings(settings)
+    server_tls = None
+    if settings.builtin_tls:
+        server_tls = ServerTLS.from_settings(settings)
+        server_tls.ssl_context()
+    ensure_open_files(limits.max_connections + FD_RESERVE)
+    if http == "auto":
+        http = "httptools" if GuardedHttpToolsProtocol is not None else "h11"
+    protocol = GuardedHttpToolsProtocol if http == "httptools" else GuardedH11Protocol
     return {
-        "ssl_context_factory": server_tls.uvicorn_context_factory,
-        "http": f"{__name__}:{protocol}",
+        # a partial of a module-level class: it pickles, so it reaches every worker process
+        "http": functools.partial(protocol, listener=Listener(limits, server_tls)),
+        "timeout_keep_alive": limits.keep_alive_timeout,
+        "h11_max_incomplete_event_size": limits.max_request_head_bytes,
     }
+
+
+def ensure_open_files(needed: int) -> None:
+    """Raise this process's soft limit on open files to `needed` (workers inherit it).
+
+    Raises SettingsError when the hard limit is lower: connections beyond it would fail to be
+    accepted at all, devices included, which is what `max_connections` is there to prevent.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise SettingsError(
+            f"setting 'max_connections': {needed - FD_RESERVE} connections and {FD_RESERVE} other files need "
+            f"{needed} open files, but this process may open only {hard}: lower max_connections, or raise "
+            f"the limit (LimitNOFILE= in the systemd unit, ulimit -n)"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))

@@ -33,14 +33,22 @@ from configserver import create_app, load_settings
 from configserver.cli import main
 from configserver.lab.pki import CertificateAuthority, IssuedCert
 from configserver.settings import SettingsError
-from configserver.tls import ServerTLS, server_ssl_context, uvicorn_options
+from configserver.limits import GuardedH11Protocol, GuardedHttpToolsProtocol, Listener, ListenerLimits
+from configserver.tls import ServerTLS, is_device_listener, server_ssl_context, uvicorn_options
 
 # The session's lab PKI (conftest's `pki` fixture): ca1, ca2, phone, gateway, broken, expired, forged...
 LabPKI = Any
 
-PROTOCOLS = ["configserver.tls:TLSH11Protocol", "configserver.tls:TLSHttpToolsProtocol"]
-by_protocol = pytest.mark.parametrize("protocol", PROTOCOLS, ids=["h11", "httptools"])
+PROTOCOLS = ["h11", "httptools"]
+by_protocol = pytest.mark.parametrize("protocol", PROTOCOLS)
 by_version = pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["TLS1.3", "TLS1.2"])
+
+
+def listener_options(listener: Listener, protocol: str = "httptools") -> dict[str, Any]:
+    guarded = {"h11": GuardedH11Protocol, "httptools": GuardedHttpToolsProtocol}[protocol]
+    return {"http": functools.partial(guarded, listener=listener),
+            "timeout_keep_alive": listener.limits.keep_alive_timeout,
+            "h11_max_incomplete_event_size": listener.limits.max_request_head_bytes}
 
 
 # -- a lab server certificate, and files for every certificate ----------------------------------
@@ -70,6 +78,10 @@ class Files:
 
     def server_tls(self, **options: Any) -> ServerTLS:
         return ServerTLS(self.server_cert, self.server_key, self.bundle, **options)
+
+    def listener(self, protocol: str = "httptools", tls: bool = True, **limits: Any) -> dict[str, Any]:
+        """uvicorn options for the built-in listener (or, `tls=False`, the plain one) alone."""
+        return listener_options(Listener(ListenerLimits(**limits), self.server_tls() if tls else None), protocol)
 
     def settings(self, site_root: Path | None = None, **overrides: Any):
         values: dict[str, Any] = dict(tls_cert=self.server_cert, tls_key=self.server_key, ca_bundle=self.bundle)
@@ -200,7 +212,7 @@ def test_the_verified_client_certificate_reaches_the_scope(files: Files, pki: La
                                                            version: ssl.TLSVersion) -> None:
     app = EchoApp()
     context = device_context(files, pki.phone, maximum_version=version)
-    with listening(app, http=protocol, ssl_context_factory=files.server_tls().uvicorn_context_factory) as port:
+    with listening(app, **files.listener(protocol)) as port:
         connection = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
         connection.request("GET", "/")
         response = connection.getresponse()
@@ -221,7 +233,7 @@ def test_the_verified_client_certificate_reaches_the_scope(files: Files, pki: La
 def test_every_request_on_a_keep_alive_connection_carries_the_extension(files: Files, pki: LabPKI,
                                                                         protocol: str) -> None:
     app = EchoApp()
-    with listening(app, http=protocol, ssl_context_factory=files.server_tls().uvicorn_context_factory) as port:
+    with listening(app, **files.listener(protocol)) as port:
         answers = get(port, device_context(files, pki.gateway), requests=3)
     assert app.requests == 3
     names = [json.loads(body)["tls"]["client_cert_name"] for _, body in answers]
@@ -229,9 +241,9 @@ def test_every_request_on_a_keep_alive_connection_carries_the_extension(files: F
 
 
 @by_protocol
-def test_plain_http_gets_no_tls_extension(protocol: str) -> None:
+def test_plain_http_gets_no_tls_extension(files: Files, protocol: str) -> None:
     app = EchoApp()
-    with listening(app, http=protocol) as port:
+    with listening(app, **files.listener(protocol, tls=False)) as port:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         connection.request("GET", "/")
         answer = json.loads(connection.getresponse().read())
@@ -242,7 +254,7 @@ def test_plain_http_gets_no_tls_extension(protocol: str) -> None:
 @by_protocol
 def test_devices_of_both_innovaphone_cas_are_served(files: Files, pki: LabPKI, protocol: str) -> None:
     app = EchoApp()
-    with listening(app, http=protocol, ssl_context_factory=files.server_tls().uvicorn_context_factory) as port:
+    with listening(app, **files.listener(protocol)) as port:
         for device in (pki.phone, pki.gateway, pki.broken):
             [(status, body)] = get(port, device_context(files, device))
             assert status == 200
@@ -256,7 +268,7 @@ def test_bad_or_missing_client_certificates_are_refused_in_the_handshake(files: 
     device = {"forged": pki.forged, "unrelated": pki.unrelated, "expired": pki.expired,
               "no certificate": None}[who]
     app = EchoApp()
-    with listening(app, http=PROTOCOLS[1], ssl_context_factory=files.server_tls().uvicorn_context_factory) as port:
+    with listening(app, **files.listener()) as port:
         how = refused(port, device_context(files, device, maximum_version=version))
     if version == ssl.TLSVersion.TLSv1_2:
         assert how.startswith("handshake failed")
@@ -266,8 +278,12 @@ def test_bad_or_missing_client_certificates_are_refused_in_the_handshake(files: 
 # -- the server context from settings ------------------------------------------------------------
 
 
-def test_no_built_in_tls_means_no_uvicorn_options() -> None:
-    assert uvicorn_options(load_settings()) == {}
+def test_the_header_path_gets_the_listener_limits_without_tls() -> None:
+    options = uvicorn_options(load_settings(keep_alive_timeout=3, max_request_head_bytes=20000))
+    assert options["http"].keywords["listener"] == Listener(ListenerLimits(keep_alive_timeout=3,
+                                                                           max_request_head_bytes=20000))
+    assert (options["timeout_keep_alive"], options["h11_max_incomplete_event_size"]) == (3, 20000)
+    assert "ssl_context_factory" not in options
 
 
 def test_built_in_tls_without_a_ca_bundle_stops_start_up(files: Files) -> None:
@@ -313,9 +329,9 @@ def test_uvicorn_options_survive_the_trip_to_a_worker_process(files: Files) -> N
     import pickle
 
     options = uvicorn_options(files.settings())
-    assert options["http"] in PROTOCOLS
-    factory = pickle.loads(pickle.dumps(options["ssl_context_factory"]))
-    assert factory(None, None).verify_mode == ssl.CERT_REQUIRED
+    protocol = pickle.loads(pickle.dumps(options["http"]))
+    assert protocol.func is GuardedHttpToolsProtocol
+    assert protocol.keywords["listener"].ssl_context().verify_mode == ssl.CERT_REQUIRED
 
 
 # -- legacy devices: what tls_security_level and tls_min_version admit --------------------------
@@ -390,10 +406,7 @@ def served_site(site: Any) -> Any:
 def built_in_tls(files: Files, site: Any, protocol: str | None = None) -> Iterator[int]:
     settings = files.settings(site.root)
     app = create_app(settings)
-    options = uvicorn_options(settings)
-    if protocol is not None:
-        options["http"] = protocol
-    with listening(app, **options) as port:
+    with listening(app, **uvicorn_options(settings, http=protocol or "auto")) as port:
         yield port
 
 
@@ -496,3 +509,41 @@ def test_serve_with_two_workers(files: Files, pki: LabPKI, served_site: Any, tmp
         server.terminate()
         server.wait(15)
     assert log.read_text().count("Started server process") == 2
+
+
+# -- which listener a request came through -------------------------------------------------------
+
+
+class ListenerApp(EchoApp):
+    """Answers whether the request came through the devices' built-in listener."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = json.dumps(is_device_listener(scope)).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+@by_protocol
+def test_requests_over_the_built_in_listener_are_known_as_the_devices(files: Files, pki: LabPKI,
+                                                                      protocol: str) -> None:
+    with listening(ListenerApp(), **files.listener(protocol)) as port:
+        [(_, over_tls)] = get(port, device_context(files, pki.phone), "/metrics")
+    with listening(ListenerApp(), **files.listener(protocol, tls=False)) as port:
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        plain.request("GET", "/metrics")
+        over_plain = plain.getresponse().read()
+        plain.close()
+    assert (json.loads(over_tls), json.loads(over_plain)) == (True, False)
+
+
+@pytest.mark.parametrize("scope, expected", [
+    ({"type": "http", "scheme": "https", "extensions": {"tls": {"client_cert_chain": []}}}, True),
+    ({"type": "http", "scheme": "https"}, True),  # a server that terminates TLS but lacks the extension
+    ({"type": "http", "scheme": "http", "extensions": {}}, False),  # the header path, or a local scraper
+    ({"type": "http", "scheme": "http"}, False),
+])
+def test_is_device_listener_reads_the_transport_not_the_headers(scope: dict[str, Any], expected: bool) -> None:
+    scope["headers"] = [(b"x-forwarded-proto", b"https")]  # never believed
+    assert is_device_listener(scope) is expected

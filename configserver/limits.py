@@ -1,0 +1,416 @@
+"""How long and how many: the limits each connection lives under, on either listener.
+
+A device's poll is one short request: a TLS handshake (built-in listener), a request head under
+2 KB, an answer, perhaps a second poll on the same connection. Whoever can reach the port can do
+much less and cost much more: open connections that never start the handshake, send nothing or
+half a head after it, or a head of 150 MB. uvicorn bounds none of that (its `limit_concurrency`
+answers 503 to requests, but the idle connections stay and hold their file descriptors; its TLS
+handshake may take asyncio's 60 s; it waits for the first request head forever; httptools
+buffers a head of any size). So each connection runs under `ListenerLimits`:
+
+- the TLS handshake must finish within `tls_handshake_timeout` (this module starts TLS itself,
+  `loop.start_tls`, so that the timeout is ours and a connection is counted from its first byte);
+- each request head must be complete within `request_head_timeout` of the listener waiting for it
+  (after the handshake, or after the previous answer); between requests an idle connection is
+  closed after `keep_alive_timeout` (uvicorn's own keep-alive timer);
+- a request head larger than `max_request_head_bytes` is answered `431 # request header too large`
+  and the connection closed, before it is buffered: with httptools by counting what arrives, with
+  h11 by its own incomplete-event limit, and for a head that arrives whole by its parsed size;
+- at most `max_connections` connections per worker, handshakes included. When a new one would pass
+  the cap, the connection that has been idle longest (in its handshake, or waiting for a head) is
+  dropped for it; a connection inside a request is never dropped. A flood thus cycles through its
+  own connections, and a device's connection, being new, lives long enough to be answered.
+
+`GuardedH11Protocol` and `GuardedHttpToolsProtocol` are uvicorn's two HTTP protocols with these
+limits; `configserver.tls.uvicorn_options` hands one to uvicorn for every `serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import sys
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+if TYPE_CHECKING:
+    from .settings import Settings
+    from .tls import ServerTLS
+
+__all__ = [
+    "Connections",
+    "GuardedH11Protocol",
+    "GuardedHttpToolsProtocol",
+    "Listener",
+    "ListenerLimits",
+    "head_size",
+    "too_large_response",
+]
+
+log = logging.getLogger("configserver.listener")
+
+ASGIApp = Callable[..., Any]
+
+HEAD_TOO_LARGE_BODY = b"# request header too large\n"
+
+# File descriptors a worker needs besides its connections: database pool, templates being read,
+# log and metrics files, the listening socket. What `max_connections` must leave room for.
+FD_RESERVE = 128
+
+
+@dataclass(frozen=True)
+class ListenerLimits:
+    """The limits of one listener; the settings of the same names (README, "Settings")."""
+
+    tls_handshake_timeout: float = 10.0
+    request_head_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+    max_connections: int = 1000
+    max_request_head_bytes: int = 32768
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "ListenerLimits":
+        return cls(
+            tls_handshake_timeout=settings.tls_handshake_timeout,
+            request_head_timeout=settings.request_head_timeout,
+            keep_alive_timeout=settings.keep_alive_timeout,
+            max_connections=settings.max_connections,
+            max_request_head_bytes=settings.max_request_head_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class Listener:
+    """What every connection of one listener needs: its limits, and its TLS when built in.
+
+    Small and picklable: uvicorn hands it to each worker process inside the protocol factory.
+    """
+
+    limits: ListenerLimits
+    tls: "ServerTLS | None" = None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The server context, built once per process (a worker builds its own)."""
+        assert self.tls is not None
+        context = _contexts.get(self.tls)
+        if context is None:
+            context = _contexts[self.tls] = self.tls.ssl_context()
+        return context
+
+
+_contexts: dict["ServerTLS", ssl.SSLContext] = {}
+
+
+# --- pure rules -------------------------------------------------------------------------------
+
+
+def head_size(scope: Mapping[str, Any]) -> int:
+    """The size in bytes of the request head an ASGI HTTP scope came from, as sent on the wire
+    (request line and header lines with their line ends), give or take a few bytes."""
+    size = len(scope.get("method", "")) + len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
+    size += 16  # " ", "?", " HTTP/1.1\r\n", the blank line
+    for name, value in scope.get("headers", ()):
+        size += len(name) + len(value) + 4  # ": " and "\r\n"
+    return size
+
+
+_TOO_LARGE_HEADERS = [
+    (b"content-type", b"text/plain; charset=utf-8"),
+    (b"content-length", b"%d" % len(HEAD_TOO_LARGE_BODY)),
+    (b"cache-control", b"no-store"),
+    (b"connection", b"close"),
+]
+
+
+def too_large_response(default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The whole `431` answer to a request head over the limit, for writing straight to the
+    connection (the head is incomplete, so uvicorn has no request to answer); it closes after."""
+    lines = [b"HTTP/1.1 431 Request Header Fields Too Large"]
+    lines += [name + b": " + value for name, value in [*default_headers, *_TOO_LARGE_HEADERS]]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + HEAD_TOO_LARGE_BODY
+
+
+class Connections:
+    """The connections of one worker's listener, and which to drop when a new one would pass the cap.
+
+    A connection is idle while in its TLS handshake or waiting for a request head, busy from a
+    complete head until its answer is sent. `admit` returns the connection to drop for the new one
+    (the one idle longest), or the new one itself when every connection is busy.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._idle: dict[Any, None] = {}  # in the order they became idle: oldest first
+        self._busy: set[Any] = set()
+
+    def __len__(self) -> int:
+        return len(self._idle) + len(self._busy)
+
+    def admit(self, connection: Any) -> Any | None:
+        """Count a new connection as idle. Returns the connection to close now, if any."""
+        dropped = None
+        if len(self) >= self.limit:
+            if not self._idle:
+                return connection
+            dropped = next(iter(self._idle))
+            self.discard(dropped)
+        self._idle[connection] = None
+        return dropped
+
+    def busy(self, connection: Any) -> None:
+        if connection in self._idle:
+            del self._idle[connection]
+            self._busy.add(connection)
+
+    def idle(self, connection: Any) -> None:
+        if connection in self._busy or connection in self._idle:
+            self.discard(connection)
+            self._idle[connection] = None  # now the youngest idle one
+
+    def discard(self, connection: Any) -> None:
+        self._idle.pop(connection, None)
+        self._busy.discard(connection)
+
+
+# One Connections per uvicorn server (ServerState), so that servers in one process stay apart.
+_registries: "weakref.WeakKeyDictionary[Any, Connections]" = weakref.WeakKeyDictionary()
+
+
+def _connections_of(server_state: Any, limit: int) -> Connections:
+    registry = _registries.get(server_state)
+    if registry is None:
+        registry = _registries[server_state] = Connections(limit)
+    return registry
+
+
+# --- the protocol -------------------------------------------------------------------------------
+
+
+class _Guarded:
+    """Mixed into a uvicorn HTTP protocol: one instance serves one connection, from accept to close.
+
+    uvicorn's protocol sees the connection only once it is ready: the TCP connection on the header
+    path, the TLS connection after the handshake on the built-in listener. Until then this class
+    holds it (`_raw`), counted, under the handshake timeout.
+    """
+
+    # set by uvicorn's protocol
+    app: ASGIApp
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    connections: set[Any]
+    server_state: Any
+    cycle: Any
+
+    def __init__(self, *args: Any, listener: Listener, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._listener = listener
+        self._limits = listener.limits
+        self._registry = _connections_of(self.server_state, self._limits.max_connections)
+        self._raw: asyncio.BaseTransport | None = None
+        self._ready = False  # uvicorn's connection_made has run
+        self._lost = False
+        self._early: list[bytes] | None = []  # TLS data that came before we were ready
+        self._shutting_down = False
+        self._refused = False
+        self._waiting_for_head = False
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    # -- from accept to ready
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        self._raw = transport
+        self.connections.add(self)  # so that a graceful shutdown waits for a handshake, too
+        dropped = self._registry.admit(self)
+        if dropped is not None:
+            log.debug("connection limit %d reached: dropping the connection idle longest", self._limits.max_connections)
+            dropped._drop()
+            if dropped is self:
+                return
+        if self._listener.tls is None:
+            self._become_ready(transport)  # type: ignore[arg-type]
+        else:
+            _start_now(self._handshake(transport))
+
+    async def _handshake(self, raw: asyncio.BaseTransport) -> None:
+        try:
+            transport = await self.loop.start_tls(
+                raw, self, self._listener.ssl_context(), server_side=True,  # type: ignore[arg-type]
+                ssl_handshake_timeout=self._limits.tls_handshake_timeout,
+                # a peer that never answers our close_notify must not keep its descriptor long
+                ssl_shutdown_timeout=self._limits.tls_handshake_timeout,
+            )
+        except Exception as exc:  # refused certificate, timeout, reset: the connection is gone
+            log.debug("TLS handshake failed: %s", exc)
+            raw.abort()  # type: ignore[attr-defined]
+            self._forget()
+            return
+        if transport is None or transport.is_closing() or raw.is_closing():
+            # dropped or reset during the handshake: uvloop then ends start_tls without an error
+            self._forget()
+            return
+        if not self._lost:
+            self._become_ready(transport)
+
+    def _become_ready(self, transport: asyncio.Transport) -> None:
+        self._ready = True
+        super().connection_made(transport)  # type: ignore[misc]
+        self.app = self._guarded_app(self.app, self._tls_extension(transport))
+        self._await_head()
+        early, self._early = self._early, None
+        for data in early or ():
+            if not self._refused and not transport.is_closing():
+                self.data_received(data)
+
+    def _tls_extension(self, transport: asyncio.Transport) -> dict[str, Any] | None:
+        from .tls import tls_extension
+
+        ssl_object = transport.get_extra_info("ssl_object")
+        return tls_extension(ssl_object) if ssl_object is not None else None
+
+    def _guarded_app(self, app: ASGIApp, tls: dict[str, Any] | None) -> ASGIApp:
+        limit = self._limits.max_request_head_bytes
+
+        async def guarded_app(scope: dict[str, Any], receive: Any, send: Any) -> Any:
+            if scope["type"] == "http" and head_size(scope) > limit:
+                # the head came whole in one read: parsed, but over the limit all the same
+                await send({"type": "http.response.start", "status": 431, "headers": _TOO_LARGE_HEADERS})
+                await send({"type": "http.response.body", "body": HEAD_TOO_LARGE_BODY})
+                return None
+            if tls is not None and scope["type"] in ("http", "websocket"):
+                # the ASGI TLS extension (uvicorn does not fill it); a copy per request
+                scope.setdefault("extensions", {})["tls"] = dict(tls, client_cert_chain=list(tls["client_cert_chain"]))
+            return await app(scope, receive, send)
+
+        return guarded_app
+
+    # -- reading request heads
+
+    def data_received(self, data: bytes) -> None:
+        if self._early is not None:  # TLS: the handshake finished, our task has not resumed yet
+            self._early.append(data)
+            return
+        if self._refused:
+            return
+        if self._waiting_for_head:
+            self._head_bytes += len(data)
+        before = self.cycle
+        super().data_received(data)  # type: ignore[misc]
+        if self.cycle is not before:
+            self._head_arrived()
+        if self._waiting_for_head and self._head_bytes > self._limits.max_request_head_bytes:
+            self._refuse_head()
+
+    def send_400_response(self, msg: str) -> None:
+        # h11 refuses an incomplete head over its limit with this hint: answer what it is
+        error = sys.exc_info()[1]
+        if isinstance(error, h11.RemoteProtocolError) and error.error_status_hint == 431:
+            self._refuse_head()
+        else:
+            super().send_400_response(msg)  # type: ignore[misc]
+
+    def _refuse_head(self) -> None:
+        self._refused = True
+        self._cancel_head_timer()
+        if not self.transport.is_closing():
+            self.transport.write(too_large_response(self.server_state.default_headers))
+            self.transport.close()
+
+    def _await_head(self) -> None:
+        self._waiting_for_head = True
+        self._head_bytes = 0
+        self._registry.idle(self)
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self._limits.request_head_timeout, self._head_timed_out)
+
+    def _head_arrived(self) -> None:
+        self._waiting_for_head = False
+        self._cancel_head_timer()
+        self._registry.busy(self)
+        if self._shutting_down and self.cycle is not None:
+            self.cycle.keep_alive = False  # the server is stopping: this answer, then close
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._waiting_for_head and not self.transport.is_closing():
+            log.debug("no complete request head within %ss: closing", self._limits.request_head_timeout)
+            self.transport.abort()
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete:  # no pipelined request already under way
+            self._await_head()
+
+    # -- the end
+
+    def _drop(self) -> None:
+        """Close now, without a goodbye: the cap needs the descriptor."""
+        transport = self.transport if self._ready else self._raw
+        if transport is not None and not transport.is_closing():
+            transport.abort()  # type: ignore[attr-defined]
+
+    def shutdown(self) -> None:
+        self._shutting_down = True
+        if self._ready:
+            super().shutdown()  # type: ignore[misc]
+        # still in the handshake: it may finish, and its one request is answered before the close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._forget()
+        if self._ready:
+            super().connection_lost(exc)  # type: ignore[misc]
+
+    def _forget(self) -> None:
+        self._cancel_head_timer()
+        self._registry.discard(self)
+        self.connections.discard(self)
+
+
+def _start_now(coroutine: Any) -> None:
+    """Run `coroutine` at once up to its first wait, then on as a task would (Python 3.12 calls
+    this an eager task).
+
+    `start_tls` must take the connection over before the loop reads from it: uvloop starts
+    reading as soon as `connection_made` returns, whatever the protocol paused, and a ClientHello
+    read by the HTTP protocol is lost. The first step of `start_tls` hands the connection to the
+    TLS protocol, which keeps whatever arrives until the handshake starts.
+    """
+
+    def step(_: Any = None) -> None:
+        try:
+            waiting = coroutine.send(None)
+        except StopIteration:
+            return
+        waiting.add_done_callback(step)
+
+    step()
+
+
+class GuardedH11Protocol(_Guarded, H11Protocol):
+    """uvicorn's h11 protocol under the listener's limits."""
+
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools is optional in uvicorn
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+    GuardedHttpToolsProtocol = None  # type: ignore[assignment,misc]
+else:
+
+    class GuardedHttpToolsProtocol(_Guarded, HttpToolsProtocol):  # type: ignore[no-redef]
+        """uvicorn's httptools protocol under the listener's limits."""
