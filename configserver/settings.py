@@ -110,15 +110,6 @@ class Settings(BaseSettings):
     max_request_head_bytes: int = Field(32768, ge=8192, le=1_048_576)
     # --- end of listener limits ---
 
-    # --- Listener limits (both listeners; configserver/limits.py) ---
-    # Bound what a client that sends little or too much can hold: time, descriptors, memory.
-    tls_handshake_timeout: float = Field(10.0, gt=0, le=300)
-    request_head_timeout: float = Field(10.0, gt=0, le=300)
-    keep_alive_timeout: float = Field(5.0, gt=0, le=300)
-    max_connections: int = Field(1000, ge=16, le=1_000_000)  # per worker; the unit's LimitNOFILE follows
-    max_request_head_bytes: int = Field(32768, ge=8192, le=1_048_576)
-    # --- end of listener limits ---
-
     # Applying each change once (mod cmd UP1 check)
     apply_once: bool = True
     final_command: FinalCommand = "iresetn"
