@@ -40,6 +40,22 @@ def test_a_new_password_replaces_the_old_one_and_the_page_sees_it_without_a_rest
     assert not users.verify("bob", "bob's long passphrase") and sorted(read_users(path)) == ["alice"]
 
 
+def test_adding_a_user_keeps_the_files_group_and_mode_so_the_service_can_still_read_it(tmp_path: Path) -> None:
+    import grp
+    import os
+
+    path = tmp_path / "admin-users"
+    path.touch()
+    group = next(g.gr_gid for g in grp.getgrall() if g.gr_gid != os.getgid()) if os.geteuid() == 0 else os.getgid()
+    os.chown(path, -1, group)
+    path.chmod(0o640)
+    add_user(path, "alice", PASSWORD)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640 and path.stat().st_gid == group
+    path.chmod(0o666)                      # never more than owner rw, group r
+    add_user(path, "bob", PASSWORD)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
 @pytest.mark.parametrize(("name", "password", "message"), [
     ("alice:x", PASSWORD, "is not a user name"),
     ("", PASSWORD, "is not a user name"),

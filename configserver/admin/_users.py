@@ -94,11 +94,20 @@ def _write(path: Path, users: dict[str, str]) -> None:
     text = "".join(f"{name}:{hashed}\n" for name, hashed in sorted(users.items()))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # The replacement keeps the file's owner, group and mode (root:configserver 0640, so
+            # that the service can read what root wrote); a new file is its owner's alone.
+            old = path.stat()
+            keep: tuple[int, int, int] | None = (old.st_mode & 0o777, old.st_uid, old.st_gid)
+        except FileNotFoundError:
+            keep = None
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as out:
                 out.write(text)
-            os.chmod(temporary, 0o600)
+            os.chmod(temporary, keep[0] & 0o640 if keep else 0o600)
+            if keep and (os.stat(temporary).st_uid, os.stat(temporary).st_gid) != keep[1:]:
+                os.chown(temporary, keep[1], keep[2])
             os.replace(temporary, path)
         except BaseException:
             os.unlink(temporary)
