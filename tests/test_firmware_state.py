@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
+import pytest
+from test_inventory import postgres_server, postgres_url, sqlite_url  # noqa: F401 - fixtures
+
 from configserver.firmware import Rollout
 from configserver.firmware._state import RolloutState, Send
 from configserver.inventory._database import database_url, devices, migrate, open_engine
@@ -13,12 +16,18 @@ T0 = 1_800_000_000.0
 HOUR = 3600.0
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest) -> str:
+    """The same behaviour on both backends: PostgreSQL is what several nodes share."""
+    return request.getfixturevalue({"sqlite": "sqlite_url", "postgresql": "postgres_url"}[request.param])
+
+
 def run(coroutine):
     return asyncio.run(coroutine)
 
 
-async def _open(path):
-    engine = open_engine(database_url(f"sqlite:///{path}"))
+async def _open(url: str):
+    engine = open_engine(database_url(url))
     await migrate(engine)   # the inventory's migrations create the firmware tables too
     return engine
 
@@ -41,9 +50,9 @@ def policy(halt_after: int = 3, watch: str = "1h"):
     return lambda model, kind: rollout
 
 
-def test_a_device_sent_the_same_build_again_keeps_when_it_was_first_sent(tmp_path):
+def test_a_device_sent_the_same_build_again_keeps_when_it_was_first_sent(url):
     async def scenario():
-        engine = await _open(tmp_path / "inventory.db")
+        engine = await _open(url)
         state = RolloutState(engine)
         mac, hwid = _device(1)
         for minutes in (0, 15, 30):
@@ -59,9 +68,9 @@ def test_a_device_sent_the_same_build_again_keeps_when_it_was_first_sent(tmp_pat
     assert run(scenario()) == {("00-90-33-30-00-01", "prot"): ("13.4800", T0 + 3600)}
 
 
-def test_failures_are_devices_that_do_not_report_the_build_once_the_watch_has_passed(tmp_path):
+def test_failures_are_devices_that_do_not_report_the_build_once_the_watch_has_passed(url):
     async def scenario():
-        engine = await _open(tmp_path / "inventory.db")
+        engine = await _open(url)
         state = RolloutState(engine)
         for i in range(4):
             mac, hwid = _device(i)
@@ -81,10 +90,9 @@ def test_failures_are_devices_that_do_not_report_the_build_once_the_watch_has_pa
     assert late == ["IP232-30-00-01", "IP232-30-00-02", "IP232-30-00-03"]
 
 
-def test_a_halt_is_taken_once_seen_by_every_node_and_lifted_only_by_resume(tmp_path):
+def test_a_halt_is_taken_once_seen_by_every_node_and_lifted_only_by_resume(url):
     async def scenario():
-        path = tmp_path / "inventory.db"
-        engine_a, engine_b = await _open(path), await _open(path)
+        engine_a, engine_b = await _open(url), await _open(url)
         node_a, node_b = RolloutState(engine_a), RolloutState(engine_b)
         for i in range(3):
             node_a.note(Send(*_device(i), "IP232", "prot", "13.4711", 1, T0))
@@ -120,9 +128,9 @@ def test_a_halt_is_taken_once_seen_by_every_node_and_lifted_only_by_resume(tmp_p
     assert again == []
 
 
-def test_the_halt_is_logged(tmp_path, caplog):
+def test_the_halt_is_logged(url, caplog):
     async def scenario():
-        engine = await _open(tmp_path / "inventory.db")
+        engine = await _open(url)
         state = RolloutState(engine)
         state.note(Send(*_device(9), "IP232", "boot", "138912", 2, T0))
         await state.flush()

@@ -10,10 +10,11 @@ again because its firmware changed. A node that serves polls hands the stage a R
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..caches import BoundedCache
 from ..identity import DeviceIdentity
 from ._decision import NO_LINES, FirmwareAnswer, decide
 from ._declaration import Declaration, FirmwareError, Rollout, resolve
@@ -82,13 +83,14 @@ class FirmwareStage:
     def __init__(self, state: Ledger | None = None) -> None:
         self.state = state
         self._of: object | None = None
-        self._declarations: dict[tuple[tuple[str, ...], tuple[str, ...]], Declaration | FirmwareError] = {}
+        self._declarations: BoundedCache[tuple[tuple[str, ...], tuple[str, ...]], Declaration | FirmwareError] = (
+            BoundedCache(_DECLARATIONS_KEPT))
 
     def declaration(self, snapshot: _Snapshot, choice: _Choice) -> Declaration:
         """The device's declaration (worked out once per set of vars files per snapshot).
         Raises FirmwareError for a malformed `[firmware]` table."""
-        if self._of is not snapshot:
-            self._of, self._declarations = snapshot, {}
+        if self._of is not snapshot:   # a new snapshot: its files may say otherwise
+            self._of, self._declarations = snapshot, BoundedCache(_DECLARATIONS_KEPT)
         key = (choice.vars_files, choice.groups)
         found = self._declarations.get(key)
         if found is None:
@@ -96,8 +98,7 @@ class FirmwareStage:
                 found = resolve(list(firmware_layers(snapshot, choice.vars_files)), choice.groups)
             except FirmwareError as error:
                 found = error
-            if len(self._declarations) < _DECLARATIONS_KEPT:
-                self._declarations[key] = found
+            self._declarations.put(key, found)
         if isinstance(found, FirmwareError):
             raise found
         return found
@@ -119,7 +120,7 @@ class FirmwareStage:
                 state.note(Send(device.mac, device.hwid, device.model, kind, build, placement.wave, now.timestamp()))
         return answer
 
-    def policy(self, snapshot: _Snapshot):  # type: ignore[no-untyped-def]
+    def policy(self, snapshot: _Snapshot) -> Callable[[str, str], Rollout | None]:
         """(model, kind) -> the model's rollout, for the watch over failures."""
         def rollout(model: str, kind: str) -> Rollout | None:
             try:
