@@ -244,3 +244,34 @@ def test_uploads_are_logged_and_counted_without_their_content(
         ("IP232-30-00-af", 200, "stored", len(CONFIG))]
     assert metrics == 1.0
     assert SECRET not in caplog.text
+
+
+@pytest.fixture(scope="module")
+def postgres_server() -> Iterator[Any]:
+    from postgres import PostgresServer
+
+    server = PostgresServer.create()
+    yield server
+    server.cleanup()
+
+
+def test_two_app_instances_on_one_postgresql_take_uploads_of_one_device(
+    lab: Lab, site: Path, pki: Any, postgres_server: Any,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = settings(lab, site, database=postgres_server.empty_database("backups_two_nodes"))
+    bodies = [CONFIG.replace(b"Reception", f"desk-{i}".encode()) for i in range(12)]
+    with serving(config) as (port_a, _), serving(config) as (port_b, _):
+        def upload(i: int) -> tuple[int, bytes]:
+            return request(port_a if i % 2 else port_b, lab.context(pki.phone), "PUT", OWN, chunks(bodies[i]),
+                           chunked=True)
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(upload, range(12)))
+        # the same configuration through both at once: one version, not two
+        with ThreadPoolExecutor(2) as pool:
+            same = list(pool.map(lambda port: request(port, lab.context(pki.phone), "PUT", OWN, bodies[0]),
+                                 (port_a, port_b)))
+    assert sorted(answers) == sorted((200, f"# stored: version {n}\n".encode()) for n in range(1, 13))
+    assert sorted(body.split(b":")[0] for _, body in same) == [b"# stored", b"# unchanged"]
+    assert stored(config.database) == list(range(13, 3, -1))   # the newest ten of thirteen
