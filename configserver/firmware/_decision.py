@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 from ..innovaphone import NO_BOOT_MODELS, NO_FIRMWARE_MODELS, firmware_file_name
@@ -68,6 +69,11 @@ def file_url(declaration: Declaration, model: str, kind: str) -> str:
     return f"{declaration.url}{declaration.targets[kind]}/{firmware_file_name(model, kind)}"
 
 
+@lru_cache(maxsize=4096)   # a fleet has few models and targets, and polls them over and over
+def _line(url: str, build: str, model: str, kind: str) -> str:
+    return f"mod cmd UP0 {kind} {url}{build}/{firmware_file_name(model, kind)} ser {build}"
+
+
 def differs(reported: str | None, target: str) -> bool:
     """Whether a reported build is not the target: no build, or a value that is no build at all,
     differs; builds compare without regard to case."""
@@ -84,6 +90,7 @@ def window_open(window: Window, now: dt.datetime, provisioning: bool) -> bool:
     return now.astimezone(ZoneInfo(window.timezone)).hour in window.allow
 
 
+@lru_cache(maxsize=256)
 def times_line(window: Window, provisioning: bool) -> str | None:
     """`mod cmd UP1 times ...` for the window, or None when none is declared. A device being
     provisioned gets no /allow, as innovaphone's server does it: its site configuration (and
@@ -141,7 +148,7 @@ def decide(
         else:
             verdicts[kind] = SENT
             sent[kind] = target
-            lines.append(f"mod cmd UP0 {kind} {file_url(declaration, model, kind)} ser {target}")
+            lines.append(_line(declaration.url, target, model, kind))  # type: ignore[arg-type]
     if sent:
         lines.append("iresetn")
     return FirmwareAnswer(tuple(lines), verdicts, sent)

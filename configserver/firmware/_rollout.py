@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ._declaration import Rollout
 
@@ -35,6 +36,7 @@ class Placement:
 AT_ONCE = Placement(FIRST, None)
 
 
+@lru_cache(maxsize=65536)   # a fleet's hwids, poll after poll
 def position(hwid: str) -> float:
     """The device's place in the fleet, 0 <= place < 100, from its hwid alone (any case)."""
     digest = hashlib.sha256(b"configserver wave " + hwid.casefold().encode("utf-8")).digest()
@@ -45,8 +47,9 @@ def place(rollout: Rollout | None, hwid: str, mac: str, groups: Sequence[str] = 
     """The device's wave and when it opens. Without a rollout every device may update at once."""
     if rollout is None:
         return AT_ONCE
-    named = {hwid.casefold(), mac.casefold(), mac.replace("-", "").casefold(), *(g.casefold() for g in groups)}
-    if named & rollout.first:
+    first = rollout.first
+    if first and (hwid.casefold() in first or mac.casefold() in first or mac.replace("-", "").casefold() in first
+                  or any(group.casefold() in first for group in groups)):
         return Placement(FIRST, rollout.start)
     if not rollout.waves:
         # a rollout that names only its first devices: the rest wait for the admin's next word
