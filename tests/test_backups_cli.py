@@ -118,3 +118,27 @@ def test_no_database_is_an_error_not_an_empty_list(tmp_path: Path, monkeypatch: 
     assert main(["backups", "IP232-30-00-af"]) == 1
     assert "no inventory database" in capsys.readouterr().err
     assert not (tmp_path / "nowhere.db").exists()
+
+
+def test_listing_shows_the_facts_the_device_reported(database: str, capsys) -> None:
+    from configserver.backups import parse_certificate_facts, parse_device_facts
+
+    stored(database, ("Reception", NOW))
+
+    async def report() -> None:
+        store = BackupStore(database)
+        await store.store_facts(mac=PHONE[1], hwid=PHONE[0], source="cmd0", now=NOW, facts=parse_device_facts(
+            '<info name="Reception&#x7f;&#x202e;" version="13r1 IP232[13.A127], Bootcode[113454], Hardware[300]"/>'
+        ).as_json())
+        await store.store_facts(mac=PHONE[1], hwid=PHONE[0], source="x509", now=NOW, facts=parse_certificate_facts(
+            '<info><servercert><certificate subject_cn="IP232-30-00-af" issuer_cn="innovaphone Device '
+            'Certification Authority" not_before="2015-06-01" not_after="2035-06-01"/></servercert></info>'
+        ).as_json())
+        await store.close()
+    asyncio.run(report())
+    assert main(["backups", "IP232-30-00-af"]) == 0
+    out = capsys.readouterr().out
+    # what the device chose to call itself is shown escaped, never as a terminal control sequence
+    assert "device: name Reception\\x7f\\x202e, firmware 13.A127, boot 113454, hardware 300" in out
+    assert ("certificate: IP232-30-00-af, issued by innovaphone Device Certification Authority, "
+            "valid 2015-06-01 to 2035-06-01") in out

@@ -59,7 +59,7 @@ class Asking:
         known = Knowledge(
             last_upload=self._uploads.get(mac),
             asked=self._asked.get(mac),
-            requested=newest_request(self._requests, device_targets(mac, hwid, model)),
+            requested=newest_request(self._requests, device_targets(mac, hwid, model)) if self._requests else None,
         )
         if not is_due(hwid, now, self.interval, known, self.since):
             return []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from functools import lru_cache
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ REQUEST_SECONDS = 7 * 86400.0
 ALL = "all"
 
 
+@lru_cache(maxsize=131072)  # a fleet's hwids, asked about on every poll
 def slot_offset(hwid: str, interval: float) -> float:
     """Seconds into each interval at which this device's backup falls due: the same on every
     node and after every restart (SHA-256 of the lower-case hwid, not Python's salted hash)."""

@@ -10,6 +10,7 @@ version and numbers never collide. Nothing here logs, and no error says what a b
 
 from __future__ import annotations
 
+import asyncio
 import time
 import zlib
 from collections.abc import Iterable
@@ -62,6 +63,13 @@ class BackupState:
     last_seen: float | None     # its newest poll, from the inventory
 
 
+def _changes(previous: bytes | None, lines: list[str], body: bytes) -> tuple[int | None, bytes]:
+    """Lines changed against the previous version (compressed; None for a first), and the new
+    version compressed."""
+    changed = None if previous is None else lines_changed(meaningful_lines(decode(zlib.decompress(previous))), lines)
+    return changed, zlib.compress(body, _COMPRESSION)
+
+
 class BackupStore:
     """Backups and facts in the database of the `database` setting (SQLite or PostgreSQL)."""
 
@@ -99,25 +107,29 @@ class BackupStore:
         Raises SQLAlchemy's errors when the database fails; then nothing was stored.
         """
         now = time.time() if now is None else now
-        lines = meaningful_lines(decode(body))
+        # The text work of a large configuration takes milliseconds: off the event loop, where
+        # polls are answered.
+        lines = await asyncio.to_thread(meaningful_lines, decode(body))
         digest = content_digest(lines)
-        compressed = zlib.compress(body, _COMPRESSION)
         async with self._engine.begin() as connection:
             await connection.execute(self._touch(connection.dialect.name), {
                 "device": mac, "hwid": hwid, "model": model, "first_upload_at": now, "last_upload_at": now,
                 "uploads": 1, "updated_at": now,
             })
             newest = (await connection.execute(
-                sa.select(backup_versions.c.number, backup_versions.c.digest, backup_versions.c.content)
+                sa.select(backup_versions.c.id, backup_versions.c.number, backup_versions.c.digest)
                 .where(backup_versions.c.device == mac)
                 .order_by(backup_versions.c.number.desc())
                 .limit(1)
             )).first()
             if newest is not None and newest.digest == digest:
                 return Stored(False, newest.number, None)
-            changed = None
-            if newest is not None:
-                changed = lines_changed(meaningful_lines(decode(zlib.decompress(newest.content))), lines)
+            previous = None
+            if newest is not None:  # only now the content: most uploads end above, unchanged
+                previous = (await connection.execute(
+                    sa.select(backup_versions.c.content).where(backup_versions.c.id == newest.id)
+                )).scalar()
+            changed, compressed = await asyncio.to_thread(_changes, previous, lines, body)
             number = newest.number + 1 if newest is not None else 1
             await connection.execute(sa.insert(backup_versions).values(
                 device=mac, number=number, stored_at=now, size=len(body), lines=len(lines),

@@ -22,6 +22,9 @@ VOLATILE_LINES: tuple[re.Pattern[str], ...] = (
     re.compile(r"vars create TLS0/TICKET/.*"),
 )
 
+# Every volatile line starts with one of these: most lines are ruled out without a regex.
+_VOLATILE_STARTS = ("mod cmd FLASHDIR0 add-item ", "vars create UPDATE/", "config change UP1 /", "vars create TLS0/TICKET/")
+
 # innovaphone's parser splits on CRLF, LF or CR alike.
 _LINE_BREAK = re.compile(r"\r\n|\n|\r")
 # Control characters have no place in a configuration or an XML document; tab, LF, CR do.
@@ -63,7 +66,7 @@ def split_lines(text: str) -> list[str]:
 
 def is_volatile(line: str) -> bool:
     """Whether `line` is one of those that change on every upload (see VOLATILE_LINES)."""
-    return any(pattern.fullmatch(line) for pattern in VOLATILE_LINES)
+    return line.startswith(_VOLATILE_STARTS) and any(pattern.fullmatch(line) for pattern in VOLATILE_LINES)
 
 
 def meaningful_lines(text: str) -> list[str]:
