@@ -46,7 +46,6 @@ from .tls import is_device_listener
 log = logging.getLogger("configserver.poll")
 
 SERVICE_PATHS = frozenset({"/healthz", "/metrics"})
-RELOAD_SECONDS = 1.0
 
 _PLAIN = b"text/plain; charset=utf-8"
 _NO_STORE = (b"cache-control", b"no-store")
@@ -144,12 +143,8 @@ class ConfigServer:
             await self.inventory.close()
 
     async def _reload_forever(self) -> None:
-        while True:
-            await asyncio.sleep(RELOAD_SECONDS)
-            try:
-                await asyncio.to_thread(self.store.refresh)
-            except Exception:  # a scan must never stop the reloads that follow
-                log.exception("template scan failed", extra={"fields": {"event": "reload_failed"}})
+        # file events refresh what changed; the slow rescan catches what events miss (content/watcher.py)
+        await self.store.follow(self.settings.rescan_seconds)
 
     # -- ASGI entry ---------------------------------------------------------------------------
 

@@ -35,7 +35,11 @@ from .identity import DeviceIdentity
 from .outcome import Outcome
 from .refusals import Refused
 
-ANSWERS_KEPT = 100_000   # devices whose answers are kept for the snapshot in use
+ANSWERS_KEPT = 100_000   # devices whose answers are kept
+# ... and what their bodies may weigh together: with 100,000 devices a worker stays within
+# 150 MB; past that bound a device's answer is rendered again when it polls
+ANSWERS_BYTES = 48 * 1024 * 1024
+_ANSWER_OVERHEAD = 600   # bytes an entry holds beside its bodies (objects, digests, key)
 METHOD_NOT_ALLOWED = "method not allowed"
 NO_CONFIGURATION = "no configuration"
 CONFIGURATION_ERROR = "configuration error"
@@ -114,8 +118,10 @@ class Pipeline:
         self.renderer = renderer or Renderer(store.templates_dir)
         self._digest_key = digest_key
         self._answers_kept = answers_kept
-        self._answers_of: Snapshot | None = None
-        self._answers: BoundedCache[DeviceIdentity, Answers] = BoundedCache(answers_kept)
+        # device -> (what its answer was rendered from: Choice.sources, the answer). Kept across
+        # snapshots: an edit re-renders only the devices whose sources it changed.
+        self._answers: BoundedCache[DeviceIdentity, tuple[tuple[object, ...], Answers]] = BoundedCache(
+            answers_kept, max_bytes=ANSWERS_BYTES, weigh=_weight)
         self.backups: AskForUploads | None = None   # set by the web layer when backup_url is set
         self.firmware = FirmwareStage()   # firmware/: the web layer gives it a Ledger when serving
 
@@ -153,7 +159,7 @@ class Pipeline:
         if choice.template is None:
             return self._outcome(request, 404, NO_CONFIGURATION, f"# no configuration for {device.hwid}\n".encode(),
                                  device=device, choice=choice, reported=reported)
-        answers = None if choice.per_poll else self._kept(snapshot).get(device)
+        answers = None if choice.per_poll else self._kept(device, choice)
         if answers is None:
             try:
                 script = self.script(snapshot, choice, device, RequestInfo.of(request), now)
@@ -162,7 +168,7 @@ class Pipeline:
                                      detail=str(error), device=device, choice=choice, reported=reported)
             answers = self.wrap(script, choice, reported)
             if not choice.per_poll:
-                self._answers.put(device, answers)
+                self._answers.put(device, (choice.sources, answers))
         if answers.digest is not None and reported == answers.digest:
             body, sha, decision = answers.unchanged, answers.unchanged_sha256, UNCHANGED
         else:
@@ -218,12 +224,10 @@ class Pipeline:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _kept(self, snapshot: Snapshot) -> BoundedCache[DeviceIdentity, Answers]:
-        """The answers kept for `snapshot`: a new snapshot starts with none."""
-        if self._answers_of is not snapshot:
-            self._answers = BoundedCache(self._answers_kept)
-            self._answers_of = snapshot
-        return self._answers
+    def _kept(self, device: DeviceIdentity, choice: Choice) -> Answers | None:
+        """The answer kept for `device`, while every version it was rendered from is unchanged."""
+        kept = self._answers.get(device)
+        return kept[1] if kept is not None and kept[0] == choice.sources else None
 
     @staticmethod
     def _outcome(
@@ -241,6 +245,10 @@ class Pipeline:
             detail=detail, check_reported=reported, check_digest=digest, decision=decision, claimed=claimed,
             body=body,
         )
+
+
+def _weight(kept: tuple[tuple[object, ...], Answers]) -> int:
+    return len(kept[1].sent) + len(kept[1].unchanged) + _ANSWER_OVERHEAD
 
 
 def script_hash(body: bytes, key: bytes | None) -> str:

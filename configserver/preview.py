@@ -104,7 +104,7 @@ def device_names(snapshot: Snapshot, fixes: Mapping[str, str]) -> dict[str, set[
             if name.startswith("devices/") and name.endswith(suffix) and name.count("/") == 1:
                 note(name[len("devices/"):-len(suffix)])
     table = snapshot.vars.get(DEVICES_CSV)
-    for row in (table.data or []) if table is not None else []:
+    for row in table.data.rows() if table is not None and table.data is not None else []:
         named = csv_row_device(row.get("hwid"), row.get("mac"), fixes)
         if named.hwid is not None:
             note(named.hwid)

@@ -1,24 +1,30 @@
-"""What a template's own text says before it is rendered: its options, and whether its output
-can be kept from one poll to the next.
+"""What a template's own text says before it is rendered: its options, and which files its
+output depends on (or that it reads what changes from poll to poll).
 
-Both are read once per version of a file (a version is its stamp: mtime, size, inode).
+Worked out lazily, the first time a device is given the template, and once per version of a
+file: the result lives on that version (SourceFile) itself, so it is shared by every snapshot
+that holds the version and goes with it. Start-up reads files; it parses no template.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import jinja2
 from jinja2 import nodes
 
 from ..apply_once import OptionsError, TemplateOptions, parse_options
 
+if TYPE_CHECKING:
+    from .snapshot import SourceFile
+
 # Context names whose value changes from poll to poll, and Jinja's random helpers.
 _PER_POLL_NAMES = frozenset({"now", "request", "lipsum"})
 _PER_POLL_FILTERS = frozenset({"random"})
 _PARSER = jinja2.Environment(autoescape=False)
+_NO_OPTIONS = TemplateOptions()
 
-Stamp = tuple[int, int, int]
 Facts = tuple[bool, tuple[str, ...]]   # (reads per-poll values?, templates it references)
 
 
@@ -58,45 +64,41 @@ def options_of(name: str, text: str) -> TemplateOptions | str:
         return f"{name}:{error.line}: {error.message}"
 
 
-class Analyses:
-    """The facts of every template version seen, kept while that version is on disk."""
+def facts(source: SourceFile) -> Facts:
+    """`template_facts` of one version of a template file, worked out once."""
+    found = source.facts
+    if found is None:
+        found = template_facts(source.text)
+        object.__setattr__(source, "facts", found)   # a memo of the frozen version, not a change
+    return found
 
-    def __init__(self) -> None:
-        self._facts: dict[tuple[str, Stamp], Facts] = {}
-        self._options: dict[tuple[str, Stamp], TemplateOptions | str] = {}
 
-    def options(self, name: str, stamp: Stamp, text: str) -> TemplateOptions | str:
-        key = (name, stamp)
-        found = self._options.get(key)
-        if found is None:
-            found = self._options[key] = options_of(name, text)
-        return found
+def options(source: SourceFile) -> TemplateOptions | str:
+    """`options_of` one version of a template file, worked out once."""
+    found = source.options
+    if found is None:
+        found = options_of(source.name, source.text) if "configserver:" in source.text else _NO_OPTIONS
+        object.__setattr__(source, "options", found)
+    return found
 
-    def reads_per_poll(self, name: str, texts: Mapping[str, tuple[Stamp, str]]) -> bool:
-        """Whether `name`, or any template it includes, imports or extends, reads what changes
-        from poll to poll (`now`, `request`, randomness) or names a template only at render time.
-        `texts` maps each template to its (stamp, text)."""
-        seen: set[str] = set()
-        pending = [name]
-        while pending:
-            current = pending.pop()
-            if current in seen:
-                continue
-            seen.add(current)
-            found = texts.get(current)
-            if found is None:
-                continue  # a missing include fails the render anyway
-            key = (current, found[0])
-            facts = self._facts.get(key)
-            if facts is None:
-                facts = self._facts[key] = template_facts(found[1])
-            reads_per_poll, references = facts
-            if reads_per_poll:
-                return True
-            pending.extend(references)
-        return False
 
-    def forget_except(self, current: Mapping[str, Stamp]) -> None:
-        """Drop what was learned of versions no longer on disk."""
-        self._facts = {k: v for k, v in self._facts.items() if current.get(k[0]) == k[1]}
-        self._options = {k: v for k, v in self._options.items() if current.get(k[0]) == k[1]}
+def dependencies(name: str, templates: Mapping[str, SourceFile]) -> tuple[SourceFile, ...] | None:
+    """The versions of `name` and of every template it includes, imports or extends, in the
+    order met; None when one of them reads what changes from poll to poll (`now`, `request`,
+    randomness) or names a template only at render time: its output may then not be kept.
+    A missing include is left out: the render fails and says so."""
+    seen: dict[str, SourceFile] = {}
+    pending = [name]
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        source = templates.get(current)
+        if source is None:
+            continue
+        seen[current] = source
+        reads_per_poll, references = facts(source)
+        if reads_per_poll:
+            return None
+        pending.extend(reversed(references))
+    return tuple(seen.values())

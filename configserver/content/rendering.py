@@ -2,7 +2,9 @@
 
 Templates are loaded from the snapshot the poll chose, never from the disk and never from a
 snapshot published meanwhile: a poll that races a reload still renders one consistent view.
-Compiled templates are shared across snapshots while their file's version is unchanged.
+Compiled templates are shared across snapshots while their file's version is unchanged, and
+at most _COMPILED_KEPT of them are kept (caches.py's one policy): a per-device template is
+compiled again when its device's answer has to be rendered again.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import Any
 
 import jinja2
 
+from ..caches import BoundedCache
 from ..errors import ConfigserverError
 from .snapshot import Snapshot
 
-_COMPILED_KEPT = 4096   # compiled templates kept; a per-device template is compiled again when needed
+_COMPILED_KEPT = 512   # compiled templates kept (a per-device one is about 8 KB)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _NO_VARIABLE = re.compile(r"'mappingproxy object' has no attribute '([^']*)'")
 _rendering: ContextVar[Snapshot | None] = ContextVar("configserver_rendering", default=None)
@@ -72,8 +75,9 @@ class Renderer:
             autoescape=False,
             keep_trailing_newline=True,
             auto_reload=True,
-            cache_size=_COMPILED_KEPT,
         )
+        # Jinja reads its cache with get() and fills it with [key] = template
+        self.environment.cache = BoundedCache(_COMPILED_KEPT)  # type: ignore[assignment]
 
     def render(self, snapshot: Snapshot, template: str, context: Mapping[str, Any]) -> str:
         """Render `template` of `snapshot` with `context` into a complete script with CRLF line ends.

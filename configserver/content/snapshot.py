@@ -9,10 +9,13 @@ Variables, later layers override earlier ones (tables merged key by key):
     vars/devices/<hwid>.toml, the row of vars/devices.csv that names the device
 
 A snapshot's files and indexes never change once built; it only memoizes the choices it made.
+A new snapshot is the old one with some files changed: it shares every unchanged file (and what
+was learned of it) and re-indexes only the names that came or went.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,32 +25,32 @@ from ..apply_once import TemplateOptions
 from ..caches import BoundedCache
 from ..identity import DeviceIdentity
 from ..innovaphone import BROKEN_MODEL_NAMES
-from .analysis import Analyses
-from .naming import (
-    DEVICES_CSV,
-    TEMPLATE_SUFFIX,
-    VARS_SUFFIX,
-    csv_row_device,
-    lookup_key,
-)
-from .variables import freeze, merge
+from . import analysis
+from .naming import DEVICES_CSV, TEMPLATE_SUFFIX, VARS_SUFFIX, lookup_key
+from .variables import DeviceRows, freeze, merge
 
 log = logging.getLogger("configserver.templates")
 
-_CHOICES_KEPT = 200_000  # devices whose choice one snapshot remembers
+# Devices whose choice one snapshot remembers. A choice costs some microseconds to redo, so this
+# only spares a small fleet's repeat polls; a large fleet's memory goes to the answers (poll.py).
+_CHOICES_KEPT = 10_000
 
 Stamp = tuple[int, int, int]   # (mtime_ns, size, inode): a different stamp is a different version
 
 
 @dataclass(frozen=True, slots=True)
 class SourceFile:
-    """One file as read at one moment: its text (or parsed data) and what identifies that version."""
+    """One file as read at one moment: its text (or parsed data) and what identifies that version.
+
+    `facts` and `options` are filled in by analysis.py the first time they are needed."""
 
     name: str            # path relative to its folder, with '/'
     stamp: Stamp
     text: str
-    data: Any = None     # parsed TOML (dict) or CSV rows
+    data: Any = None     # parsed TOML (dict), or devices.csv's rows (variables.DeviceRows)
     error: str | None = None
+    facts: Any = field(default=None, compare=False, repr=False)
+    options: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +69,25 @@ class Choice:
 
     template: str | None
     vars_files: tuple[str, ...]
-    variables: Mapping[str, Any]
+    layers: tuple[Mapping[str, Any], ...]   # the variables of each layer, lowest first
     problem: str | None = None   # a file this device reads cannot be used: file and cause
     groups: tuple[str, ...] = ()  # the device's model's groups, in the table's order
     apply_once: bool = True       # wrap the script for applying it once (apply_once.py)
     final_command: str = "iresetn"
     # the template (or one it uses) reads `now`, `request` or randomness: render it on every
-    # poll; otherwise its output depends on the device and the snapshot alone and may be kept
+    # poll; otherwise its output depends on the device and `sources` alone and may be kept
     per_poll: bool = True
+    # every version the output depends on: the template files it renders, the vars files and
+    # the devices.csv row. An answer kept for an equal tuple is still the answer.
+    sources: tuple[object, ...] = ()
+
+    @functools.cached_property
+    def variables(self) -> Mapping[str, Any]:
+        """The layers merged (later ones win, tables key by key), read-only."""
+        merged: dict[str, Any] = {}
+        for layer in self.layers:
+            merged = merge(merged, layer)
+        return freeze(merged)
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,19 +99,23 @@ class Snapshot:
     rules: ContentRules
     lookup: Mapping[str, str]          # "devices/<key>", "models/<model>", "groups/<g>", "default" -> file
     vars_lookup: Mapping[str, str]
-    csv_rows: Mapping[str, Mapping[str, str]]   # device key -> the values of its devices.csv row
     groups: Mapping[str, tuple[str, ...]]       # group -> models, table order
     model_groups: Mapping[str, tuple[str, ...]]  # casefolded model -> its groups
     groups_problem: str | None
-    options: Mapping[str, TemplateOptions]      # template a device is given -> its options
-    options_problems: Mapping[str, str]
-    per_poll: Mapping[str, bool]                # template a device is given -> Choice.per_poll
+    # keys two or more files stand for: key -> the files not used (the first name, sorted, wins)
+    shadowed: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    vars_shadowed: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     _choices: BoundedCache[str, Choice] = field(default_factory=lambda: BoundedCache(_CHOICES_KEPT), repr=False)
-    _merged: dict[tuple[str, ...], Mapping[str, Any]] = field(default_factory=dict, repr=False)
 
     @property
     def fixes(self) -> Mapping[str, str]:
         return self.rules.fixes
+
+    @property
+    def device_rows(self) -> DeviceRows | None:
+        """devices.csv's rows, when it exists and could be read."""
+        table = self.vars.get(DEVICES_CSV)
+        return table.data if table is not None and isinstance(table.data, DeviceRows) else None
 
     def choose(self, device: DeviceIdentity) -> Choice:
         """The template and variables for `device`; worked out once per device per snapshot."""
@@ -108,9 +126,33 @@ class Snapshot:
 
     def template_options(self, template: str) -> tuple[bool, str]:
         """(apply once?, final command) for a template a device is given: its options, else the settings'."""
-        options = self.options.get(template, TemplateOptions())
+        found = analysis.options(self.templates[template]) if template in self.templates else None
+        options = found if isinstance(found, TemplateOptions) else TemplateOptions()
         apply = self.rules.apply_once if options.apply_once is None else options.apply_once
         return apply, options.final_command or self.rules.final_command
+
+    def options_problem(self, template: str) -> str | None:
+        """What is wrong with the options of a template a device is given, if anything."""
+        source = self.templates.get(template)
+        found = analysis.options(source) if source is not None else None
+        return found if isinstance(found, str) else None
+
+    def changed(self, templates: Mapping[str, SourceFile | None], variables: Mapping[str, SourceFile | None]) -> "Snapshot":
+        """This snapshot with some files new or changed (a SourceFile) or gone (None): every
+        other file, and what is known of it, is shared."""
+        fixes = self.rules.fixes
+        files, lookup, shadowed = _reindexed(self.templates, self.lookup, self.shadowed, templates,
+                                             TEMPLATE_SUFFIX, fixes, warn=True)
+        vars_files, vars_lookup, vars_shadowed = _reindexed(self.vars, self.vars_lookup, self.vars_shadowed,
+                                                            variables, VARS_SUFFIX, fixes, warn=False)
+        groups, model_groups, groups_problem = self.groups, self.model_groups, self.groups_problem
+        if "default.toml" in variables or not (self.templates or self.vars):
+            groups, model_groups, groups_problem = _groups(self.rules, vars_files.get("default.toml"))
+        return Snapshot(
+            templates=files, vars=vars_files, rules=self.rules, lookup=lookup, vars_lookup=vars_lookup,
+            groups=groups, model_groups=model_groups, groups_problem=groups_problem,
+            shadowed=shadowed, vars_shadowed=vars_shadowed,
+        )
 
     def _choose(self, device: DeviceIdentity) -> Choice:
         hwid, mac, model = device.hwid.casefold(), device.mac, device.model.casefold()
@@ -121,14 +163,16 @@ class Snapshot:
             template = self.lookup.get(key)
             if template:
                 break
-        layers: list[tuple[str, Mapping[str, Any]]] = []  # (which file or CSV row, its variables)
-        problem = self.groups_problem or self.options_problems.get(template or "")
+        problem = self.groups_problem or (self.options_problem(template) if template else None)
         if template and self.templates[template].error:
             problem = problem or f"{template}: {self.templates[template].error}"
         table = self.vars.get(DEVICES_CSV)
         if table is not None and table.error:
             # every device may have a row in it: none may be served as if it had none
             problem = problem or f"{DEVICES_CSV}: {table.error}"
+        used: list[str] = []
+        layers: list[Mapping[str, Any]] = []
+        versions: list[object] = []
         for key in ("default", f"models/{model}", f"devices/{mac}", f"devices/{hwid}"):
             name = self.vars_lookup.get(key)
             if name is None:
@@ -137,77 +181,74 @@ class Snapshot:
             if source.error:
                 problem = problem or f"{name}: {source.error}"
                 continue
-            layers.append((name, source.data))
-        for key in (mac, hwid):
-            row = self.csv_rows.get(key)
-            if row is not None:
-                layers.append((f"{DEVICES_CSV}:{key}", row))
-        # devices that read the same files share one merged copy (most share all but one)
-        layers_key = tuple(which for which, _ in layers)
-        variables = self._merged.get(layers_key)
-        if variables is None:
-            merged: dict[str, Any] = {}
-            for _, data in layers:
-                merged = merge(merged, data)
-            variables = self._merged[layers_key] = freeze(merged)
-        used = tuple(dict.fromkeys(which.partition(":")[0] for which in layers_key))
+            used.append(name)
+            layers.append(source.data)
+            versions.append(source)
+        rows = self.device_rows
+        for key in (mac, hwid) if rows is not None else ():
+            line = rows.line(key)
+            if line is not None:
+                used.append(DEVICES_CSV)
+                layers.append(rows.values(key))
+                versions.append(line)
+        depends = analysis.dependencies(template, self.templates) if template and not problem else None
         apply, final = self.template_options(template) if template else (self.rules.apply_once, self.rules.final_command)
-        return Choice(template, used, variables, problem, groups, apply, final, self.per_poll.get(template or "", True))
+        return Choice(
+            template, tuple(dict.fromkeys(used)), tuple(layers), problem, groups, apply, final,
+            per_poll=depends is None, sources=(*depends, *versions) if depends is not None else (),
+        )
 
 
 def build_snapshot(
     templates: Mapping[str, SourceFile], variables: Mapping[str, SourceFile], rules: ContentRules,
-    analyses: Analyses | None = None,
 ) -> Snapshot:
-    """Index the files of both folders into a snapshot. `analyses` remembers what was learned of
-    each template version across snapshots (see analysis.py)."""
-    analyses = analyses or Analyses()
-    fixes = rules.fixes
-    lookup: dict[str, str] = {}
-    for name in sorted(templates):
-        key = lookup_key(name, TEMPLATE_SUFFIX, fixes)
-        if key is None:
-            continue
-        if key in lookup:
-            log.warning("two templates for one key", extra={"fields": {
-                "event": "template_conflict", "key": key, "used": lookup[key], "ignored": name}})
-            continue
-        lookup[key] = name
-    vars_lookup: dict[str, str] = {}
-    for name in sorted(variables):
-        key = lookup_key(name, VARS_SUFFIX, fixes)
-        if key is not None and key not in vars_lookup:
-            vars_lookup[key] = name
-    csv_rows: dict[str, dict[str, str]] = {}
-    table = variables.get(DEVICES_CSV)
-    for row in (table.data or []) if table is not None else []:
-        named = csv_row_device(row.get("hwid"), row.get("mac"), fixes)
-        if named.key is not None:
-            csv_rows[named.key] = {k: v for k, v in row.items() if k and k not in ("hwid", "mac") and v not in (None, "")}
-    groups, model_groups, groups_problem = _groups(rules, variables.get("default.toml"))
-    options: dict[str, TemplateOptions] = {}
-    problems: dict[str, str] = {}
-    given = set(lookup.values())
-    for name in given:
-        found = analyses.options(name, templates[name].stamp, templates[name].text)
-        if isinstance(found, str):
-            problems[name] = found
-        else:
-            options[name] = found
-    texts = {name: (source.stamp, source.text) for name, source in templates.items()}
-    analyses.forget_except({name: stamp for name, (stamp, _) in texts.items()})
-    per_poll = {name: analyses.reads_per_poll(name, texts) for name in given}
-    return Snapshot(
-        templates=dict(templates), vars=dict(variables), rules=rules, lookup=lookup, vars_lookup=vars_lookup,
-        csv_rows=csv_rows, groups=groups, model_groups=model_groups, groups_problem=groups_problem,
-        options=options, options_problems=problems, per_poll=per_poll,
-    )
+    """Index the files of both folders into a snapshot."""
+    return empty_snapshot(rules).changed(templates, variables)
 
 
 def empty_snapshot(rules: ContentRules) -> Snapshot:
     """The snapshot before the first scan: no device gets a template."""
-    return build_snapshot({}, {}, rules)
+    groups, model_groups, problem = _groups(rules, None)
+    return Snapshot(templates={}, vars={}, rules=rules, lookup={}, vars_lookup={},
+                    groups=groups, model_groups=model_groups, groups_problem=problem)
 
+
+def _reindexed(
+    files: Mapping[str, SourceFile], lookup: Mapping[str, str], shadowed: Mapping[str, tuple[str, ...]],
+    changes: Mapping[str, SourceFile | None], suffix: str, fixes: Mapping[str, str], *, warn: bool,
+) -> tuple[dict[str, SourceFile], dict[str, str], dict[str, tuple[str, ...]]]:
+    """`files` with `changes` applied, and the lookup index redone for the names that came or
+    went only. Of several files for one key the first name in sorted order is used."""
+    files, lookup, shadowed = dict(files), dict(lookup), dict(shadowed)
+    for name, source in changes.items():
+        came, went = source is not None and name not in files, source is None and name in files
+        if source is None:
+            files.pop(name, None)
+        else:
+            files[name] = source
+        if not (came or went):
+            continue
+        key = lookup_key(name, suffix, fixes)
+        if key is None:
+            continue
+        names = {*shadowed.get(key, ()), *((lookup[key],) if key in lookup else ())}
+        if came:
+            names.add(name)
+        else:
+            names.discard(name)
+        ordered = sorted(names)
+        if ordered:
+            lookup[key] = ordered[0]
+        else:
+            lookup.pop(key, None)
+        if len(ordered) > 1:
+            shadowed[key] = tuple(ordered[1:])
+            if warn and came:
+                log.warning("two templates for one key", extra={"fields": {
+                    "event": "template_conflict", "key": key, "used": ordered[0], "ignored": ", ".join(ordered[1:])}})
+        else:
+            shadowed.pop(key, None)
+    return files, lookup, shadowed
 
 def _groups(
     rules: ContentRules, default: SourceFile | None,

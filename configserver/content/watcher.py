@@ -1,11 +1,14 @@
-"""Watching the templates and vars folders: scans, file versions, and the grace window.
+"""Watching the templates and vars folders: file events, scans, and the grace window.
 
-A scan (`ContentStore.refresh`, run off the event loop) lists both folders; once every change
-in them has settled it publishes a new immutable Snapshot. A poll reads `store.snapshot` once
-and uses that snapshot from start to end. A file modified less than `grace_seconds` ago is not
-read yet: the snapshot keeps the last version that was complete, so a file being written never
-yields half a script, and a change spread over several files (a git checkout, an rsync) is
-taken at once instead of file by file.
+The operating system tells us which files changed (inotify, through `watchfiles`); a refresh
+looks at those files only and publishes a new immutable Snapshot that shares everything else
+with the one before. A slow full rescan (`rescan_seconds`) stays as a safety net for what file
+events miss: network file systems, an overflowed event queue, a symlink whose target changed.
+
+A poll reads `store.snapshot` once and uses that snapshot from start to end. A file modified
+less than `grace_seconds` ago is not read yet: the snapshot keeps the last version that was
+complete, so a file being written never yields half a script, and a change spread over several
+files (a git checkout, an rsync) is taken at once instead of file by file.
 
 Nothing outside the two folders is ever read: hidden files and editors' leftovers are skipped,
 symlinked folders are not entered, and a symlinked file counts only when it points at a file
@@ -14,22 +17,22 @@ inside the same folder.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .analysis import Analyses
 from .snapshot import (
     ContentRules,
     Snapshot,
     SourceFile,
     Stamp,
-    build_snapshot,
     empty_snapshot,
 )
 from .variables import parse_vars
@@ -37,6 +40,11 @@ from .variables import parse_vars
 log = logging.getLogger("configserver.templates")
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
+RESCAN_SECONDS = 300.0   # the safety net's period; file events do the real work
+
+Key = tuple[str, str]    # ("templates" | "vars", name relative to its folder, with '/')
+Version = tuple[str, Stamp]   # the path to read (a symlink's target) and its version
+_LEFTOVERS = ("~", ".swp", ".tmp", ".part")
 
 
 def _no_parse(name: str, text: str) -> tuple[Any, str | None]:
@@ -44,7 +52,7 @@ def _no_parse(name: str, text: str) -> tuple[Any, str | None]:
 
 
 class ContentStore:
-    """The templates and vars folders, scanned into snapshots."""
+    """The templates and vars folders, kept as snapshots."""
 
     def __init__(
         self,
@@ -59,15 +67,16 @@ class ContentStore:
         self.vars_dir = Path(vars_dir).absolute()
         self.rules = rules or ContentRules()
         self.grace_seconds = grace_seconds
-        # changes not yet published: (kind, name) -> (the version seen, or None if gone; since when)
-        self._unsettled: dict[tuple[str, str], tuple[Stamp | None, float]] = {}
-        self._analyses = Analyses()
+        # files that may differ from the snapshot, not yet published: key -> (the version seen,
+        # or None if gone; since when it has looked like that by our clock)
+        self._unsettled: dict[Key, tuple[Stamp | None, float]] = {}
         self._clock = clock
         self._lock = threading.Lock()
         self.snapshot: Snapshot = empty_snapshot(self.rules)
 
-    def refresh(self) -> bool:
-        """Rescan both folders; publish a new snapshot once every change in them has settled.
+    def refresh(self, paths: Iterable[str | Path] | None = None) -> bool:
+        """Look at `paths` (files or folders that changed), or rescan both folders when None;
+        publish a new snapshot once every change seen has settled.
 
         Returns whether a new snapshot was published. While any file is new, changed or gone
         for less than `grace_seconds`, the snapshot in use stays as it is, whole.
@@ -75,33 +84,35 @@ class ContentStore:
         with self._lock:
             old = self.snapshot
             now = self._clock()
-            listed = {("templates", name): found for name, found in list_files(self.templates_dir).items()}
-            listed.update({("vars", name): found for name, found in list_files(self.vars_dir).items()})
-            published = {("templates", name): source for name, source in old.templates.items()}
-            published.update({("vars", name): source for name, source in old.vars.items()})
-            changed = [key for key, (_, stamp) in listed.items() if key not in published or published[key].stamp != stamp]
-            vanished = [key for key in published if key not in listed]
-            if not changed and not vanished:
+            # what is on disk now for every file that may differ from the snapshot (None: gone)
+            found = self._scan(old) if paths is None else self._look_at(paths, old)
+            for key in self._unsettled:   # still waiting from before: look again
+                if key not in found and paths is not None:
+                    found[key] = self._stat(key)
+            differing = {key: seen for key, seen in found.items() if _differs(old, key, seen)}
+            if not differing:
                 self._unsettled.clear()
                 return False
-            if not self._settled(changed, vanished, listed, now):
+            if not self._settled(differing, now):
                 return False
-            files = {"templates": dict(old.templates), "vars": dict(old.vars)}
-            for kind, name in vanished:
-                del files[kind][name]
-            for key in changed:
+            templates: dict[str, SourceFile | None] = {}
+            variables: dict[str, SourceFile | None] = {}
+            for key, seen in differing.items():
                 kind, name = key
-                path, stamp = listed[key]
-                source = read_file(path, name, stamp, parse_vars if kind == "vars" else _no_parse)
-                if source is None:  # written to while we read it: wait for it to settle
-                    self._unsettled[key] = (None, now)
-                    return False
-                files[kind][name] = source
-            self.snapshot = build_snapshot(files["templates"], files["vars"], self.rules, self._analyses)
+                source = None
+                if seen is not None:
+                    path, stamp = seen
+                    source = read_file(path, name, stamp, self._parse_vars if kind == "vars" else _no_parse)
+                    if source is None:  # written to while we read it: wait for it to settle
+                        self._unsettled[key] = (None, now)
+                        return False
+                (templates if kind == "templates" else variables)[name] = source
+            self.snapshot = old.changed(templates, variables)
             self._unsettled.clear()
             log.info("templates reloaded", extra={"fields": {
-                "event": "reload", "templates": len(files["templates"]), "vars": len(files["vars"]),
-                "changed": len(changed), "removed": len(vanished),
+                "event": "reload", "templates": len(self.snapshot.templates), "vars": len(self.snapshot.vars),
+                "changed": sum(seen is not None for seen in differing.values()),
+                "removed": sum(seen is None for seen in differing.values()),
             }})
             return True
 
@@ -116,77 +127,223 @@ class ContentStore:
         deadline = self._clock() + timeout
         self.refresh()
         while self.pending and self._clock() < deadline:
-            time.sleep(min(0.1, max(self.grace_seconds / 4, 0.01)))
-            self.refresh()
+            time.sleep(self._retry_seconds())
+            self.refresh(())
 
-    def _settled(
-        self,
-        changed: list[tuple[str, str]],
-        vanished: list[tuple[str, str]],
-        listed: dict[tuple[str, str], tuple[Path, Stamp]],
-        now: float,
-    ) -> bool:
+    async def follow(self, rescan_seconds: float = RESCAN_SECONDS, ready: asyncio.Event | None = None) -> None:
+        """Keep the snapshot current until cancelled: refresh the files the operating system
+        says changed, look again while a change settles, and rescan everything every
+        `rescan_seconds`. Sets `ready` once the folders are watched. A failed refresh is logged
+        and the next one goes on."""
+        import watchfiles   # the file events (inotify on Linux); only the server needs them
+
+        stop = asyncio.Event()
+        changes: asyncio.Queue[set[str]] = asyncio.Queue()
+
+        async def events() -> None:
+            folders = [folder for folder in (self.templates_dir, self.vars_dir) if folder.is_dir()]
+            if not folders:
+                return
+            async for batch in watchfiles.awatch(*folders, watch_filter=None, debounce=400, step=20,
+                                                 stop_event=stop, rust_timeout=60_000, yield_on_timeout=False):
+                changes.put_nowait({path for _, path in batch})
+
+        watching = asyncio.create_task(events())
+        await asyncio.sleep(0)
+        if ready is not None:
+            ready.set()
+        next_rescan = time.monotonic() + rescan_seconds
+        try:
+            while True:
+                wait = next_rescan - time.monotonic()
+                if self.pending:
+                    wait = min(wait, self._retry_seconds())
+                paths: set[str] | None = set()
+                try:
+                    paths = await asyncio.wait_for(changes.get(), timeout=max(wait, 0))
+                    while not changes.empty():
+                        paths |= changes.get_nowait()
+                except TimeoutError:
+                    pass
+                if watching.done() and not watching.cancelled() and watching.exception() is not None:
+                    log.error("file events stopped; rescanning every %s s", rescan_seconds, extra={"fields": {
+                        "event": "watch_failed", "error": repr(watching.exception())}})
+                    watching = asyncio.create_task(asyncio.sleep(float("inf")))
+                if time.monotonic() >= next_rescan:
+                    paths = None
+                    next_rescan = time.monotonic() + rescan_seconds
+                try:
+                    await asyncio.to_thread(self.refresh, paths)
+                except Exception:  # a refresh must never stop the ones that follow
+                    log.exception("template scan failed", extra={"fields": {"event": "reload_failed"}})
+        finally:
+            stop.set()
+            watching.cancel()
+            with contextlib.suppress(BaseException):
+                await watching
+
+    # -- what is on disk ----------------------------------------------------------------------
+
+    def _parse_vars(self, name: str, text: str) -> tuple[Any, str | None]:
+        return parse_vars(name, text, self.rules.fixes)
+
+    def _retry_seconds(self) -> float:
+        return min(0.1, max(self.grace_seconds / 4, 0.01))
+
+    def _folder(self, kind: str) -> Path:
+        return self.templates_dir if kind == "templates" else self.vars_dir
+
+    def _scan(self, old: Snapshot) -> dict[Key, Version | None]:
+        """Every file of both folders that differs from `old`: the safety net's full rescan."""
+        found: dict[Key, Version | None] = {}
+        for kind, published in (("templates", old.templates), ("vars", old.vars)):
+            files = list_files(self._folder(kind))
+            for name, seen in files.items():
+                source = published.get(name)
+                if source is None or source.stamp != seen[1]:
+                    found[(kind, name)] = seen
+            found.update({(kind, name): None for name in published if name not in files})
+        return found
+
+    def _look_at(self, paths: Iterable[str | Path], old: Snapshot) -> dict[Key, Version | None]:
+        """What is now on disk at `paths` and below them: a folder that came is listed, and
+        every published file below a folder that went is gone."""
+        found: dict[Key, Version | None] = {}
+        roots = [(kind, str(self._folder(kind))) for kind in ("templates", "vars")]
+        for path in map(str, paths):
+            for kind, root in roots:
+                published = old.templates if kind == "templates" else old.vars
+                if path == root:
+                    name = ""
+                elif path.startswith(root + os.sep):
+                    name = path[len(root) + 1:]
+                    if not _wanted(name):
+                        break
+                else:
+                    continue
+                if os.path.isdir(path) and not os.path.islink(path):
+                    prefix = f"{name}/" if name else ""
+                    below = list_files(Path(path))
+                    found.update({(kind, prefix + sub): seen for sub, seen in below.items()})
+                    found.update({(kind, n): None for n in published
+                                  if n.startswith(prefix) and n[len(prefix):] not in below})
+                elif name:
+                    found[(kind, name)] = self._stat((kind, name))
+                    if not os.path.lexists(path):   # perhaps a folder that went
+                        prefix = f"{name}/"
+                        found.update({(kind, n): None for n in published if n.startswith(prefix)})
+                break
+        return found
+
+    def _stat(self, key: Key) -> Version | None:
+        kind, name = key
+        root = self._folder(kind)
+        if not _wanted(name):
+            return None
+        return file_version(str(root / name), os.path.realpath(root) + os.sep)
+
+    def _settled(self, differing: dict[Key, Version | None], now: float) -> bool:
         """Whether every change may be published: each file's new version (or its absence) has
         stayed the same for `grace_seconds` by our own clock, or the file was last modified at
-        least that long ago. A modification time ahead of our clock proves nothing either way."""
-        pending: dict[tuple[str, str], tuple[Stamp | None, float]] = {}
-        for key in [*changed, *vanished]:
-            stamp = listed[key][1] if key in listed else None
-            if stamp is not None and 0 <= now - stamp[0] / 1e9 and now - stamp[0] / 1e9 >= self.grace_seconds:
-                continue
+        least that long ago. A modification time ahead of our clock proves nothing either way.
+        Every change is remembered until all of them are published together."""
+        unsettled: dict[Key, tuple[Stamp | None, float]] = {}
+        ready = True
+        for key, seen in differing.items():
+            stamp = seen[1] if seen is not None else None
             since = self._unsettled.get(key)
             if since is None or since[0] != stamp:
                 since = (stamp, now)
-            if now - since[1] < self.grace_seconds:
-                pending[key] = since
-        self._unsettled = pending
-        return not pending
+            unsettled[key] = since
+            age = now - stamp[0] / 1e9 if stamp is not None else -1.0
+            old_on_disk = 0 <= age and age >= self.grace_seconds
+            if not old_on_disk and now - since[1] < self.grace_seconds:
+                ready = False
+        self._unsettled = unsettled
+        return ready
 
 
-def list_files(root: Path) -> dict[str, tuple[Path, Stamp]]:
+def _differs(snapshot: Snapshot, key: Key, seen: Version | None) -> bool:
+    source = (snapshot.templates if key[0] == "templates" else snapshot.vars).get(key[1])
+    return source is not None if seen is None else source is None or source.stamp != seen[1]
+
+
+def _wanted(name: str) -> bool:
+    """Whether a relative name may be content: no hidden part, no editor's leftover."""
+    return bool(name) and not any(part.startswith(".") for part in name.split("/")) and not name.endswith(_LEFTOVERS)
+
+
+def file_version(path: str, real_root: str) -> Version | None:
+    """The file to read for `path` and its version, or None when it is no file of the folder
+    (gone, a folder, or a symlink that leads out of `real_root`)."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            target = os.path.realpath(path)
+            if not target.startswith(real_root):
+                log.warning("symlink out of the folder ignored", extra={"fields": {
+                    "event": "symlink_ignored", "file": path}})
+                return None
+            path, st = target, os.stat(target)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return path, (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def list_files(root: Path) -> dict[str, Version]:
     """Every file below `root` that is not hidden or an editor's leftover, with its version.
 
     Symlinked folders are not entered; a symlinked file is listed only when it resolves to a
-    regular file inside `root` (its version is then the target's).
+    regular file inside `root` (its version is then the target's). One lstat per file: this
+    is the safety net's whole cost, so it stays lean.
     """
-    found: dict[str, tuple[Path, Stamp]] = {}
+    found: dict[str, Version] = {}
     if not root.is_dir():
         return found
-    real_root = os.path.realpath(root) + os.sep
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for filename in filenames:
-            if filename.startswith(".") or filename.endswith(("~", ".swp", ".tmp", ".part")):
-                continue
-            path = Path(dirpath, filename)
-            try:
-                st = path.lstat()
-                if stat.S_ISLNK(st.st_mode):
-                    target = os.path.realpath(path)
-                    if not target.startswith(real_root):
-                        log.warning("symlink out of the folder ignored", extra={"fields": {
-                            "event": "symlink_ignored", "file": str(path)}})
+    top = str(root)
+    real_root = os.path.realpath(top) + os.sep
+    skip = len(top) + 1
+    pending = [top]
+    while pending:
+        try:
+            entries = os.scandir(pending.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith("."):
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
                         continue
-                    path = Path(target)
-                    st = path.stat()
-            except OSError:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            found[Path(dirpath, filename).relative_to(root).as_posix()] = (path, (st.st_mtime_ns, st.st_size, st.st_ino))
+                    if name.endswith(_LEFTOVERS):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found[entry.path[skip:]] = (entry.path, (st.st_mtime_ns, st.st_size, st.st_ino))
+                elif stat.S_ISLNK(st.st_mode):
+                    version = file_version(entry.path, real_root)
+                    if version is not None:
+                        found[entry.path[skip:]] = version
     return found
 
 
 def read_file(
-    path: Path, name: str, stamp: Stamp, parse: Callable[[str, str], tuple[Any, str | None]],
+    path: str | Path, name: str, stamp: Stamp, parse: Callable[[str, str], tuple[Any, str | None]],
 ) -> SourceFile | None:
     """The file's text and parsed data, an error the admin must fix, or None when the file
     changed while it was read (then it is still being written)."""
     try:
-        with path.open("rb") as file:
+        with Path(path).open("rb") as file:
             if stamp[1] > MAX_FILE_BYTES:
                 raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
-            data = file.read(MAX_FILE_BYTES + 1)
+            data = file.read(stamp[1] + 1)   # one more byte than the version had: growth shows
             after = os.fstat(file.fileno())
         if (after.st_mtime_ns, after.st_size, after.st_ino) != stamp:
             return None

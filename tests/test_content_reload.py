@@ -1,0 +1,240 @@
+"""An edit renders again only the devices whose answers it changes, and file events publish it
+without waiting for a scan: the answers kept across snapshots, the index redone for what changed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+from driving import call, terminator_headers
+
+from configserver.content import ContentStore
+
+
+def settled(path: Path) -> None:
+    """Date a file as written long ago: the next refresh publishes it at once."""
+    os.utime(path, (time.time() - 60, time.time() - 60))
+
+
+def rendered(app) -> list[str]:
+    """The hwids the app renders a script for from now on (its answers, kept or not, are unchanged)."""
+    devices: list[str] = []
+    render = app.pipeline.renderer.render
+
+    def counting(snapshot, template, context):
+        devices.append(context["device"].hwid)
+        return render(snapshot, template, context)
+
+    app.pipeline.renderer.render = counting
+    return devices
+
+
+def poll_all(app, pki) -> dict[str, str]:
+    answers = {}
+    for name, cert in (("IP232-30-00-af", pki.phone), ("IP1202-35-fe-4d", pki.gateway), ("IP222s-30-00-b0", pki.broken)):
+        answer = call(app, "/", terminator_headers(cert))
+        assert answer.status == 200, answer.text
+        answers[name] = answer.text
+    return answers
+
+
+@pytest.fixture
+def fleet(site):
+    """Three devices: the phone has a template of its own, the other two get default.j2."""
+    site.write("templates/default.j2", "# default for {{ device.hwid }}\nconfig change SIP0 /user {{ vars.user }}\n")
+    site.write("templates/devices/IP232-30-00-af.j2", "# own\n{% include 'part.j2' %}\n")
+    site.write("templates/part.j2", "config change NTP0 /server {{ vars.ntp }}\n")
+    site.write("vars/default.toml", 'user = "nobody"\nntp = "pool.ntp.org"\n')
+    site.write("vars/models/IP1202.toml", 'user = "gateway"\n')
+    site.write("vars/devices.csv", "hwid,user\nIP232-30-00-af,alice\nIP222-30-00-b0,bob\n")
+    for path in (*site.templates.rglob("*.j2"), *site.vars.rglob("*.*")):
+        settled(path)
+    return site
+
+
+def edit(site, app, relative: str, text: str) -> None:
+    settled(site.write(relative, text))
+    assert app.store.refresh() is True
+
+
+def test_an_edit_to_one_devices_template_renders_that_device_again_only(fleet, pki):
+    app = fleet.app()
+    before = poll_all(app, pki)
+    renders = rendered(app)
+    edit(fleet, app, "templates/devices/IP232-30-00-af.j2", "# own, edited\n{% include 'part.j2' %}\n")
+    after = poll_all(app, pki)
+    assert renders == ["IP232-30-00-af"]
+    assert after["IP232-30-00-af"].startswith("# own, edited\r\n")
+    assert after["IP1202-35-fe-4d"] == before["IP1202-35-fe-4d"] and after["IP222s-30-00-b0"] == before["IP222s-30-00-b0"]
+
+
+def test_an_edit_to_default_j2_renders_again_only_the_devices_that_use_it(fleet, pki):
+    app = fleet.app()
+    poll_all(app, pki)
+    renders = rendered(app)
+    edit(fleet, app, "templates/default.j2", "# default, edited\nconfig change SIP0 /user {{ vars.user }}\n")
+    after = poll_all(app, pki)
+    assert sorted(renders) == ["IP1202-35-fe-4d", "IP222-30-00-b0"]
+    assert after["IP1202-35-fe-4d"].startswith("# default, edited\r\n")
+
+
+def test_an_edit_to_an_included_template_renders_again_the_devices_that_include_it(fleet, pki):
+    app = fleet.app()
+    poll_all(app, pki)
+    renders = rendered(app)
+    edit(fleet, app, "templates/part.j2", "config change NTP0 /server ntp.example.com\n")
+    after = poll_all(app, pki)
+    assert renders == ["IP232-30-00-af"]
+    assert "/server ntp.example.com\r\n" in after["IP232-30-00-af"]
+
+
+def test_a_changed_devices_csv_row_renders_again_only_its_device(fleet, pki):
+    app = fleet.app()
+    poll_all(app, pki)
+    renders = rendered(app)
+    edit(fleet, app, "vars/devices.csv", "hwid,user\nIP232-30-00-af,alice\nIP222-30-00-b0,carol\n")
+    after = poll_all(app, pki)
+    assert renders == ["IP222-30-00-b0"]
+    assert "/user carol\r\n" in after["IP222s-30-00-b0"]
+
+
+def test_a_vars_file_change_renders_again_only_the_devices_that_read_it(fleet, pki):
+    app = fleet.app()
+    poll_all(app, pki)
+    renders = rendered(app)
+    edit(fleet, app, "vars/models/IP1202.toml", 'user = "gateway two"\n')
+    after = poll_all(app, pki)
+    assert renders == ["IP1202-35-fe-4d"]
+    assert "/user gateway two\r\n" in after["IP1202-35-fe-4d"]
+
+
+def test_a_new_template_for_a_device_takes_over_from_default_j2_for_that_device_only(fleet, pki):
+    app = fleet.app()
+    poll_all(app, pki)
+    renders = rendered(app)
+    edit(fleet, app, "templates/devices/IP1202-35-fe-4d.j2", "# gateway's own\n")
+    after = poll_all(app, pki)
+    assert renders == ["IP1202-35-fe-4d"] and after["IP1202-35-fe-4d"].startswith("# gateway's own\r\n")
+    (fleet.templates / "devices" / "IP1202-35-fe-4d.j2").unlink()
+    assert app.store.refresh() is True
+    assert poll_all(app, pki)["IP1202-35-fe-4d"].startswith("# default for IP1202-35-fe-4d\r\n")
+
+
+def test_of_two_files_for_one_device_the_first_name_wins_and_the_other_takes_over_when_it_goes(tmp_path):
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    (tmp_path / "templates" / "devices").mkdir(parents=True)
+    upper = tmp_path / "templates" / "devices" / "IP232-30-00-AF.j2"
+    lower = tmp_path / "templates" / "devices" / "IP232-30-00-af.j2"
+    upper.write_text("upper\n")
+    lower.write_text("lower\n")
+    store.refresh()
+    assert store.snapshot.lookup["devices/ip232-30-00-af"] == "devices/IP232-30-00-AF.j2"
+    upper.unlink()
+    store.refresh([upper])
+    assert store.snapshot.lookup["devices/ip232-30-00-af"] == "devices/IP232-30-00-af.j2"
+    lower.unlink()
+    store.refresh([lower])
+    assert "devices/ip232-30-00-af" not in store.snapshot.lookup
+
+
+def test_start_up_reads_every_file_but_parses_a_template_only_once_a_device_is_given_it(fleet, pki):
+    app = fleet.app()
+    own = app.store.snapshot.templates["devices/IP232-30-00-af.j2"]
+    assert own.text and own.facts is None
+    call(app, "/", terminator_headers(pki.phone))
+    assert own.facts == (False, ("part.j2",))
+    assert app.store.snapshot.templates["default.j2"].facts is None   # nobody polled for it yet
+
+
+# -- file events ------------------------------------------------------------------------------
+
+async def _wait(until, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if until():
+            return True
+        await asyncio.sleep(0.02)
+    return until()
+
+
+def test_a_saved_file_is_published_by_its_file_event_once_the_grace_window_has_passed(tmp_path):
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0.5)
+    store.refresh()
+
+    async def scenario() -> tuple[float, bool]:
+        ready = asyncio.Event()
+        follower = asyncio.create_task(store.follow(3600, ready))
+        await ready.wait()
+        await asyncio.sleep(0.3)
+        (tmp_path / "templates" / "default.j2").write_text("hello\n")
+        saved = time.time()
+        try:
+            published = await _wait(lambda: "default.j2" in store.snapshot.templates, 15)
+            return time.time() - saved, published
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+    waited, published = asyncio.run(scenario())
+    assert published
+    assert waited >= 0.5   # never before the grace window has passed: the file may still be written
+
+
+def test_a_folder_moved_in_whole_is_published_by_its_file_event(tmp_path):
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    store.refresh()
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "IP232-30-00-af.j2").write_text("own\n")
+
+    def moved() -> bool:
+        return store.snapshot.lookup.get("devices/ip232-30-00-af") == "devices/IP232-30-00-af.j2"
+
+    async def scenario() -> bool:
+        ready = asyncio.Event()
+        follower = asyncio.create_task(store.follow(3600, ready))
+        await ready.wait()
+        await asyncio.sleep(0.3)
+        staged.rename(tmp_path / "templates" / "devices")
+        try:
+            if not await _wait(moved, 15):
+                return False
+            (tmp_path / "templates" / "devices").rename(tmp_path / "gone")
+            return await _wait(lambda: not store.snapshot.templates, 15)
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+    assert asyncio.run(scenario())
+
+
+def test_a_symlink_out_of_the_folder_made_while_watched_is_never_read(tmp_path):
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0\n")
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    store.refresh()
+
+    async def scenario() -> bool:
+        ready = asyncio.Event()
+        follower = asyncio.create_task(store.follow(3600, ready))
+        await ready.wait()
+        await asyncio.sleep(0.3)
+        (tmp_path / "templates" / "default.j2").symlink_to(secret)
+        (tmp_path / "templates" / "marker.j2").write_text("seen\n")
+        try:
+            return await _wait(lambda: "marker.j2" in store.snapshot.templates, 15)
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+    assert asyncio.run(scenario())
+    assert "default.j2" not in store.snapshot.templates
