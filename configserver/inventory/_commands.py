@@ -12,8 +12,21 @@ from typing import Any, TextIO, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..identity import BROKEN_MODEL_NAMES, InvalidDeviceName, parse_device_name
-from ._database import InventoryError, database_url, explain
-from ._queries import Device, Poll, check_limit, check_status, parse_duration
+from ._database import (
+    InventoryError,
+    database_url,
+    describe,
+    explain,
+    open_sqlite_reader,
+)
+from ._queries import (
+    Device,
+    Poll,
+    check_limit,
+    check_status,
+    parse_duration,
+    stream_sqlite_devices,
+)
 from ._recorder import Inventory
 
 T = TypeVar("T")
@@ -110,17 +123,50 @@ def write_devices_json(
     The output is one JSON array, one device per line. Raises InventoryError like `list_devices`.
     """
     check_status(status)
-    since_s, stale_s = _seconds("since", since), _seconds("stale", stale)
+    filters = {"model": model, "since": _seconds("since", since), "status": status,
+               "stale": _seconds("stale", stale), "now": now}
+    url = database_url(database)
+    if url.get_backend_name() != "sqlite":
+        async def write(inventory: Inventory) -> int:
+            count = 0
+            async for device in inventory.stream_devices(**filters):
+                out.write(_json_item(count, device))
+                count += 1
+            out.write(_json_end(count))
+            return count
 
-    async def write(inventory: Inventory) -> int:
-        count = 0
-        async for device in inventory.stream_devices(model=model, since=since_s, status=status, stale=stale_s, now=now):
-            out.write(("[\n" if count == 0 else ",\n") + json.dumps(device_json(device)))
-            count += 1
-        out.write("[]\n" if count == 0 else "\n]\n")
-        return count
+        return _run(database, write)
 
-    return _run(database, write)
+    async def ready(inventory: Inventory) -> None:
+        return None
+
+    _run(database, ready)  # there, and migrated
+    engine = open_sqlite_reader(url)
+    try:
+        return _write_json(stream_sqlite_devices(engine, **filters), out)
+    except (SQLAlchemyError, OSError) as exc:
+        raise InventoryError(
+            f"cannot use the inventory database {describe(url)} (setting 'database'): {explain(exc, url)}"
+        ) from None
+    finally:
+        engine.dispose()
+
+
+def _write_json(devices: Iterable[Device], out: TextIO) -> int:
+    count = 0
+    for device in devices:
+        out.write(_json_item(count, device))
+        count += 1
+    out.write(_json_end(count))
+    return count
+
+
+def _json_item(index: int, device: Device) -> str:
+    return ("[\n" if index == 0 else ",\n") + device_json_text(device)
+
+
+def _json_end(count: int) -> str:
+    return "[]\n" if count == 0 else "\n]\n"
 
 
 def device_history(
@@ -210,6 +256,33 @@ def history_table(polls: list[Poll]) -> str:
     header = ["TIME (UTC)", "STATUS", "REASON", "DECISION", "IP", "PATH", "TEMPLATE", "SCRIPT", "FIRMWARE", "MS",
               "LIKE THIS"]
     return _table(header, rows)
+
+
+_quoted = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # json.dumps's own, in C
+
+_DEVICE_JSON = (
+    '{"mac": %s, "time": %d, "ip": %s, "localip": %s, "devattrs": {"mac": %s, "hwid": %s, "type": %s, '
+    '"firm": %s, "boot": %s, "ver": %s, "localip": %s}, "status": %d, "reason": %s, "template": %s, '
+    '"script_sha256": %s, "first_seen": %d, "served_at": %s}'
+)
+
+
+def device_json_text(device: Device) -> str:
+    """`json.dumps(device_json(device))`, at a third of the cost: a million devices' worth of
+    dicts built only to be encoded would be most of what `devices --json` spends."""
+    def text(value: str | None) -> str:
+        return _quoted(value) if value else '""'
+
+    def optional(value: str | None) -> str:
+        return _quoted(value) if value is not None else "null"
+
+    mac, local_ip = text(device.mac), text(device.local_ip)
+    return _DEVICE_JSON % (
+        mac, int(device.last_seen), text(device.client_ip), local_ip,
+        mac, text(device.hwid), text(device.model), text(device.firmware), text(device.boot), text(device.version),
+        local_ip, device.status, optional(device.reason), optional(device.template), optional(device.script_sha256),
+        int(device.first_seen), int(device.served_at) if device.served_at is not None else "null",
+    )
 
 
 def _table(header: list[str], rows: list[list[str | None]]) -> str:

@@ -81,6 +81,17 @@ def open_engine(url: URL) -> AsyncEngine:
     )
 
 
+def open_sqlite_reader(url: URL) -> sa.Engine:
+    """A blocking engine for reading a SQLite inventory (`url` from `database_url`) in bulk.
+
+    `devices --json` reads a million rows: the async driver's hop to its thread and back costs
+    a third more CPU per row than the plain driver, and a command has nothing else to do meanwhile.
+    """
+    engine = sa.create_engine(url.set(drivername="sqlite+pysqlite"), poolclass=sa.NullPool)
+    event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
     cursor = dbapi_connection.cursor()
     # WAL: readers (the CLI) never block the writer. busy_timeout: several workers share the file.
@@ -211,7 +222,8 @@ def _v2_indexed_lookups_claims_and_floods(connection: Connection) -> None:
         .where(devices.c.hwid_key.is_(None), devices.c.hwid.is_not(None))
         .values(hwid_key=sa.func.lower(devices.c.hwid))
     )
-    create_indexes(connection, *devices.indexes)
+    names = ("devices_last_seen", "devices_status", "devices_model", "devices_hwid_key", "devices_mac")
+    create_indexes(connection, *(index for index in devices.indexes if index.name in names))
 
 
 def _v3_backups(connection: Connection) -> None:
@@ -237,7 +249,9 @@ def _v4_admin_page(connection: Connection) -> None:
 
 def _v5_firmware(connection: Connection) -> None:
     # Firmware sent to each device, and halted rollouts (configserver/firmware/_tables.py).
-    from ..firmware._tables import create_firmware_tables  # imported here: firmware builds on this module
+    from ..firmware._tables import (
+        create_firmware_tables,  # imported here: firmware builds on this module
+    )
 
     create_firmware_tables(connection)
 

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from ..polls import PollRecord
-from ._database import database_url, describe, explain, migrate, open_engine, polls, schema_versions
+from ._database import (
+    database_url,
+    describe,
+    explain,
+    migrate,
+    open_engine,
+    polls,
+    schema_versions,
+)
 from ._queries import Device, Poll, select_devices, select_history, stream_devices
 from ._rows import Folded, device_row, fold_floods, likeness, merge, poll_row, upsert
 
