@@ -213,6 +213,32 @@ def test_the_summary_counts_refusals_by_reason_errors_and_stale_devices(sqlite_f
     assert found.devices == DEVICES
 
 
+def test_a_rare_free_text_is_found_by_one_scan_and_a_sort_not_a_walk_of_the_index(sqlite_fleet, fleet) -> None:
+    devices, _ = fleet
+    text = "-8a-"
+    wanted = sorted((d for d in devices if any(text in (d[c] or "").lower() for c in
+                                               ("hwid_key", "mac", "client_ip", "model", "template", "firmware"))),
+                    key=lambda d: (d["last_seen"], d["device"]), reverse=True)
+    assert 50 < len(wanted) < 5000
+    plan = sqlite_plan(sqlite_fleet, page_query(FleetFilter(text=text), NOW, sort_matches=True))
+    assert plan.splitlines() == ["SCAN devices", "USE TEMP B-TREE FOR ORDER BY"], plan
+
+    async def walk() -> list[str]:
+        engine = open_engine(database_url(sqlite_fleet))
+        try:
+            seen, after = [], None
+            while True:
+                page = await fleet_page(engine, FleetFilter(text=text.upper()), now=NOW, after=after)
+                seen.extend(row.key for row in page.rows)
+                if page.after is None:
+                    return seen
+                after = page.after
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(walk()) == [d["device"] for d in wanted]
+
+
 def test_a_cursor_that_is_not_ours_gives_the_first_page() -> None:
     assert read_cursor("not base64 json!", "last_seen") is None
     assert read_cursor("WzEsMiwzXQ", "last_seen") is None          # [1,2,3]: too many values
@@ -262,7 +288,9 @@ def postgres_plan(url: str, query: sa.Select[Any]) -> str:
     return asyncio.run(explain())
 
 
-@pytest.mark.parametrize(("fleet_filter", "index"), PAGE_CASES[:9], ids=lambda v: repr(v) if isinstance(v, str) else None)
+# Free text is left out: PostgreSQL's planner weighs a rare text against the index by itself.
+@pytest.mark.parametrize(("fleet_filter", "index"), [case for case in PAGE_CASES[:9] if not case[0].text],
+                         ids=lambda v: repr(v) if isinstance(v, str) else None)
 def test_postgresql_serves_every_fleet_page_from_an_index_without_sorting(postgres_fleet, fleet_filter, index) -> None:
     plan = postgres_plan(postgres_fleet, page_query(fleet_filter, NOW))
     assert "Index" in plan and index in plan, plan

@@ -107,23 +107,33 @@ def filtered(fleet: FleetFilter, now: float) -> list[Any]:
     if fleet.stale is not None:
         terms.append(devices.c.last_seen < now - fleet.stale)
     if fleet.text:
-        # Part of a name can use no index; the scan runs in the order's index and stops when the
-        # page is full, so a common text costs little and only a rare one reads far.
+        # Part of a name can use no index: see SORT_MATCHES_BELOW for how the page is then read.
+        # hwid_key, mac and client_ip are stored in lower case already: no lower() per row.
         pattern = _like(fleet.text.strip())
-        terms.append(sa.or_(*(
-            sa.func.lower(column).like(pattern, escape="\\")
-            for column in (devices.c.hwid, devices.c.mac, devices.c.model, devices.c.template,
-                           devices.c.firmware, devices.c.client_ip)
-        )))
+        terms.append(sa.or_(
+            *(column.like(pattern, escape="\\") for column in (devices.c.hwid_key, devices.c.mac, devices.c.client_ip)),
+            *(sa.func.lower(column).like(pattern, escape="\\")
+              for column in (devices.c.model, devices.c.template, devices.c.firmware)),
+        ))
     return terms
 
 
+# A free-text filter matching fewer devices than this is read by one scan of the table and its
+# matches sorted (a few thousand rows at most); walking the order's index instead would visit
+# most of the table in random order before a page of rare matches is full. More matches than
+# this, and the index walk fills a page after reading at most devices / SORT_MATCHES_BELOW * 51
+# rows. The count the page shows anyway tells which case it is.
+SORT_MATCHES_BELOW = 5000
+
+
 def page_query(fleet: FleetFilter, now: float, *, after: list[Any] | None = None,
-               before: list[Any] | None = None, limit: int = PAGE_SIZE) -> sa.Select[Any]:
+               before: list[Any] | None = None, limit: int = PAGE_SIZE,
+               sort_matches: bool = False) -> sa.Select[Any]:
     """The SELECT of one page (one row more than `limit`, to tell whether another page follows).
 
     `after` continues past a row in the page's order, `before` walks back from one (the rows
-    then come in reverse order).
+    then come in reverse order). `sort_matches` keeps the database from walking the order's
+    index: it finds the matches first and sorts them (for a rare free text).
     """
     keys = SORTS[fleet.sort]
     descending = fleet.descending if before is None else not fleet.descending
@@ -136,7 +146,9 @@ def page_query(fleet: FleetFilter, now: float, *, after: list[Any] | None = None
     if start is not None:
         row, cut = sa.tuple_(*keys), sa.tuple_(*(sa.literal(v) for v in start))
         query = query.where(row < cut if descending else row > cut)
-    order = [key.desc() if descending else key.asc() for key in keys]
+    # coalesce(k, k) is k, but no index is ordered by it
+    ordered = [sa.func.coalesce(key, key) for key in keys] if sort_matches else list(keys)
+    order = [key.desc() if descending else key.asc() for key in ordered]
     return query.order_by(*order).limit(limit + 1)
 
 
@@ -165,10 +177,11 @@ async def fleet_page(engine: AsyncEngine, fleet: FleetFilter, *, now: float | No
     start_after, end_before = read_cursor(after, fleet.sort), read_cursor(before, fleet.sort)
     if start_after is not None:
         end_before = None
-    query = page_query(fleet, now, after=start_after, before=end_before, limit=limit)
     async with engine.connect() as connection:
-        found = list(await connection.execute(query))
         total = (await connection.execute(count_query(fleet, now))).scalar_one()
+        sort_matches = bool(fleet.text) and total < SORT_MATCHES_BELOW
+        query = page_query(fleet, now, after=start_after, before=end_before, limit=limit, sort_matches=sort_matches)
+        found = list(await connection.execute(query))
         more = len(found) > limit
         found = found[:limit]
         if end_before is not None:
