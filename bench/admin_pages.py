@@ -26,10 +26,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from test_admin_queries import NOW, fill_sqlite, fleet_rows  # noqa: E402  (the tests' own generator)
+# the tests' own generator of a fleet, so that the benchmark measures what the tests check
+from test_admin_queries import NOW, fill_sqlite, fleet_rows
 
-from configserver.admin._fleet import FleetFilter, fleet_page, page_query, read_cursor, summary  # noqa: E402
-from configserver.inventory._database import database_url, open_engine  # noqa: E402
+from configserver.admin._fleet import (
+    FleetFilter,
+    fleet_page,
+    page_query,
+    read_cursor,
+    summary,
+)
+from configserver.inventory._database import database_url, open_engine
 
 
 async def median_ms(action, repeat: int) -> float:
