@@ -126,11 +126,14 @@ class RolloutState:
         found: list[Failure] = []
         async with self.engine.connect() as connection:
             for kind, reported_column in _REPORTED_COLUMN.items():
+                # devices that report the build they were sent are done: the database leaves them
+                # out (most of a fleet, once a rollout is through), `differs` judges the rest
                 rows = await connection.execute(
                     sa.select(firmware_sent.c.hwid, firmware_sent.c.model, firmware_sent.c.build,
                               firmware_sent.c.first_sent_at, reported_column, devices.c.last_seen)
                     .select_from(firmware_sent.outerjoin(devices, devices.c.device == firmware_sent.c.device))
-                    .where(firmware_sent.c.kind == kind))
+                    .where(firmware_sent.c.kind == kind,
+                           sa.or_(reported_column.is_(None), reported_column != firmware_sent.c.build)))
                 for hwid, model, build, first_sent_at, reported, last_seen in rows:
                     rollout = policy(model, kind) or Rollout()
                     if first_sent_at < resumed.get((model, kind, build), float("-inf")):

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("configserver.firmware")
 
-INTERVAL = 5.0
+INTERVAL = 5.0       # seconds between passes: sends written, halts read
+WATCH_EVERY = 6      # passes between two counts of the failures (30 s)
 
 
 class _CountingState(RolloutState):
@@ -65,6 +66,7 @@ class FirmwareWatch:
         self._interval = interval
         self._shown: set[tuple[str, str, str]] = set()
         self._migrated = False
+        self._passes = 0
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -72,15 +74,16 @@ class FirmwareWatch:
                       registry: CollectorRegistry | None = None) -> FirmwareWatch:
         return cls(settings.database, stage, snapshot, registry=registry)
 
-    async def tick(self) -> None:
-        """One pass: write the queued sends, read the halts, halt what failed. Raises the
-        database's errors (the loop logs them and tries again)."""
+    async def tick(self, watch: bool = True) -> None:
+        """One pass: write the queued sends, read the halts, and (with `watch`) halt what
+        failed. Raises the database's errors (the loop logs them and tries again)."""
         if not self._migrated:   # the inventory's writer may not have made our tables yet
             await migrate(self._engine)
             self._migrated = True
         await self.state.flush()
         await self.state.refresh()
-        await self.state.watch(self._clock(), self.stage.policy(self._snapshot()))
+        if watch:
+            await self.state.watch(self._clock(), self.stage.policy(self._snapshot()))
         self._show(self.state.halts)
 
     def _show(self, halts: frozenset[tuple[str, str, str]]) -> None:
@@ -98,7 +101,8 @@ class FirmwareWatch:
     async def _run(self) -> None:
         while True:
             try:
-                await self.tick()
+                await self.tick(watch=self._passes % WATCH_EVERY == 0)
+                self._passes += 1
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the database is away: polls go on, the next pass retries
