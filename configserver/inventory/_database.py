@@ -304,13 +304,17 @@ def _migrate(connection: Connection) -> int:
 def schema_version(connection: Connection) -> int:
     """The newest version in `inventory_schema` (0 when empty). Raises InventoryError for a row
     that holds no version number (someone edited the table by hand)."""
-    versions = list(connection.execute(sa.select(schema_versions.c.version)).scalars())
-    odd = [version for version in versions if not isinstance(version, int) or isinstance(version, bool)]
-    if odd:
-        raise InventoryError(
-            f"the table inventory_schema holds {odd[0]!r} where a schema version number belongs; "
-            f"it should list the versions 1 to {SCHEMA_VERSION} that were applied: correct or delete that row"
-        )
+    versions: list[int] = []
+    for version in connection.execute(sa.select(schema_versions.c.version)).scalars():
+        # whole numbers written as text (a table remade by hand) still count
+        if isinstance(version, str) and version.strip().isdecimal() and version.isascii():
+            version = int(version)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise InventoryError(
+                f"the table inventory_schema holds {version!r} where a schema version number belongs; "
+                f"it should list the versions 1 to {SCHEMA_VERSION} that were applied: correct or delete that row"
+            )
+        versions.append(version)
     return max(versions, default=0)
 
 
