@@ -108,7 +108,7 @@ class FirmwareStage:
     ) -> FirmwareAnswer:
         """The firmware lines of this poll. Raises FirmwareError for a malformed declaration."""
         declaration = self.declaration(snapshot, choice)
-        if declaration.empty:
+        if declaration.empty or not device.model:   # no model (`render` by MAC alone): no file name
             return NO_LINES
         placement = place(declaration.rollout, device.hwid, device.mac, choice.groups)
         state = self.state

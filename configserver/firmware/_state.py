@@ -30,6 +30,7 @@ from ._tables import firmware_rollouts, firmware_sent
 
 log = logging.getLogger("configserver.firmware")
 
+_QUEUE_KEPT = 100_000
 HALTED_STATE = "halted"
 RESUMED_STATE = "resumed"
 _REPORTED_COLUMN = {"prot": devices.c.firmware, "boot": devices.c.boot}
@@ -69,7 +70,9 @@ class RolloutState:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self._queue: deque[Send] = deque()   # append and popleft are atomic: safe from any thread
+        # append and popleft are atomic: safe from any thread. Bounded: with the database away
+        # for long, the oldest sends go (a device sent its file again is noted again)
+        self._queue: deque[Send] = deque(maxlen=_QUEUE_KEPT)
         self._halted: frozenset[Target] = frozenset()
 
     # -- the poll path: memory only ---------------------------------------------------------
