@@ -13,13 +13,14 @@ from configserver.cli import main
 
 START = dt.datetime(2026, 11, 1, 22, 0, tzinfo=dt.UTC)   # in the past: the command judges at the real time
 HOUR = 3600.0
-FIRST = ["IP232-30-00-01", "IP232-30-00-02"]
+FIRST = ["IP232-30-00-01", "IP232-30-00-02", "IP232-30-00-03"]
 OTHERS = ["IP232-30-00-10", "IP232-30-00-11", "IP232-30-00-12"]
 
 
 @pytest.fixture
 def rolled_out(site, monkeypatch, tmp_path):
-    """Two first devices were sent 13.4711 an hour after the start: one took it, one did not."""
+    """Three first devices were sent 13.4711 a minute after the start: one took it, one came back
+    with the old build, one never came back."""
     monkeypatch.chdir(site.root)
     database = f"sqlite:///{tmp_path / 'inventory.db'}"
     site.write("configserver.toml", f'templates = "templates"\nvars = "vars"\ndatabase = "{database}"\n'
@@ -41,6 +42,7 @@ watch = "1h"
     app.clock = lambda: clock[0]
     devices = [Device(hwid) for hwid in FIRST + OTHERS]
     devices[1].takes_updates = False
+    silent = devices[2]
 
     async def scenario():
         await app.inventory.start()
@@ -48,6 +50,8 @@ watch = "1h"
             for moment in (START.timestamp() + 60, START.timestamp() + 2 * HOUR):
                 clock[0] = moment
                 for device in devices:
+                    if device is silent and moment > START.timestamp() + 60:
+                        continue
                     status, body = await poll(app, device)
                     assert status == 200
                     device.apply(body)
@@ -71,12 +75,13 @@ def test_the_report_shows_targets_waves_failures_and_the_halt(rolled_out, capsys
     assert status == 0
     assert out.splitlines() == [
         "IP232 firmware: target 13.4711",
-        ("  HALTED 13.4711 since 2026-11-02 00:00 UTC (1 failed, halt_after 1); "
+        ("  HALTED 13.4711 since 2026-11-02 00:00 UTC (2 failed, halt_after 1); "
         "resume with: configserver firmware resume IP232 --kind prot"),
-        "  devices 5, on target 1, pending 4",
-        "    wave 0: 1 (open)",
+        "  devices 6, on target 1, pending 5",
+        "    wave 0: 2 (open)",
         "    wave 1: 3 (opens 2027-12-06 22:00 UTC)",
-        "  failed: IP232-30-00-02 sent 13.4711 at 2026-11-01 22:01 UTC, reports 13.4000, last seen 2026-11-02 00:00 UTC",
+        "  failed: IP232-30-00-02 sent 13.4711 at 2026-11-01 22:01 UTC, came back with 13.4000 at 2026-11-02 00:00 UTC",
+        "  failed: IP232-30-00-03 sent 13.4711 at 2026-11-01 22:01 UTC, silent since",
     ]
 
 

@@ -175,9 +175,11 @@ def report_text(reports: list[KindReport], now: float) -> str:
             state = "in no wave yet" if wave is None else (f"opens {_when(opens)}" if opens else "open")
             out.append(f"    {name}: {count} ({state})")
         for failure in sorted(entry.failures, key=lambda f: f.hwid):
-            seen = _when(failure.last_seen) if failure.last_seen else "never"
-            out.append(f"  failed: {failure.hwid} sent {failure.build} at {_when(failure.first_sent_at)}, "
-                       f"reports {failure.reported or 'nothing'}, last seen {seen}")
+            sent = f"  failed: {failure.hwid} sent {failure.build} at {_when(failure.first_sent_at)}, "
+            if failure.last_seen is None or failure.last_seen <= failure.first_sent_at:
+                out.append(sent + "silent since")
+            else:
+                out.append(sent + f"came back with {failure.reported or 'no build'} at {_when(failure.last_seen)}")
     return "\n".join(out) + "\n" if out else "no firmware or boot code is declared for the models seen\n"
 
 
