@@ -277,3 +277,30 @@ async def test_records_are_read_by_attribute_and_claimed_defaults_to_proven(sqli
     async with reading(sqlite_url) as inventory:
         [device] = await inventory.devices()
     assert (device.hwid, device.status) == (PHONE, 404)
+
+
+def test_refusals_from_the_app_land_in_the_history_of_the_device_they_name(site, pki, sqlite_url: str) -> None:
+    from driving import call, terminator_headers
+
+    site.write("templates/models/IP232.j2", "# script for {{ device.hwid }}\n")
+    app = site.app()
+    inventory = Inventory(sqlite_url, **FAST)
+    app.recorders.append(inventory.record)
+    assert call(app, "/update/", terminator_headers(pki.phone)).status == 200
+    assert call(app, "/update/", terminator_headers(pki.phone), query="hwid=IP232-30-00-b2").status == 403
+    assert call(app, "/update/", terminator_headers(pki.expired)).status == 403
+
+    async def write() -> None:
+        await inventory.start()
+        await inventory.close()
+
+    asyncio.run(write())
+    # The expired phone proved nothing: not in the fleet. The phone's own certificate is proven,
+    # so its query naming another device is the phone's newest poll, not a claim.
+    [phone] = list_devices(sqlite_url)
+    assert (phone.hwid, phone.status, phone.reason) == (PHONE, 403, "device mismatch")
+    [mismatch, served] = device_history(sqlite_url, PHONE)
+    assert (mismatch.reason, mismatch.claimed, served.status, served.claimed) == ("device mismatch", False, 200, False)
+    [expired] = device_history(sqlite_url, EXPIRED)
+    assert (expired.status, expired.claimed) == (403, True) and expired.reason  # whichever check refused it
+    assert "403 (claimed)" in history_table([expired])
