@@ -93,3 +93,41 @@ def test_admin_serve_says_how_to_turn_the_page_on(tmp_path: Path) -> None:
     off = run_cli(tmp_path, "admin-serve")
     assert off.returncode == 2
     assert "set admin_port" in off.stderr and "admin_uds" in off.stderr
+
+
+def test_admin_serve_listens_on_its_unix_socket_and_answers_only_the_page(tmp_path: Path) -> None:
+    import http.client
+    import os
+    import signal
+    import socket
+    import time
+
+    (tmp_path / "templates").mkdir()
+    socket_path = tmp_path / "admin.sock"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONFIGSERVER_")}
+    env.update(CONFIGSERVER_ADMIN_UDS=str(socket_path), CONFIGSERVER_DATABASE=f"sqlite:///{tmp_path}/i.db")
+    server = subprocess.Popen([sys.executable, "-m", "configserver", "admin-serve"], cwd=tmp_path, env=env,
+                              stderr=subprocess.DEVNULL)
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(str(socket_path))
+
+    def get(path: str) -> http.client.HTTPResponse:
+        connection = UnixConnection("localhost", timeout=5)
+        connection.request("GET", path)
+        return connection.getresponse()
+
+    try:
+        deadline = time.time() + 30
+        while not socket_path.exists():
+            assert server.poll() is None and time.time() < deadline, "admin-serve did not start"
+            time.sleep(0.1)
+        login = get("/login")
+        assert login.status == 200 and b"Log in" in login.read()
+        poll = get("/update?hwid=IP232-30-00-af")
+        assert poll.status == 303 and poll.getheader("location") == "/login"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)

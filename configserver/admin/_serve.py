@@ -47,9 +47,16 @@ def serve(settings: Settings) -> None:
     from ..logs import configure_logging, logging_config
     from ._web import create_admin_app
 
-    listener(settings)
+    where = listener(settings)
     configure_logging(settings.log_level)
     app = create_admin_app(settings)
+    if settings.admin_uds is None and not is_loopback(settings.admin_host):
+        import logging
+
+        # Plain HTTP with passwords and session cookies: keep it on this machine.
+        logging.getLogger("configserver.admin").warning("admin page off loopback", extra={"fields": {
+            "event": "admin_not_loopback", "listener": where,
+            "fix": "listen on 127.0.0.1 and publish through a terminator's admin vhost with TLS, or an SSH tunnel"}})
     uvicorn.run(
         app,
         host=settings.admin_host,
