@@ -67,6 +67,7 @@ class FirmwareWatch:
         self._shown: set[tuple[str, str, str]] = set()
         self._migrated = False
         self._passes = 0
+        self._failing = False
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -103,11 +104,16 @@ class FirmwareWatch:
             try:
                 await self.tick(watch=self._passes % WATCH_EVERY == 0)
                 self._passes += 1
+                if self._failing:
+                    self._failing = False
+                    log.info("firmware watch back", extra={"fields": {"event": "firmware_watch_back"}})
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the database is away: polls go on, the next pass retries
-                log.warning("firmware watch failed", extra={"fields": {
-                    "event": "firmware_watch_failed", "error": f"{type(exc).__name__}: {exc}"[:300]}})
+                if not self._failing:   # once until it works again, not every few seconds
+                    self._failing = True
+                    log.warning("firmware watch failed", extra={"fields": {
+                        "event": "firmware_watch_failed", "error": f"{type(exc).__name__}: {exc}"[:300]}})
             await asyncio.sleep(self._interval)
 
     async def close(self) -> None:
