@@ -91,6 +91,15 @@ def test_unknown_model_loopback_url_and_a_first_device_that_is_nothing(tree, cap
     assert "'reception' is no group, hwid or MAC" in text
 
 
+def test_a_window_declared_twice_is_named(tree, capsys):
+    tree.write("vars/models/IP222.toml", "[firmware]\nallow = [1, 2]\n")
+    tree.write("templates/models/IP222.j2", "mod cmd UP1 times /allow 3\nconfig change SIP0 /user x\n")
+    status, lines = check(capsys)
+    assert status == 1
+    assert lines == [("vars/models/IP222.toml:2: a window is declared here and templates/models/IP222.j2 writes a "
+                     "times line of its own: the device would get two; keep one (for synthetic device IP222-00-00-00)")]
+
+
 def test_render_previews_the_firmware_lines_above_the_script(tree, capsysbinary):
     status = main(["--config", "configserver.toml", "render", "IP232-30-00-af",
                    "--query", "PROT=13.4000", "--query", "BOOT=13.4711", "--query", "CHECK=abc"])

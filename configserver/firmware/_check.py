@@ -5,7 +5,8 @@
 * a model innovaphone's update server does not know: its file name would be a guess;
 * a file missing from the firmware folder (`folder`), which the device would fail to fetch;
 * a firmware URL a device cannot reach (loopback);
-* a group or first device of a rollout that names nothing.
+* a group or first device of a rollout that names nothing;
+* a template that writes a `times` line of its own while a window is declared.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ._decision import takes
 from ._declaration import KINDS, FirmwareError
 from ._stage import FirmwareStage, firmware_layers
 
+_TIMES_LINE = re.compile(r"^[ \t]*mod[ \t]+cmd[ \t]+UP1[ \t]+times?\b", re.IGNORECASE | re.MULTILINE)
 _KEY_IN_MESSAGE = re.compile(r"firmware\.([A-Za-z_.\-\[\]0-9]+)")
 
 
@@ -56,6 +58,14 @@ def check_firmware(snapshot: Any, devices: Iterable[tuple[DeviceIdentity, str]])
             continue
         model = device.model
         yield from _taken(snapshot, choice.vars_files, model, label)
+        if declaration.window.allow is not None or declaration.window.initial is not None:
+            template = snapshot.templates.get(choice.template or "")
+            if template is not None and _TIMES_LINE.search(template.text):
+                where = _first_file_with(snapshot, choice.vars_files, "allow") or \
+                    _first_file_with(snapshot, choice.vars_files, "initial") or "default.toml"
+                yield FirmwareProblem(where, _line_of(snapshot, where, "allow"), (
+                    f"a window is declared here and templates/{choice.template} writes a times line of its "
+                    "own: the device would get two; keep one"), label)
         if not declaration.targets or not model:
             continue
         source = _first_file_with(snapshot, choice.vars_files, "url") or "default.toml"
