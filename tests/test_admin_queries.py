@@ -295,3 +295,25 @@ def test_postgresql_serves_every_fleet_page_from_an_index_without_sorting(postgr
     plan = postgres_plan(postgres_fleet, page_query(fleet_filter, NOW))
     assert "Index" in plan and index in plan, plan
     assert "Sort" not in plan and "Seq Scan" not in plan, plan
+
+
+def test_postgresql_gives_the_same_pages_and_summary_as_sqlite(sqlite_fleet, postgres_fleet) -> None:
+    filters = [FleetFilter(), FleetFilter(model="ip232", sort="hwid", descending=False), FleetFilter(status=403),
+               FleetFilter(stale=20 * 86400, sort="status"), FleetFilter(text="-8A-"), FleetFilter(text="13a1")]
+
+    async def ask(url: str):
+        engine = open_engine(database_url(url))
+        try:
+            pages = []
+            for fleet_filter in filters:
+                first = await fleet_page(engine, fleet_filter, now=NOW)
+                second = await fleet_page(engine, fleet_filter, now=NOW, after=first.after) if first.after else None
+                pages.append((first.total, [(r.key, r.applied) for r in first.rows],
+                              [r.key for r in second.rows] if second else None))
+            found = await summary(engine, stale_after=7 * 86400, now=NOW)
+            refused = sorted((r.reason, r.polls, r.devices, r.clients) for r in found.refused)
+            return pages, (found.devices, refused, found.configuration_errors, found.stale)
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(ask(postgres_fleet.replace("+asyncpg", ""))) == asyncio.run(ask(sqlite_fleet))
