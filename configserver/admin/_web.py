@@ -241,8 +241,11 @@ def create_admin_app(settings: Settings) -> FastAPI:
         client = page.client_ip(request)
         if not page.sessions.login_token_valid(request.cookies.get(LOGIN_COOKIE), str(form.get("csrf", ""))):
             # a form we did not hand out (or one older than an hour): no password is checked
-            return page.html("login.html", 400, token=_fresh(page, request), error="The form expired; try again.",
-                             user=user, no_users=len(page.users) == 0)
+            token = page.sessions.login_token()
+            response = page.html("login.html", 400, token=token, error="The form expired; try again.",
+                                 user=user, no_users=len(page.users) == 0)
+            set_cookie(response, request, LOGIN_COOKIE, token, 3600)
+            return response
         if await asyncio.to_thread(page.users.verify, user, password):
             cookie, _ = page.sessions.start(user)
             log.info("admin login", extra={"fields": {"event": "admin_login", "user": user, "client_ip": client}})
@@ -327,10 +330,6 @@ def create_admin_app(settings: Settings) -> FastAPI:
                          message="There is no such page here.")
 
     return app
-
-
-def _fresh(page: AdminPage, request: Request) -> str:
-    return request.cookies.get(LOGIN_COOKIE) or page.sessions.login_token()
 
 
 def _same(a: str, b: str) -> bool:
