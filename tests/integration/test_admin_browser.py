@@ -230,6 +230,7 @@ def test_the_page_fits_a_phone(lab: Lab, chromium) -> None:
         width = page.evaluate("() => document.documentElement.scrollWidth")
         assert width <= 390, width                  # no sideways scrolling of the page itself
         assert page.locator("table.fleet th.wide").first.is_hidden()
+        screenshot(page, "admin-phone.png")
     finally:
         context.close()
 
