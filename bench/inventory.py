@@ -60,13 +60,13 @@ def hwid(n: int, model: str = "IP232") -> str:
 def record(n: int, at: float, *, status: int = 200, reason: str | None = None, claimed: bool = False) -> PollRecord:
     name = hwid(n)
     served = status == 200
-    fields: dict[str, Any] = dict(
-        time=at, client_ip="198.51.100.7", path="/update/", status=status, reason=reason,
-        hwid=name, mac="00-90-33-" + name.split("-", 1)[1], model="IP232",
-        template="models/IP232.j2" if served else None, script_sha256="ab" * 32 if served else None,
-        query={"PROT": "13A127", "BOOT": "113454", "ver": VER, "ip": "10.0.0.5"},
-        duration_ms=1.5, decision="sent" if served else None,
-    )
+    fields: dict[str, Any] = {
+        "time": at, "client_ip": "198.51.100.7", "path": "/update/", "status": status, "reason": reason,
+        "hwid": name, "mac": "00-90-33-" + name.split("-", 1)[1], "model": "IP232",
+        "template": "models/IP232.j2" if served else None, "script_sha256": "ab" * 32 if served else None,
+        "query": {"PROT": "13A127", "BOOT": "113454", "ver": VER, "ip": "10.0.0.5"},
+        "duration_ms": 1.5, "decision": "sent" if served else None,
+    }
     try:
         return PollRecord(**fields, claimed=claimed)
     except TypeError:  # a version of configserver before claimed polls
@@ -141,19 +141,19 @@ async def rows_in(url: str) -> int:
     return int(count or 0)
 
 
-async def drain(url: str, count: int) -> float:
+async def drain(url: str, count: int) -> tuple[float, float]:
     inventory = Inventory(url, queue_size=count)
     await inventory.migrate()
     base = time.time()
     for n in range(count):
         inventory.record(record(n, base + n * 1e-3))
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await inventory.start()
     while inventory.stats()["queued"]:
         await asyncio.sleep(0.005)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     await inventory.close()
-    return count / elapsed
+    return count / elapsed, cpu / count * 1e6
 
 
 def run_writer(args: argparse.Namespace) -> None:
@@ -170,7 +170,10 @@ def run_writer(args: argparse.Namespace) -> None:
             line += f"  clean polls in history {result['clean_found']}/{result['others']}"
         print(line, flush=True)
     url = fresh_database(args, "drain")
-    print(f"  writer alone, draining a queue of 20000 polls of distinct devices: {asyncio.run(drain(url, 20000)):7.0f} rows/s")
+    rate, cpu = asyncio.run(drain(url, 20000))
+    print(f"  writer alone, draining a queue of 20000 polls of distinct devices: {rate:7.0f} rows/s, "
+          f"{cpu:5.1f} µs of CPU per row")
+    print(f"  (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
 
 
 # -- fleet -------------------------------------------------------------------------------------
@@ -246,8 +249,8 @@ async def _fill_postgresql(parsed: Any, devices: range, polls: int, now: float) 
     await connection.close()
 
 
-def command(url: str, *argv: str) -> tuple[float, float]:
-    """`configserver ARGV` in a fresh process, output to /dev/null: (wall seconds, peak RSS in MB)."""
+def command(url: str, *argv: str) -> tuple[float, float, float]:
+    """`configserver ARGV` in a fresh process, output to /dev/null: (wall s, CPU s, peak RSS in MB)."""
     env = {**os.environ, "CONFIGSERVER_DATABASE": url}
     started = time.perf_counter()
     with open(os.devnull, "wb") as devnull:
@@ -256,7 +259,7 @@ def command(url: str, *argv: str) -> tuple[float, float]:
     elapsed = time.perf_counter() - started
     if status != 0:
         raise SystemExit(f"configserver {' '.join(argv)} failed ({status})")
-    return elapsed, usage.ru_maxrss / 1024
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def plans(url: str) -> dict[str, str]:
@@ -292,8 +295,9 @@ def run_fleet(args: argparse.Namespace) -> None:
     sizes = [int(float(size)) for size in args.sizes.split(",")]
     url = fresh_database(args, "fleet")
     now = time.time()
-    print(f"fleet: {url.split('://')[0]}; each command in a fresh process (Python start-up included)")
-    print(f"  {'devices':>9}  {'fill s':>7}  {'command':28} {'wall s':>7}  {'peak MB':>7}")
+    print(f"fleet: {url.split('://')[0]}; each command in a fresh process (Python start-up included); "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"  {'devices':>9}  {'fill s':>7}  {'command':38} {'wall s':>7}  {'CPU s':>7}  {'peak MB':>7}")
     filled = 0
     for size in sizes:
         started = time.perf_counter()
@@ -305,14 +309,15 @@ def run_fleet(args: argparse.Namespace) -> None:
         fill_s = time.perf_counter() - started
         target = hwid(7, MODELS[7 % len(MODELS)])
         for argv in (["devices", "--json"], ["devices", "--stale", "7d", "--json"],
+                     ["devices", "--model", "ip232", "--status", "403", "--json"],
                      ["devices", "--model", "ip232", "--status", "403"], ["history", target]):
-            wall, peak = command(url, *argv)
-            print(f"  {size:>9,}  {fill_s:7.1f}  {' '.join(argv):28} {wall:7.2f}  {peak:7.0f}", flush=True)
+            wall, cpu, peak = command(url, *argv)
+            print(f"  {size:>9,}  {fill_s:7.1f}  {' '.join(argv):38} {wall:7.2f}  {cpu:7.2f}  {peak:7.0f}", flush=True)
             fill_s = 0.0
         started = time.perf_counter()
         for _ in range(10):
             device_history(url, target)
-        print(f"  {size:>9,}  {'':7}  {'history, in-process':28} {(time.perf_counter() - started) / 10:7.3f}")
+        print(f"  {size:>9,}  {'':7}  {'history, in-process (one call)':38} {(time.perf_counter() - started) / 10:7.3f}")
     for name, plan in plans(url).items():
         print(f"  plan {name:16} {plan}")
 
@@ -320,20 +325,20 @@ def run_fleet(args: argparse.Namespace) -> None:
 # -- audit -------------------------------------------------------------------------------------
 
 
-async def write_cost(url: str, rows: int, fleet: int) -> float:
+async def write_cost(url: str, rows: int, fleet: int) -> tuple[float, float]:
     inventory = Inventory(url, queue_size=rows)
     await inventory.migrate()
     base = time.time()
     picks = random.Random(1)
     for n in range(rows):
         inventory.record(record(picks.randrange(fleet), base + n * 1e-2))
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await inventory.start()
     while inventory.stats()["queued"]:
         await asyncio.sleep(0.005)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     await inventory.close()
-    return elapsed / rows * 1e6
+    return elapsed / rows * 1e6, cpu / rows * 1e6
 
 
 def run_audit(args: argparse.Namespace) -> None:
@@ -342,7 +347,8 @@ def run_audit(args: argparse.Namespace) -> None:
     now = time.time() - 86400
     fleet = 100_000
     print(f"audit: {url.split('://')[0]}; {args.rows} polls of a fleet of {fleet:,} written through the writer")
-    print(f"  {'audit rows':>11}  {'fill s':>7}  {'µs per poll':>11}")
+    print(f"  {'audit rows':>11}  {'fill s':>7}  {'wall µs/poll':>12}  {'CPU µs/poll':>11}  "
+          f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     migrate_database(url)
     fill(url, range(fleet), 0, now)
     filled = 0
@@ -352,9 +358,9 @@ def run_audit(args: argparse.Namespace) -> None:
             fill(url, range(0), size - filled, now - size)
             filled = size
         fill_s = time.perf_counter() - started
-        cost = asyncio.run(write_cost(url, args.rows, fleet))
+        wall, cpu = asyncio.run(write_cost(url, args.rows, fleet))
         filled += args.rows
-        print(f"  {size:>11,}  {fill_s:7.1f}  {cost:11.1f}", flush=True)
+        print(f"  {size:>11,}  {fill_s:7.1f}  {wall:12.1f}  {cpu:11.1f}", flush=True)
 
 
 def main() -> None:
