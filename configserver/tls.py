@@ -214,6 +214,8 @@ def uvicorn_options(settings: "Settings", http: Literal["auto", "h11", "httptool
         "http": functools.partial(protocol, listener=Listener(limits, server_tls)),
         "timeout_keep_alive": limits.keep_alive_timeout,
         "h11_max_incomplete_event_size": limits.max_request_head_bytes,
+        # no WebSockets: the service has none, and an upgraded connection would leave these limits
+        "ws": "none",
     }
 
 

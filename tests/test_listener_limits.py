@@ -285,3 +285,18 @@ def test_400_idle_sockets_do_not_lock_a_device_out_under_a_256_file_limit(files:
         server.terminate()
         server.wait(15)
     assert answers == [(200, b"# script for IP232-30-00-af\r\n")], log.read_text()
+
+
+@pytest.mark.parametrize("protocol", ["h11", "httptools"])
+def test_a_websocket_upgrade_is_an_ordinary_request(files: Files, pki: LabPKI, protocol: str) -> None:
+    # an upgraded connection would leave the limits behind; the service has no WebSockets
+    from configserver import load_settings
+    from configserver.tls import uvicorn_options
+
+    app = EchoApp()
+    with listening(app, **uvicorn_options(load_settings(), http=protocol)) as port, \
+            socket.create_connection(("127.0.0.1", port), timeout=PATIENCE) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                     b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 200 ") and app.requests == 1

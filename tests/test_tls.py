@@ -48,7 +48,7 @@ def listener_options(listener: Listener, protocol: str = "httptools") -> dict[st
     guarded = {"h11": GuardedH11Protocol, "httptools": GuardedHttpToolsProtocol}[protocol]
     return {"http": functools.partial(guarded, listener=listener),
             "timeout_keep_alive": listener.limits.keep_alive_timeout,
-            "h11_max_incomplete_event_size": listener.limits.max_request_head_bytes}
+            "h11_max_incomplete_event_size": listener.limits.max_request_head_bytes, "ws": "none"}
 
 
 # -- a lab server certificate, and files for every certificate ----------------------------------
