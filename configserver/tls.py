@@ -72,8 +72,9 @@ def tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:
 
 
 def _subject_name(der: bytes) -> str | None:
-    """The RFC 4514 subject, or None when it cannot be read (a name that is not valid UTF-8
-    passes OpenSSL's verification): the app then refuses the certificate it cannot read."""
+    """The RFC 4514 subject, or None when cryptography cannot read it (its parser is stricter
+    than OpenSSL's in places): the app then refuses the certificate it cannot read, instead of
+    the connection failing here."""
     try:
         return x509.load_der_x509_certificate(der).subject.rfc4514_string()
     except ValueError:
