@@ -16,18 +16,24 @@ gives uvicorn that protocol for every `serve`, built-in TLS or not, with the lis
 
 from __future__ import annotations
 
-import ssl
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 import functools
 import resource
+import ssl
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography import x509
 
-from .limits import FD_RESERVE, GuardedH11Protocol, GuardedHttpToolsProtocol, Listener, ListenerLimits
+from .limits import (
+    FD_RESERVE,
+    GuardedH11Protocol,
+    GuardedHttpToolsProtocol,
+    Listener,
+    ListenerLimits,
+)
 from .settings import SettingsError
 
 if TYPE_CHECKING:

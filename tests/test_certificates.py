@@ -12,7 +12,12 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from driving import call, terminator_headers
 from needs import need_server
 
-from configserver.certificates import CertificateError, CertificateVerifier, decode_forwarded_cert, load_ca_bundle
+from configserver.certificates import (
+    CertificateError,
+    CertificateVerifier,
+    decode_forwarded_cert,
+    load_ca_bundle,
+)
 from configserver.lab.pki import CertificateAuthority, IssuedCert
 
 

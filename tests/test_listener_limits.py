@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_tls import EchoApp, Files, LabPKI, device_context, files, get, listening  # noqa: F401 (fixture)
+from test_tls import EchoApp, Files, LabPKI, device_context, get, listening
 
-from configserver.limits import Connections, Listener, ListenerLimits, head_size
+from configserver.limits import Connections, head_size
 
 SHORT = dict(tls_handshake_timeout=0.5, request_head_timeout=0.5, keep_alive_timeout=0.3)
 LIMIT = 8192  # max_request_head_bytes in these tests
@@ -31,6 +31,11 @@ PATIENCE = 5.0
 
 by_protocol = pytest.mark.parametrize("protocol", ["h11", "httptools"])
 by_listener = pytest.mark.parametrize("tls", [True, False], ids=["built-in TLS", "header path"])
+
+
+@pytest.fixture(scope="module")
+def files(pki: LabPKI, tmp_path_factory: pytest.TempPathFactory) -> Files:
+    return Files(tmp_path_factory.mktemp("limits"), pki)
 
 
 @contextlib.contextmanager

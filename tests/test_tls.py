@@ -32,9 +32,19 @@ from cryptography.hazmat.primitives import serialization
 from configserver import create_app, load_settings
 from configserver.cli import main
 from configserver.lab.pki import CertificateAuthority, IssuedCert
+from configserver.limits import (
+    GuardedH11Protocol,
+    GuardedHttpToolsProtocol,
+    Listener,
+    ListenerLimits,
+)
 from configserver.settings import SettingsError
-from configserver.limits import GuardedH11Protocol, GuardedHttpToolsProtocol, Listener, ListenerLimits
-from configserver.tls import ServerTLS, is_device_listener, server_ssl_context, uvicorn_options
+from configserver.tls import (
+    ServerTLS,
+    is_device_listener,
+    server_ssl_context,
+    uvicorn_options,
+)
 
 # The session's lab PKI (conftest's `pki` fixture): ca1, ca2, phone, gateway, broken, expired, forged...
 LabPKI = Any
