@@ -557,3 +557,10 @@ def test_requests_over_the_built_in_listener_are_known_as_the_devices(files: Fil
 def test_is_device_listener_reads_the_transport_not_the_headers(scope: dict[str, Any], expected: bool) -> None:
     scope["headers"] = [(b"x-forwarded-proto", b"https")]  # never believed
     assert is_device_listener(scope) is expected
+
+
+def test_metrics_are_not_served_to_devices_on_the_built_in_listener(files: Files, pki: LabPKI,
+                                                                    served_site: Any) -> None:
+    with built_in_tls(files, served_site) as port:
+        [(status, body)] = get(port, device_context(files, pki.phone), "/metrics")
+    assert status == 404 and b"configserver" not in body
