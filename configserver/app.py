@@ -31,6 +31,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .backups import Backups, UploadOutcome
+from . import securitylog
 from .content import ContentStore
 from .firmware._watch import FirmwareWatch
 from .forwarded import facts_from_headers, facts_from_tls, peer_ip
@@ -224,6 +225,8 @@ class ConfigServer:
         if counter is None:
             counter = self._counters[key] = self._polls.labels(str(outcome.status), outcome.reason or "")
         counter.inc()
+        if outcome.status == 403:   # for fail2ban: the real client address, the reason, the device named
+            securitylog.refusal(outcome.client_ip, outcome.reason or "", outcome.hwid, outcome.path)
         for recorder in self.recorders:
             recorder(outcome)
 
@@ -258,4 +261,13 @@ def create_app_from_environment() -> ConfigServer:
     config_file = os.environ.get("CONFIGSERVER_CONFIG_FILE")
     settings = load_settings(config_file=Path(config_file) if config_file else None)
     configure_logging(settings.log_level)
+    configure_security_log(settings)
     return create_app(settings)
+
+
+def configure_security_log(settings: Settings) -> None:
+    """Send this process's refusal lines where `security_log` says. Raises SettingsError."""
+    try:
+        securitylog.configure(settings.security_log)
+    except OSError as exc:
+        raise SettingsError(str(exc)) from None

@@ -31,9 +31,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .tls import uvicorn_options
 
     options = uvicorn_options(settings)   # the listener's limits, and mutual TLS when built in
-    from .app import create_app
+    from .app import configure_security_log, create_app
 
     create_app(settings)  # everything a worker builds, checked once here: a bad setting stops us now
+    configure_security_log(settings)
     # Every worker builds its own app from the environment: hand it the same sources.
     handed = {f"CONFIGSERVER_{key.upper()}": str(value) for key, value in overrides.items() if value is not None}
     if args.config is not None:

@@ -149,3 +149,35 @@ def test_a_symlink_out_of_the_folders_is_never_read(site, pki, tmp_path_factory)
     assert call(app, "/", terminator_headers(pki.phone)).status == 404   # the link out is not a template
     gateway = call(app, "/", terminator_headers(pki.gateway))
     assert gateway.status == 200 and gateway.text.startswith("# shared for IP1202-35-fe-4d\r\n")
+
+
+# -- the security log -------------------------------------------------------------------------------
+
+def test_every_refused_poll_is_one_security_log_line_with_the_real_client(site, pki, tmp_path):
+    from configserver import securitylog
+    from configserver.app import configure_security_log
+    from configserver.settings import load_settings
+
+    site.write("templates/default.j2", "# hello\n")
+    app = site.app()
+    configure_security_log(load_settings(security_log=str(tmp_path / "security.log")))
+    try:
+        call(app, "/update", terminator_headers(pki.phone) + [("X-Forwarded-For", "198.51.100.7")])
+        call(app, "/update", terminator_headers(pki.unrelated) + [("X-Forwarded-For", "198.51.100.8")])
+        call(app, "/update", terminator_headers(pki.phone) + [("X-Forwarded-For", "198.51.100.9")],
+             query="hwid=IP232-30-00-b0")
+    finally:
+        securitylog.configure(None)
+    lines = (tmp_path / "security.log").read_text().splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        'refusal client=198.51.100.8 reason="wrong CA" hwid=- path=/update',
+        'refusal client=198.51.100.9 reason="device mismatch" hwid=IP232-30-00-af path=/update',
+    ]
+
+
+def test_a_security_log_that_cannot_be_written_stops_start_up(tmp_path):
+    from configserver.app import configure_security_log
+    from configserver.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="security_log.*cannot append"):
+        configure_security_log(load_settings(security_log=str(tmp_path / "missing" / "security.log")))
