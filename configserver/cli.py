@@ -221,8 +221,11 @@ def _cmd_render(args: argparse.Namespace) -> int:
             print(f"configserver render: --query {item!r}: give KEY=VALUE", file=sys.stderr)
             return 2
         query.append((key, value))
-    service = Service.from_settings(_settings(args), grace_seconds=0)   # the files as they are now
+    settings = _settings(args)
+    service = Service.from_settings(settings, grace_seconds=0)   # the files as they are now
     service.store.refresh()
+    if settings.backup_url is not None:
+        _learn_backup_schedule(service, settings)
     try:
         answer = preview(service, args.device, args.path, query)
     except UnresolvedDevice as exc:
@@ -268,6 +271,32 @@ def _cmd_firmware(args: argparse.Namespace) -> int:
         print(f"configserver firmware: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _learn_backup_schedule(service: Any, settings: Settings) -> None:
+    """Let `render` show the backup requests a poll would carry now: what the fleet's uploads
+    and the admins' requests in the database say. Without the database it says so and goes on."""
+    import asyncio
+
+    from .backups import Backups
+
+    backups = Backups.from_settings(settings)
+    assert backups is not None
+
+    async def learn() -> None:
+        try:
+            await backups.asking.refresh()
+        finally:
+            await backups.store.close()
+
+    try:
+        asyncio.run(learn())
+    except Exception as exc:  # noqa: BLE001 - the database is away or has no backups yet
+        print(f"note: backup requests not shown: the database does not answer ({type(exc).__name__})",
+              file=sys.stderr)
+        return
+    backups.asking.since = float("-inf")   # a preview is not a restart: every device due now is shown due
+    service.pipeline.backups = backups.asking
 
 
 def _cmd_trust_value(args: argparse.Namespace) -> int:

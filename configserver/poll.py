@@ -126,8 +126,10 @@ class Pipeline:
         self.firmware = FirmwareStage()   # firmware/: the web layer gives it a Ledger when serving
 
     def with_admission(self, admission: Admission) -> "Pipeline":
-        """The same content and renderer, another first stage (for `render`)."""
-        return Pipeline(admission, self.store, self.renderer, digest_key=self._digest_key, answers_kept=1)
+        """The same content, renderer and stages, another first stage (for `render`)."""
+        other = Pipeline(admission, self.store, self.renderer, digest_key=self._digest_key, answers_kept=1)
+        other.backups, other.firmware = self.backups, self.firmware
+        return other
 
     # -- the stages -------------------------------------------------------------------------
 

@@ -160,3 +160,25 @@ def test_the_script_reaches_stdout_byte_for_byte(tree):
     assert done.returncode == 0
     assert done.stdout == sent("# own IP232-30-00-af\r\nconfig change SIP0 /user reception\r\n").encode()
     assert b"template: devices/IP232-30-00-af.j2\n" in done.stderr
+
+
+def test_render_shows_the_backup_requests_a_poll_would_carry(tree, capsysbinary):
+    tree.write("configserver.toml", tree.root.joinpath("configserver.toml").read_text().replace(
+        'vars = "vars"\n', 'vars = "vars"\nbackup_url = "https://config.example.net/backup"\n'
+        'database = "sqlite:///inventory.db"\n', 1))
+    assert main(["migrate"]) == 0
+    capsysbinary.readouterr()
+    status, body, _ = render(capsysbinary, "IP232-30-00-af")
+    assert status == 0
+    assert "mod cmd UP0 scfg https://config.example.net/backup?" in body
+    assert body.index("scfg") < body.index("# own IP232-30-00-af")   # above the script and its check line
+
+
+def test_render_says_so_when_the_backup_schedule_cannot_be_read(tree, capsysbinary):
+    tree.write("configserver.toml", tree.root.joinpath("configserver.toml").read_text().replace(
+        'vars = "vars"\n', 'vars = "vars"\nbackup_url = "https://config.example.net/backup"\n'
+        'database = "postgresql://nobody@127.0.0.1:1/none"\n', 1))
+    status = main(["--config", "configserver.toml", "render", "IP232-30-00-af"])
+    out = capsysbinary.readouterr()
+    assert status == 0 and b"scfg" not in out.out
+    assert b"note: backup requests not shown: the database does not answer" in out.err
