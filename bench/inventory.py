@@ -91,6 +91,7 @@ def fresh_database(args: argparse.Namespace, name: str) -> str:
 async def offered(url: str, rate: float, seconds: float, poll_cpu_us: float, flood: bool) -> dict[str, Any]:
     inventory = Inventory(url)
     await inventory.migrate()
+    rows_before = await rows_in(url)  # the same --database serves both scenarios
     await inventory.start()
     total = int(rate * seconds)
     others = 200
@@ -128,7 +129,7 @@ async def offered(url: str, rate: float, seconds: float, poll_cpu_us: float, flo
                 missing += 1
         await async_inventory.close()
         found = others + 1 - missing
-    rows = (await rows_in(url))
+    rows = await rows_in(url) - rows_before
     return {"fed_s": fed, "drained_s": drained, "stats": stats, "clean_found": found, "rows": rows,
             "polls": total, "others": others + 1}
 

@@ -127,10 +127,9 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
                 database, args.device, limit=args.limit, fixes={**BROKEN_MODEL_NAMES, **settings.cn_fixes})), end="")
         else:
             filters = {"model": args.model, "since": args.since, "status": args.status, "stale": args.stale}
-            if args.json:  # streamed as the database hands the rows over: a fleet of any size
-                inventory.write_devices_json(database, sys.stdout, **filters)
-            else:
-                print(inventory.devices_table(inventory.list_devices(database, **filters)), end="")
+            # streamed as the database hands the rows over: a fleet of any size
+            write = inventory.write_devices_json if args.json else inventory.write_devices_table
+            write(database, sys.stdout, **filters)
     except inventory.InventoryError as exc:
         print(f"configserver {args.command}: {exc}", file=sys.stderr)
         return 1

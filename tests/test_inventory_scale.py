@@ -35,9 +35,11 @@ from configserver.inventory import (
     database_url,
     device_history,
     devices_json,
+    devices_table,
     list_devices,
     migrate_database,
     write_devices_json,
+    write_devices_table,
 )
 from configserver.inventory._database import devices, polls
 from configserver.inventory._queries import (
@@ -197,3 +199,19 @@ def test_devices_json_of_an_empty_fleet_is_an_empty_list(sqlite_url: str) -> Non
     assert write_devices_json(sqlite_url, out) == 0
     assert json.loads(out.getvalue()) == []
 
+
+
+@pytest.mark.parametrize("filters", [{}, {"model": "IP1202"}, {"status": 404}])
+def test_devices_table_streamed_is_the_table_of_the_list(database: str, filters: dict[str, Any]) -> None:
+    async def record() -> None:
+        async with running(database) as inventory:
+            inventory.record(poll(PHONE, T0 - 60))
+            inventory.record(poll("IP1202-35-fe-4d", T0 - 3600, status=403, reason="wrong CA\x1b[2J"))
+            inventory.record(poll("IP232-30-00-b1", T0 - 10 * 86400, template="a/very/long/" + "x" * 60 + ".j2"))
+
+    asyncio.run(record())
+    out = io.StringIO()
+    count = write_devices_table(database, out, now=T0, **filters)
+    listed = list_devices(database, now=T0, **filters)
+    assert out.getvalue() == devices_table(listed, now=T0)
+    assert count == len(listed)

@@ -2,7 +2,7 @@
 
 The app records each poll with `Inventory.record()`, which only queues; a writer task stores the
 queue in batches, folding a flood of one device's polls into counted rows. The CLI asks with
-`list_devices()` (or streams them with `write_devices_json()`) and `device_history()`.
+`list_devices()` (or streams them with `write_devices_json()` and `write_devices_table()`) and `device_history()`.
 
     inventory = Inventory.from_settings(settings)
     await inventory.start()
@@ -19,6 +19,7 @@ from ._commands import (
     list_devices,
     migrate_database,
     write_devices_json,
+    write_devices_table,
 )
 from ._database import SCHEMA_VERSION, InventoryError, database_url
 from ._queries import Device, Poll, parse_duration
@@ -40,4 +41,5 @@ __all__ = [
     "migrate_database",
     "parse_duration",
     "write_devices_json",
+    "write_devices_table",
 ]

@@ -122,20 +122,72 @@ def write_devices_json(
 
     The output is one JSON array, one device per line. Raises InventoryError like `list_devices`.
     """
+    count = 0
+
+    def write(device: Device) -> None:
+        nonlocal count
+        out.write(("[\n" if count == 0 else ",\n") + device_json_text(device))
+        count += 1
+
+    _each_device(database, write, model=model, since=since, status=status, stale=stale, now=now)
+    out.write("[]\n" if count == 0 else "\n]\n")
+    return count
+
+
+def write_devices_table(
+    database: str,
+    out: TextIO,
+    *,
+    model: str | None = None,
+    since: str | float | None = None,
+    status: int | None = None,
+    stale: str | float | None = None,
+    now: float | None = None,
+) -> int:
+    """Write the devices of `list_devices` to `out` as `devices_table` has them, in constant
+    memory: one pass over the rows measures the columns, a second one prints. Returns how many."""
+    now = time.time() if now is None else now
+    filters: dict[str, Any] = {"model": model, "since": since, "status": status, "stale": stale, "now": now}
+    widths = [len(name) for name in _DEVICE_HEADER]
+    count = 0
+
+    def measure(device: Device) -> None:
+        nonlocal count
+        for column, cell in enumerate(_device_cells(device, now)):
+            widths[column] = max(widths[column], len(cell))
+        count += 1
+
+    _each_device(database, measure, **filters)
+    if not count:
+        out.write("no devices\n")
+        return 0
+    out.write(_line(_DEVICE_HEADER, widths))
+    _each_device(database, lambda device: out.write(_line(_device_cells(device, now), widths)), **filters)
+    return count
+
+
+def _each_device(
+    database: str,
+    consume: Callable[[Device], object],
+    *,
+    model: str | None,
+    since: str | float | None,
+    status: int | None,
+    stale: str | float | None,
+    now: float | None,
+) -> None:
+    """Hand each device matching the filters to `consume`, as the database hands them over."""
     check_status(status)
     filters = {"model": model, "since": _seconds("since", since), "status": status,
                "stale": _seconds("stale", stale), "now": now}
     url = database_url(database)
     if url.get_backend_name() != "sqlite":
-        async def write(inventory: Inventory) -> int:
-            count = 0
+        async def each(inventory: Inventory) -> None:
             async for device in inventory.stream_devices(**filters):
-                out.write(_json_item(count, device))
-                count += 1
-            out.write(_json_end(count))
-            return count
+                consume(device)
 
-        return _run(database, write)
+        _run(database, each)
+        return
 
     async def ready(inventory: Inventory) -> None:
         return None
@@ -143,30 +195,14 @@ def write_devices_json(
     _run(database, ready)  # there, and migrated
     engine = open_sqlite_reader(url)
     try:
-        return _write_json(stream_sqlite_devices(engine, **filters), out)
+        for device in stream_sqlite_devices(engine, **filters):
+            consume(device)
     except (SQLAlchemyError, OSError) as exc:
         raise InventoryError(
             f"cannot use the inventory database {describe(url)} (setting 'database'): {explain(exc, url)}"
         ) from None
     finally:
         engine.dispose()
-
-
-def _write_json(devices: Iterable[Device], out: TextIO) -> int:
-    count = 0
-    for device in devices:
-        out.write(_json_item(count, device))
-        count += 1
-    out.write(_json_end(count))
-    return count
-
-
-def _json_item(index: int, device: Device) -> str:
-    return ("[\n" if index == 0 else ",\n") + device_json_text(device)
-
-
-def _json_end(count: int) -> str:
-    return "[]\n" if count == 0 else "\n]\n"
 
 
 def device_history(
@@ -220,20 +256,24 @@ def device_json(device: Device) -> dict[str, Any]:
         }
 
 
+_DEVICE_HEADER = ["HWID", "MAC", "MODEL", "FIRMWARE", "LAST SEEN (UTC)", "AGO", "STATUS", "REASON", "TEMPLATE", "IP"]
+
+
 def devices_table(devices: list[Device], now: float | None = None) -> str:
     """Devices as an aligned text table, one line per device (and a header)."""
     if not devices:
         return "no devices\n"
     now = time.time() if now is None else now
-    rows = [
-        [
-            device.hwid, device.mac, device.model, device.firmware, _when(device.last_seen),
-            _age(now - device.last_seen), str(device.status), device.reason, device.template, device.client_ip,
-        ]
-        for device in devices
-    ]
-    header = ["HWID", "MAC", "MODEL", "FIRMWARE", "LAST SEEN (UTC)", "AGO", "STATUS", "REASON", "TEMPLATE", "IP"]
-    return _table(header, rows)
+    rows = [_device_cells(device, now) for device in devices]
+    widths = [max(len(row[column]) for row in [_DEVICE_HEADER, *rows]) for column in range(len(_DEVICE_HEADER))]
+    return _line(_DEVICE_HEADER, widths) + "".join(_line(row, widths) for row in rows)
+
+
+def _device_cells(device: Device, now: float) -> list[str]:
+    return [_cell(value) for value in (
+        device.hwid, device.mac, device.model, device.firmware, _when(device.last_seen),
+        _age(now - device.last_seen), str(device.status), device.reason, device.template, device.client_ip,
+    )]
 
 
 def history_table(polls: list[Poll]) -> str:
@@ -288,7 +328,11 @@ def device_json_text(device: Device) -> str:
 def _table(header: list[str], rows: list[list[str | None]]) -> str:
     cells = [header] + [[_cell(value) for value in row] for row in rows]
     widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
-    return "".join("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() + "\n" for row in cells)
+    return "".join(_line(row, widths) for row in cells)
+
+
+def _line(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(value.ljust(width) for value, width in zip(cells, widths)).rstrip() + "\n"
 
 
 def _cell(value: str | None) -> str:
