@@ -25,6 +25,7 @@ from configserver.admin._fleet import (
     refusals_query,
     summary,
 )
+from configserver.backups._tables import backup_devices
 from configserver.inventory._database import database_url, migrate, open_engine
 
 NOW = 1_800_000_000.0
@@ -62,12 +63,29 @@ def fleet_rows(count: int = DEVICES, seed: int = 14) -> tuple[list[dict[str, Any
     return devices, polls
 
 
-def fill_sqlite(path: Path, devices: list[dict[str, Any]], polls: list[dict[str, Any]]) -> str:
+def backup_rows(devices: list[dict[str, Any]], seed: int = 13) -> list[dict[str, Any]]:
+    """The backup rows of four devices in five, last uploaded over the last six days."""
+    rng = random.Random(seed)
+    rows = []
+    for n, device in enumerate(devices):
+        if n % 5 == 4:
+            continue   # never uploaded
+        at = NOW - rng.uniform(0, 6 * 86400)
+        rows.append({"device": device["device"], "hwid": device["hwid"], "model": device["model"],
+                     "first_upload_at": at - 86400, "last_upload_at": at, "last_stored_at": at,
+                     "uploads": 2, "updated_at": at})
+    return rows
+
+
+def fill_sqlite(path: Path, devices: list[dict[str, Any]], polls: list[dict[str, Any]],
+                backups: list[dict[str, Any]] | None = None) -> str:
     url = f"sqlite:///{path}"
     engine = open_engine(database_url(url))
     asyncio.run(_migrate(engine))
     with sqlite3.connect(path) as connection:
-        for table, rows in (("devices", devices), ("polls", polls)):
+        for table, rows in (("devices", devices), ("polls", polls), ("backup_devices", backups or [])):
+            if not rows:
+                continue
             names = list(rows[0])
             connection.executemany(
                 f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
@@ -88,7 +106,7 @@ def fleet() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 @pytest.fixture(scope="module")
 def sqlite_fleet(fleet, tmp_path_factory: pytest.TempPathFactory) -> str:
-    return fill_sqlite(tmp_path_factory.mktemp("fleet") / "inventory.db", *fleet)
+    return fill_sqlite(tmp_path_factory.mktemp("fleet") / "inventory.db", *fleet, backup_rows(fleet[0]))
 
 
 def sqlite_plan(url: str, query: sa.Select[Any]) -> str:
@@ -109,7 +127,12 @@ PAGE_CASES = [
     (FleetFilter(sort="status", descending=True), "devices_status"),
     (FleetFilter(sort="hwid"), "devices_hwid_sort"),
     (FleetFilter(model="IP1202", status=403), "devices_"),
+    (FleetFilter(no_backup=2 * 86400), "devices_last_seen"),
+    (FleetFilter(model="IP232", no_backup=86400), "devices_model"),
 ]
+
+# Each row's backup age is a search of the backup table's primary key, never a scan of it.
+BACKUP_LOOKUP = "SEARCH backup_devices USING INDEX sqlite_autoindex_backup_devices_1 (device=?)"
 
 
 # Where a second page starts, in each order's columns.
@@ -127,6 +150,7 @@ def test_every_fleet_page_walks_an_index_in_its_order_without_sorting(sqlite_fle
         plan = sqlite_plan(sqlite_fleet, page_query(fleet_filter, NOW, after=cursor))
         assert f"USING INDEX {index}" in plan or f"USING COVERING INDEX {index}" in plan, plan
         assert "TEMP B-TREE" not in plan, plan   # no sort of the matching rows
+        assert BACKUP_LOOKUP in plan and "SCAN backup_devices" not in plan, plan
 
 
 def test_counting_a_filter_searches_its_index(sqlite_fleet) -> None:
@@ -221,7 +245,8 @@ def test_a_rare_free_text_is_found_by_one_scan_and_a_sort_not_a_walk_of_the_inde
                     key=lambda d: (d["last_seen"], d["device"]), reverse=True)
     assert 50 < len(wanted) < 5000
     plan = sqlite_plan(sqlite_fleet, page_query(FleetFilter(text=text), NOW, sort_matches=True))
-    assert plan.splitlines() == ["SCAN devices", "USE TEMP B-TREE FOR ORDER BY"], plan
+    assert plan.splitlines() == ["SCAN devices", "CORRELATED SCALAR SUBQUERY 1", BACKUP_LOOKUP,
+                                 "USE TEMP B-TREE FOR ORDER BY"], plan
 
     async def walk() -> list[str]:
         engine = open_engine(database_url(sqlite_fleet))
@@ -237,6 +262,35 @@ def test_a_rare_free_text_is_found_by_one_scan_and_a_sort_not_a_walk_of_the_inde
             await engine.dispose()
 
     assert asyncio.run(walk()) == [d["device"] for d in wanted]
+
+
+def test_each_row_shows_its_last_backup_and_the_filter_finds_devices_without_one(sqlite_fleet, fleet) -> None:
+    devices, _ = fleet
+    uploads = {row["device"]: row["last_upload_at"] for row in backup_rows(devices)}
+    wanted = sorted((d for d in devices if uploads.get(d["device"], float("-inf")) < NOW - 3 * 86400),
+                    key=lambda d: (d["last_seen"], d["device"]), reverse=True)
+    assert 0.4 * DEVICES < len(wanted) < 0.7 * DEVICES   # never (a fifth) or longer ago than 3 days
+
+    async def ask():
+        engine = open_engine(database_url(sqlite_fleet))
+        try:
+            everyone = await fleet_page(engine, FleetFilter(), now=NOW)
+            first = await fleet_page(engine, FleetFilter(no_backup=3 * 86400), now=NOW)
+            second = await fleet_page(engine, FleetFilter(no_backup=3 * 86400), now=NOW, after=first.after)
+            return everyone, first, second
+        finally:
+            await engine.dispose()
+
+    everyone, first, second = asyncio.run(ask())
+    assert [row.backup_at for row in everyone.rows] == [uploads.get(row.key) for row in everyone.rows]
+    assert any(row.backup_at is None for row in everyone.rows) and any(row.backup_at for row in everyone.rows)
+    assert first.total == len(wanted)
+    assert [row.key for row in first.rows + second.rows] == [d["device"] for d in wanted[:100]]
+
+
+def test_counting_devices_without_a_backup_searches_the_backup_table_by_key(sqlite_fleet) -> None:
+    plan = sqlite_plan(sqlite_fleet, count_query(FleetFilter(no_backup=86400), NOW))
+    assert BACKUP_LOOKUP in plan and "SCAN backup_devices" not in plan, plan
 
 
 def test_a_cursor_that_is_not_ours_gives_the_first_page() -> None:
@@ -264,6 +318,7 @@ def postgres_fleet(fleet) -> Iterator[str]:
                 async with engine.begin() as connection:
                     await connection.execute(sa.insert(devices_table), devices)
                     await connection.execute(sa.insert(polls_table), [{**p, "query": {}} for p in polls])
+                    await connection.execute(sa.insert(backup_devices), backup_rows(devices))
                 async with engine.connect() as connection:
                     await connection.execute(sa.text("COMMIT"))
                     await connection.execute(sa.text("ANALYZE"))
@@ -289,7 +344,7 @@ def postgres_plan(url: str, query: sa.Select[Any]) -> str:
 
 
 # Free text is left out: PostgreSQL's planner weighs a rare text against the index by itself.
-@pytest.mark.parametrize(("fleet_filter", "index"), [case for case in PAGE_CASES[:9] if not case[0].text],
+@pytest.mark.parametrize(("fleet_filter", "index"), [case for case in PAGE_CASES[:9] + PAGE_CASES[10:] if not case[0].text],
                          ids=lambda v: repr(v) if isinstance(v, str) else None)
 def test_postgresql_serves_every_fleet_page_from_an_index_without_sorting(postgres_fleet, fleet_filter, index) -> None:
     plan = postgres_plan(postgres_fleet, page_query(fleet_filter, NOW))
@@ -299,7 +354,8 @@ def test_postgresql_serves_every_fleet_page_from_an_index_without_sorting(postgr
 
 def test_postgresql_gives_the_same_pages_and_summary_as_sqlite(sqlite_fleet, postgres_fleet) -> None:
     filters = [FleetFilter(), FleetFilter(model="ip232", sort="hwid", descending=False), FleetFilter(status=403),
-               FleetFilter(stale=20 * 86400, sort="status"), FleetFilter(text="-8A-"), FleetFilter(text="13a1")]
+               FleetFilter(stale=20 * 86400, sort="status"), FleetFilter(text="-8A-"), FleetFilter(text="13a1"),
+               FleetFilter(no_backup=2 * 86400, sort="hwid")]
 
     async def ask(url: str):
         engine = open_engine(database_url(url))
@@ -308,7 +364,7 @@ def test_postgresql_gives_the_same_pages_and_summary_as_sqlite(sqlite_fleet, pos
             for fleet_filter in filters:
                 first = await fleet_page(engine, fleet_filter, now=NOW)
                 second = await fleet_page(engine, fleet_filter, now=NOW, after=first.after) if first.after else None
-                pages.append((first.total, [(r.key, r.applied) for r in first.rows],
+                pages.append((first.total, [(r.key, r.applied, r.backup_at) for r in first.rows],
                               [r.key for r in second.rows] if second else None))
             found = await summary(engine, stale_after=7 * 86400, now=NOW)
             refused = sorted((r.reason, r.polls, r.devices, r.clients) for r in found.refused)

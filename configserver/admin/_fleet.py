@@ -16,6 +16,8 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..backups._tables import backup_devices
+from ..firmware._state import Halt, RolloutState
 from ..inventory._database import devices, polls
 
 PAGE_SIZE = 50
@@ -42,6 +44,7 @@ class FleetFilter:
     status: int | None = None
     stale: float | None = None        # not seen for at least this many seconds
     text: str | None = None           # part of hwid, MAC, model, template, firmware or address
+    no_backup: float | None = None    # no configuration backup uploaded for this many seconds (or ever)
     sort: Sort = "last_seen"
     descending: bool = True
 
@@ -61,6 +64,7 @@ class FleetRow:
     firmware: str | None
     served_at: float | None
     applied: str | None = None  # "applied", "sent" (not yet confirmed), or None (no apply-once)
+    backup_at: float | None = None  # its last configuration upload, None when it never uploaded
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +110,12 @@ def filtered(fleet: FleetFilter, now: float) -> list[Any]:
         terms.append(devices.c.status == fleet.status)
     if fleet.stale is not None:
         terms.append(devices.c.last_seen < now - fleet.stale)
+    if fleet.no_backup is not None:
+        # One lookup of the device's backup row (its primary key) per device the page walks.
+        terms.append(~sa.exists().where(
+            backup_devices.c.device == devices.c.device,
+            backup_devices.c.last_upload_at >= now - fleet.no_backup,
+        ))
     if fleet.text:
         # Part of a name can use no index: see SORT_MATCHES_BELOW for how the page is then read.
         # hwid_key, mac and client_ip are stored in lower case already: no lower() per row.
@@ -140,6 +150,7 @@ def page_query(fleet: FleetFilter, now: float, *, after: list[Any] | None = None
     query = sa.select(
         devices.c.device, devices.c.hwid, devices.c.mac, devices.c.model, devices.c.last_seen,
         devices.c.status, devices.c.reason, devices.c.template, devices.c.firmware, devices.c.served_at,
+        backup_at_column().label("backup_at"),
         *(key.label(f"_k{i}") for i, key in enumerate(keys)),
     ).where(*filtered(fleet, now))
     start = after if after is not None else before
@@ -150,6 +161,17 @@ def page_query(fleet: FleetFilter, now: float, *, after: list[Any] | None = None
     ordered = [sa.func.coalesce(key, key) for key in keys] if sort_matches else list(keys)
     order = [key.desc() if descending else key.asc() for key in ordered]
     return query.order_by(*order).limit(limit + 1)
+
+
+def backup_at_column() -> Any:
+    """The device's last backup upload, as a column of its row: a lookup of the backup table's
+    primary key for each row the page returns, which leaves the walk of the order's index as it is
+    (a join could tempt a planner to read both tables whole)."""
+    return (
+        sa.select(backup_devices.c.last_upload_at)
+        .where(backup_devices.c.device == devices.c.device)
+        .scalar_subquery()
+    )
 
 
 def count_query(fleet: FleetFilter, now: float) -> sa.Select[Any]:
@@ -193,7 +215,7 @@ async def fleet_page(engine: AsyncEngine, fleet: FleetFilter, *, now: float | No
     rows = [FleetRow(
         key=row.device, hwid=row.hwid, mac=row.mac, model=row.model, last_seen=row.last_seen,
         status=row.status, reason=row.reason, template=row.template, firmware=row.firmware,
-        served_at=row.served_at, applied=_applied(decisions.get(row.device)),
+        served_at=row.served_at, applied=_applied(decisions.get(row.device)), backup_at=row.backup_at,
     ) for row in found]
     if end_before is not None:
         next_cursor = _cursor(found[-1], fleet.sort) if found else None
@@ -226,6 +248,7 @@ class Summary:
     no_configuration: int             # devices whose newest poll got 404
     stale: int                        # devices not seen for `stale_after`
     stale_after: float
+    halted: list[Halt] = field(default_factory=list)   # firmware rollouts halted, by model and kind
 
 
 def refusals_query(since: float) -> sa.Select[Any]:
@@ -257,7 +280,8 @@ async def summary(engine: AsyncEngine, *, stale_after: float = DAY, now: float |
         errors = (await connection.execute(status_count_query(500))).scalar_one()
         missing = (await connection.execute(status_count_query(404))).scalar_one()
         stale = (await connection.execute(count_query(FleetFilter(stale=stale_after), now))).scalar_one()
-    return Summary(total, refused, errors, missing, stale, stale_after)
+    halted = await RolloutState(engine).halt_records()   # a handful of rows at most
+    return Summary(total, refused, errors, missing, stale, stale_after, halted)
 
 
 @dataclass(frozen=True, slots=True)
