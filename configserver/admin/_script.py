@@ -6,10 +6,17 @@ A variable is secret when its name (the last part of a dotted key) ends in `pass
 its whole dotted name). Its value is masked in the variables table and wherever it appears in the
 script; values shorter than MIN_MASKED characters are masked in the table only, since replacing
 them throughout would hide unrelated text and tell what they are.
+
+A configuration backup is the device's own text, not ours: besides the values of the device's
+secret variables, `mask_config` masks what looks like a secret in innovaphone's own syntax, the
+value after an option named like one (`/pwd x`, `/gk-pwd x`, `/key x`) and the value of a
+`vars create` whose name is (`vars create X509/REQUESTKEY pb ...`). It masks more than needed
+rather than less: the page says that "Show them" shows everything.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -57,18 +64,48 @@ def mask(script: str, variables: Mapping[str, Any], marked: Iterable[str] = (), 
     """Mask the secret variables' values in `script` and in the variables table (not with `reveal`)."""
     marked = list(marked)
     rows: list[tuple[str, str, bool]] = []
-    hidden: set[str] = set()
     for name, value in flatten(variables):
         secret = is_secret(name, marked)
         if secret and not reveal:
-            hidden.update(text for text in _secret_texts(value) if len(text) >= MIN_MASKED)
             rows.append((name, MASK, True))
         else:
             rows.append((name, _shown(value), secret))
-    # longest first, so that a secret containing another is masked whole
-    for text in sorted(hidden, key=len, reverse=True):
-        script = script.replace(text, MASK)
-    return Masked(script, rows, sum(1 for row in rows if row[2]))
+    hidden = [] if reveal else secret_values(variables, marked)
+    return Masked(hide(script, hidden), rows, sum(1 for row in rows if row[2]))
+
+
+def secret_values(variables: Mapping[str, Any], marked: Iterable[str] = ()) -> list[str]:
+    """The texts of the secret variables' values worth masking wherever they appear, longest
+    first (so that a secret containing another is masked whole)."""
+    marked = list(marked)
+    found = {text for name, value in flatten(variables) if is_secret(name, marked)
+             for text in _secret_texts(value) if len(text) >= MIN_MASKED}
+    return sorted(found, key=len, reverse=True)
+
+
+def hide(text: str, values: Iterable[str]) -> str:
+    """`text` with every occurrence of each of `values` (longest first) masked."""
+    for value in values:
+        text = text.replace(value, MASK)
+    return text
+
+
+_SECRET_WORDS = "pwd|passwd|password|pass|secret|pin|key|psk"
+# `/gk-pwd value`: an option whose name ends like a secret's, and its value
+_SECRET_OPTION = re.compile(rf"(?<!\S)(/[\w.-]*(?:{_SECRET_WORDS}))(\s+)(\S+)", re.IGNORECASE)
+# `vars create X509/REQUESTKEY pb 3082...`: a variable whose name holds such a word (an optional
+# leading diff mark: the diff's lines are masked too)
+_SECRET_VAR = re.compile(rf"^([-+ ]?\s*vars\s+create\s+\S*(?:{_SECRET_WORDS})\S*\s+\S+\s+)(.+)$", re.IGNORECASE)
+
+
+def mask_config(text: str, variables: Mapping[str, Any] = {}, marked: Iterable[str] = ()) -> str:
+    """A configuration backup (or a diff of two) with its secrets masked: the device's secret
+    variables' values, and what innovaphone's syntax marks as a secret (see the module's text)."""
+    lines = []
+    for line in text.split("\n"):
+        line = _SECRET_VAR.sub(lambda m: m[1] + MASK, line)
+        lines.append(_SECRET_OPTION.sub(lambda m: m[1] + m[2] + MASK, line))
+    return hide("\n".join(lines), secret_values(variables, marked))
 
 
 def _shown(value: Any) -> str:

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from importlib import resources
 from typing import Any
 
@@ -24,11 +24,12 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from .. import securitylog
+from ..firmware._state import RolloutState
 from ..forwarded import TrustedProxies
 from ..inventory import InventoryError, parse_duration
 from ..inventory._database import database_url, migrate, open_engine
 from ..settings import Settings
-from . import _fleet, _script
+from . import _device, _fleet, _script
 from ._sessions import Sessions, Throttle
 from ._users import Users, UsersError
 
@@ -149,9 +150,11 @@ class AdminPage:
         return self._checked[1]
 
 
-    def would_get(self, name: str, path: str, reported: str | None, reveal: bool) -> dict[str, Any]:
+    def would_get(self, name: str, path: str, reported: str | None, reveal: bool,
+                  builds: Mapping[str, str | None] | None = None) -> dict[str, Any]:
         """What the device `name` would get now polling `path` (`configserver render`'s answer),
-        masked unless `reveal`; or, as `error`, why it cannot be shown."""
+        masked unless `reveal`; or, as `error`, why it cannot be shown. `builds` ("PROT", "BOOT")
+        are what it last reported: its firmware state is decided with them, as a poll would."""
         from ..errors import ConfigserverError
         from ..preview import preview
 
@@ -162,6 +165,7 @@ class AdminPage:
                     self._service = Service.from_settings(self.settings, grace_seconds=0)
                 self._service.store.refresh()
                 answer = preview(self._service, name, path or "/")
+                firmware = self._firmware_now(answer, {**(builds or {}), "CHECK": reported})
         except ConfigserverError as exc:
             return {"error": str(exc)}
         record, choice = answer.record, answer.choice
@@ -173,6 +177,32 @@ class AdminPage:
             "note": answer.note, "digest": record.check_digest, "applied": (
                 None if record.check_digest is None else reported == record.check_digest),
             "script": masked.script, "variables": masked.variables, "secrets": masked.secrets, "reveal": reveal,
+            "firmware": firmware, "secret_values": [] if reveal else _script.secret_values(
+                choice.variables, self.settings.admin_secret_vars),
+        }
+
+    def _firmware_now(self, answer: Any, reported: Mapping[str, str | None]) -> dict[str, Any]:
+        """The device's firmware targets and what a poll reporting `reported` would be sent now,
+        from the pipeline's own firmware stage (no halts: the page reads those from the database)."""
+        from ..firmware import FirmwareError, place, takes
+
+        stage, snapshot = self._service.pipeline.firmware, self._service.store.snapshot
+        device, choice = answer.device, answer.choice
+        if not device.model:
+            return {"error": None, "targets": {}, "verdicts": {}, "lines": (), "wave": None, "opens": None,
+                    "rollout": False}
+        try:
+            declaration = stage.declaration(snapshot, choice)
+            query = {key: value for key, value in reported.items() if value}
+            decided = stage.answer(snapshot, choice, device, query, dt.datetime.now(dt.UTC))
+        except FirmwareError as exc:
+            return {"error": str(exc)}
+        placement = place(declaration.rollout, device.hwid, device.mac, choice.groups)
+        return {
+            "error": None, "verdicts": dict(decided.verdicts), "lines": decided.lines,
+            "targets": {kind: build for kind, build in declaration.targets.items() if takes(device.model, kind)},
+            "wave": placement.wave, "opens": placement.opens.timestamp() if placement.opens else None,
+            "rollout": declaration.rollout is not None,
         }
 
 
@@ -294,7 +324,7 @@ def create_admin_app(settings: Settings) -> FastAPI:
         check_problems = await asyncio.to_thread(page.problems_of_check)
         return page.html(
             "fleet.html", session=session, page=found, summary=summary, filter=fleet_filter,
-            stale_text=stale_text, text=args.get("q", ""), problems=problems, check_problems=check_problems,
+            stale_text=stale_text, no_backup_text=args.get("nobackup", "").strip(), text=args.get("q", ""), problems=problems, check_problems=check_problems,
             sorts=_fleet.SORT_LABELS, link=lambda **changes: _link(args, **changes),
         )
 
@@ -317,8 +347,50 @@ def create_admin_app(settings: Settings) -> FastAPI:
             log.warning("admin shows secrets", extra={"fields": {
                 "event": "admin_reveal", "user": session.user, "device": key, "client_ip": page.client_ip(request)}})
         reported = next((p.check_reported for p in history if p.status == 200), None)
-        script = await asyncio.to_thread(page.would_get, facts.hwid or facts.key, facts.path or "/", reported, reveal)
-        return page.html("device.html", session=session, device=facts, history=history, script=script)
+        script = await asyncio.to_thread(page.would_get, facts.hwid or facts.key, facts.path or "/", reported, reveal,
+                                         {"PROT": facts.firmware, "BOOT": facts.boot})
+        mac = facts.mac or facts.key
+        args = request.query_params
+        try:
+            firmware = await _device.firmware_state(page.engine, facts.key, facts.model)
+            kept = await _device.backups(page.engine, settings.database, mac)
+            pair = _device.chosen_pair(kept.versions, args.get("old"), args.get("new"))
+            diff = await _device.diff(page.engine, settings.database, mac, *pair) if pair else None
+        except SQLAlchemyError as exc:
+            return page.html("error.html", 503, session=session, title="Inventory unavailable",
+                             message=f"The inventory database cannot be read (setting 'database'): {_first(exc)}")
+        if diff and not reveal:
+            # the device's own text: its secret variables' values and what its syntax marks secret
+            # (when the script cannot be rendered, the variables are unknown: the syntax only)
+            diff = _script.hide(_script.mask_config(diff), script.get("secret_values", []))
+        certificates_at, certificates = _device.certificates(kept.facts)
+        return page.html("device.html", session=session, device=facts, history=history, script=script,
+                         firmware=firmware, kind_names=_device.KIND_NAMES, backups=kept, pair=pair,
+                         diff=_device.diff_rows(diff) if diff else None, reveal=reveal,
+                         certificates=certificates, certificates_at=certificates_at)
+
+    @app.post("/firmware/resume")
+    async def resume_firmware(request: Request) -> Response:
+        session = page.sessions.find(request.cookies.get(SESSION_COOKIE))
+        form = await request.form()
+        if session is None:
+            return to_login()
+        if not _same(str(form.get("csrf", "")), session.csrf):
+            return page.html("error.html", 403, session=session, title="Refused",
+                             message="This request did not carry the page's token (CSRF); reload the page and try again.")
+        model, kind = str(form.get("model", "")).strip(), str(form.get("kind", ""))
+        if not model or kind not in _device.KIND_NAMES:
+            return page.html("error.html", 400, session=session, title="Nothing to resume",
+                             message="Resume needs a model and a kind (prot or boot).")
+        try:
+            resumed = await RolloutState(page.engine).resume(model, [kind], time.time(), by=f"admin page: {session.user}"[:64])
+        except SQLAlchemyError as exc:
+            return page.html("error.html", 503, session=session, title="Inventory unavailable",
+                             message=f"The inventory database cannot be written (setting 'database'): {_first(exc)}")
+        log.warning("admin resumed a firmware rollout", extra={"fields": {
+            "event": "admin_firmware_resume", "user": session.user, "model": model[:64], "kind": kind,
+            "builds": [build for _, _, build in resumed], "client_ip": page.client_ip(request)}})
+        return RedirectResponse("/", status_code=303)
 
     @app.api_route("/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
     def not_found(request: Request, rest: str) -> Response:
@@ -358,12 +430,19 @@ def _fleet_filter(args: Any) -> tuple[_fleet.FleetFilter, str, list[str]]:
             stale = parse_duration(stale_text)
         except InventoryError as exc:
             problems.append(str(exc))
+    no_backup_text = args.get("nobackup", "").strip()
+    no_backup: float | None = None
+    if no_backup_text:
+        try:
+            no_backup = parse_duration(no_backup_text)
+        except InventoryError as exc:
+            problems.append(str(exc))
     sort = args.get("sort", "last_seen")
     if sort not in _fleet.SORTS:
         sort = "last_seen"
     descending = args.get("order", "desc" if sort == "last_seen" else "asc") != "asc"
     return _fleet.FleetFilter(
-        model=args.get("model", "").strip() or None, status=status, stale=stale,
+        model=args.get("model", "").strip() or None, status=status, stale=stale, no_backup=no_backup,
         text=args.get("q", "").strip()[:100] or None, sort=sort, descending=descending,  # type: ignore[arg-type]
     ), stale_text, problems
 
