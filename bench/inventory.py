@@ -204,6 +204,12 @@ def poll_tuple(n: int, at: float) -> tuple[Any, ...]:
             '{"PROT": "13A127"}')
 
 
+def poll_time(n: int, polls: int, now: float) -> float:
+    """The n-th of `polls` polls, spread over the 30 days before `now`: within the retention
+    period, so the writer's purge has nothing to delete while the writes are measured."""
+    return now - 30 * 86400 * (polls - n) / polls
+
+
 def fill(url: str, devices: range, polls: int, now: float) -> None:
     """Devices (one poll each, round robin) written straight into the tables: fast, not through the writer."""
     migrate_database(url)
@@ -223,7 +229,7 @@ def fill(url: str, devices: range, polls: int, now: float) -> None:
         for start in range(0, polls, chunk):
             stop = min(start + chunk, polls)
             connection.executemany(f"INSERT INTO polls ({POLL_COLUMNS}) VALUES ({marks})",
-                                   (poll_tuple(n % size, now - polls + n) for n in range(start, stop)))
+                                   (poll_tuple(n % size, poll_time(n, polls, now)) for n in range(start, stop)))
             connection.commit()
         connection.close()
         return
@@ -245,7 +251,7 @@ async def _fill_postgresql(parsed: Any, devices: range, polls: int, now: float) 
         stop = min(start + chunk, polls)
         await connection.copy_records_to_table(
             "polls", columns=[c.strip() for c in POLL_COLUMNS.split(",")],
-            records=[poll_tuple(n % size, now - polls + n) for n in range(start, stop)])
+            records=[poll_tuple(n % size, poll_time(n, polls, now)) for n in range(start, stop)])
     await connection.execute("ANALYZE")
     await connection.close()
 
@@ -356,7 +362,7 @@ def run_audit(args: argparse.Namespace) -> None:
     for size in sizes:
         started = time.perf_counter()
         if size > filled:
-            fill(url, range(0), size - filled, now - size)
+            fill(url, range(0), size - filled, now)
             filled = size
         fill_s = time.perf_counter() - started
         wall, cpu = asyncio.run(write_cost(url, args.rows, fleet))

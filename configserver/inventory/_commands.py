@@ -339,7 +339,10 @@ def _cell(value: str | None) -> str:
     """Printable on a terminal: devices choose part of this text, so escape control characters."""
     if value is None or value == "":
         return "-"
-    text = "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in value)
+    if value.isprintable():  # the common case, checked in C
+        text = value
+    else:
+        text = "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in value)
     return text if len(text) <= _CELL else text[: _CELL - 1] + "…"
 
 
