@@ -3,13 +3,17 @@
 A lab server takes polls from lab devices over mutual TLS; the admin page, on a listener of its
 own, shows them. An admin logs in, finds the devices, filters, opens one with its history and a
 refusal's reason, and logs out; a wrong password is refused; no page shows without a session;
-and the page's Content-Security-Policy stops inline script.
+and the page's Content-Security-Policy stops inline script. With a firmware target declared and
+configuration backups stored, the admin sees a halted rollout first, resumes it with the page's
+token, and compares two backup versions with their secrets masked until asked.
 
 With CONFIGSERVER_SCREENSHOTS=DIR the fleet and device pages are saved there (the README's).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import re
 import shutil
@@ -32,6 +36,7 @@ from configserver.lab import LabError, create_lab, poll
 
 CHROMIUM = "/usr/bin/chromium"
 PASSWORD = "correct horse battery staple"
+SIP_SECRET = "lab-sip-secret-77"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
@@ -60,6 +65,11 @@ class Lab:
     def __init__(self, root: Path, device_port: int, admin_port: int) -> None:
         self.root, self.device_port, self.admin_port = root, device_port, admin_port
         self.lab = create_lab(root / "lab")
+        # a firmware target for the fleet (no window: the lab's templates write their own times
+        # line) and a secret variable the backups below hold
+        with (root / "lab" / "vars" / "default.toml").open("a") as vars_file:
+            vars_file.write(f'sip_password = "{SIP_SECRET}"\n\n'
+                            '[firmware]\nurl = "http://firmware.lab.invalid/firmware/"\nprot = "13.4711"\n')
         self.admin = f"http://127.0.0.1:{admin_port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CONFIGSERVER_")}
         self.env.update({
@@ -159,7 +169,6 @@ def test_an_admin_sees_the_lab_polls_filters_opens_a_device_and_logs_out(lab: La
     names = page.locator("table.fleet tbody td:first-child a").all_inner_texts()
     assert set(names) == {"IP232-30-00-af", "IP232-30-01-10", "IP1202-35-fe-4d", "IP112-30-03-01", "IP222-30-00-b0"}
     assert "device mismatch" in page.locator("section.problems").inner_text()
-    screenshot(page, "admin-fleet.png")
 
     page.fill("input[name=model]", "ip232")
     with page.expect_navigation():
@@ -180,13 +189,105 @@ def test_an_admin_sees_the_lab_polls_filters_opens_a_device_and_logs_out(lab: La
     would_get = page.locator("section.would-get").inner_text()
     assert "models/IP232.j2" in would_get
     assert "mod cmd UP1 check ser" in page.locator("pre.script").inner_text()
-    screenshot(page, "admin-device.png")
 
     with page.expect_navigation():
         page.click("header button:has-text('Log out')")
     assert page.url == f"{lab.admin}/login"
     page.goto(f"{lab.admin}/devices/00-90-33-30-01-10")
     assert page.url == f"{lab.admin}/login"
+
+
+BACKUPS = [
+    ("config change SIP0 /user IP232-30-01-10 /pwd first-pw /auth {secret}\r\n"
+     "config change IP0 /addr 192.0.2.10\r\n"
+     "config change CMD0 /name Reception\r\n"),
+    ("config change SIP0 /user IP232-30-01-10 /pwd second-pw /auth {secret}\r\n"
+     "config change IP0 /addr 192.0.2.11\r\n"
+     "config change CMD0 /name <script>window.backupRan=1</script>\r\n"),
+]
+X509 = ('<info><servercert><certificate subject_cn="IP232-30-01-10" issuer_cn="innovaphone Device Certification '
+        'Authority" serial="3a7c01" not_before="2024-03-01" not_after="2034-03-01"/></servercert></info>')
+
+
+def store_backups(lab: Lab) -> None:
+    from configserver.backups import BackupStore, parse_certificate_facts
+
+    async def store() -> None:
+        backups = BackupStore(lab.env["CONFIGSERVER_DATABASE"])
+        try:
+            for n, text in enumerate(BACKUPS):
+                await backups.store_config(mac="00-90-33-30-01-10", hwid="IP232-30-01-10", model="IP232",
+                                           body=text.format(secret=SIP_SECRET).encode(), now=time.time() - 7200 + n)
+            await backups.store_facts(mac="00-90-33-30-01-10", hwid="IP232-30-01-10", source="x509",
+                                      facts=parse_certificate_facts(X509).as_json())
+        finally:
+            await backups.close()
+
+    # Playwright's sync API runs an event loop in this thread: the store runs in another
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, store()).result()
+
+
+def test_an_admin_sees_firmware_and_backups_compares_versions_and_resumes_a_halt(lab: Lab, page) -> None:
+    import sqlite3
+
+    for name in ("IP232-30-00-af", "IP232-30-01-10", "IP1202-35-fe-4d", "IP112-30-03-01", "IP222s-30-00-b0"):
+        assert lab.poll(name, "/update?PROT=13A127&CHECK=x") == 200   # on the old build: sent the target
+    database = lab.env["CONFIGSERVER_DATABASE"].removeprefix("sqlite:///")
+    deadline = time.time() + 20                                       # serve writes its sends every 5 s
+    while True:
+        with sqlite3.connect(database) as connection:
+            sent = connection.execute("SELECT count(*) FROM firmware_sent WHERE device = '00-90-33-30-01-10'").fetchone()
+        if sent[0]:
+            break
+        assert time.time() < deadline, "no firmware send recorded"
+        time.sleep(0.5)
+    halted = lab.command("firmware", "halt", "IP232", "--kind", "prot", stdout=subprocess.PIPE)
+    assert halted.wait(60) == 0 and b"halted: IP232 prot 13.4711" in halted.stdout.read()
+    store_backups(lab)
+
+    log_in(page, lab)
+    problems = page.locator("section.problems").inner_text()
+    assert "firmware halted" in problems.lower() and "configserver firmware resume IP232 --kind prot" in problems
+    row = page.locator("table.fleet tbody tr", has_text="IP232-30-01-10")
+    assert re.search(r"(2h ago|1h ago)", row.locator("td.backup").inner_text()), row.inner_text()
+    screenshot(page, "admin-fleet.png")
+
+    with page.expect_navigation():
+        page.click("text=IP232-30-01-10")
+    firmware = page.locator("dl.firmware").inner_text()
+    assert re.search(r"Firmware target\s+13\.4711: halted", firmware), firmware
+    assert re.search(r"Firmware sent\s+13\.4711", firmware), firmware
+    certificate = page.locator("dd.device-word").inner_text()
+    assert "serial 3a7c01" in certificate and "the device's own word" in certificate
+    backups = page.locator("section.backups")
+    assert backups.locator("table.versions tbody tr").count() == 2
+    diff = page.locator("pre.diff").inner_text()
+    assert "-config change SIP0 /user IP232-30-01-10 /pwd •••••• /auth ••••••" in diff
+    assert "+config change CMD0 /name <script>window.backupRan=1</script>" in diff   # shown as text
+    assert page.evaluate("() => window.backupRan === undefined")                      # never run
+    content = page.content()
+    assert all(secret not in content for secret in ("first-pw", "second-pw", SIP_SECRET))
+    screenshot(page, "admin-device.png")
+
+    # the other way round, chosen on the page
+    page.select_option("select[name=old]", "2")
+    page.select_option("select[name=new]", "1")
+    with page.expect_navigation():
+        page.click("form.diff-choice button")
+    assert "old=2" in page.url and "new=1" in page.url
+    assert "+config change IP0 /addr 192.0.2.10" in page.locator("pre.diff").inner_text()
+    with page.expect_navigation():
+        page.click("section.backups a:has-text('Show them')")
+    assert all(secret not in page.url for secret in ("first-pw", "second-pw", SIP_SECRET))
+    assert "/pwd first-pw" in page.locator("pre.diff").inner_text()
+
+    # resuming is a POST carrying the page's token; the problem goes away
+    page.goto(lab.admin + "/")
+    with page.expect_navigation():
+        page.click("form.resume button")
+    assert page.url == f"{lab.admin}/"
+    assert "configserver firmware resume" not in page.locator("section.problems").inner_text()
 
 
 def test_a_wrong_password_is_refused_and_logged(lab: Lab, page) -> None:
