@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 # the tests' own generator of a fleet, so that the benchmark measures what the tests check
-from test_admin_queries import NOW, fill_sqlite, fleet_rows
+from test_admin_queries import NOW, backup_rows, fill_sqlite, fleet_rows
 
 from configserver.admin._fleet import (
     FleetFilter,
@@ -51,7 +51,9 @@ async def median_ms(action, repeat: int) -> float:
 async def run(devices: int, repeat: int) -> None:
     folder = Path(tempfile.mkdtemp(prefix="admin-bench-"))
     started = time.perf_counter()
-    url = await asyncio.to_thread(fill_sqlite, folder / "inventory.db", *fleet_rows(devices))
+    fleet_devices, fleet_polls = fleet_rows(devices)   # and a backup row for four devices in five
+    url = await asyncio.to_thread(fill_sqlite, folder / "inventory.db", fleet_devices, fleet_polls,
+                                  backup_rows(fleet_devices))
     print(f"{devices} devices written in {time.perf_counter() - started:.1f} s")
     engine = open_engine(database_url(url))
     try:
@@ -63,6 +65,8 @@ async def run(devices: int, repeat: int) -> None:
             ("stale 7d", FleetFilter(stale=7 * 86400)),
             ("by hwid", FleetFilter(sort="hwid", descending=False)),
             ("text '30-00-a'", FleetFilter(text="30-00-a")),
+            ("no backup 3d", FleetFilter(no_backup=3 * 86400)),
+            ("IP232, no bk 5d", FleetFilter(model="IP232", no_backup=5 * 86400)),
         ]:
             ms = await median_ms(lambda fleet=fleet: fleet_page(engine, fleet, now=NOW), repeat)
             print(f"  {name:<16} {ms:8.2f}")
