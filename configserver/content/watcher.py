@@ -144,7 +144,7 @@ class ContentStore:
             folders = [folder for folder in (self.templates_dir, self.vars_dir) if folder.is_dir()]
             if not folders:
                 return
-            async for batch in watchfiles.awatch(*folders, watch_filter=None, debounce=400, step=20,
+            async for batch in watchfiles.awatch(*folders, watch_filter=None, debounce=400, step=100,
                                                  stop_event=stop, rust_timeout=60_000, yield_on_timeout=False):
                 changes.put_nowait({path for _, path in batch})
 
