@@ -124,6 +124,24 @@ def test_a_halted_rollout_is_a_problem_with_the_command_that_resumes_it(browser,
     assert resumed and resumed[0].fields["user"] == "alice" and resumed[0].fields["builds"] == ["13.4711"]
 
 
+def test_resuming_needs_a_session(settings) -> None:
+    with TestClient(create_admin_app(settings), follow_redirects=False) as client:
+        answer = client.post("/firmware/resume", data={"model": "ip222", "kind": "prot", "csrf": "x"})
+        assert answer.status_code == 303 and answer.headers["location"] == "/login"
+        log_in(client)
+        assert "configserver firmware resume IP222 --kind prot" in client.get("/").text   # still halted
+    securitylog.configure(None)
+
+
+def test_a_firmware_table_that_cannot_be_read_is_said_on_the_device_page(settings, browser) -> None:
+    vars_file = Path(settings.vars) / "default.toml"
+    vars_file.write_text(vars_file.read_text().replace('prot = "13.4711"', 'prot = "13 4711"'))
+    page = browser.get(f"/devices/{MAC}")
+    assert page.status_code == 200
+    firmware = page.text.split('<dl class="firmware">')[1].split("</dl>")[0]
+    assert "firmware.prot = &#39;13 4711&#39; is not a build" in firmware.split('<dd class="alert">')[1]
+
+
 def test_the_device_page_shows_its_firmware_targets_sends_and_halt(browser) -> None:
     page = browser.get(f"/devices/{MAC}").text
     firmware = html.unescape(page.split('<dl class="firmware">')[1].split("</dl>")[0])
