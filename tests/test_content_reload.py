@@ -238,3 +238,27 @@ def test_a_symlink_out_of_the_folder_made_while_watched_is_never_read(tmp_path):
 
     assert asyncio.run(scenario())
     assert "default.j2" not in store.snapshot.templates
+
+
+# -- a fleet listed in bulk ------------------------------------------------------------------------
+
+def test_templates_listed_in_bulk_are_read_on_first_use_and_only_in_the_version_listed(site, pki):
+    from configserver.content.watcher import READ_AT_ONCE
+
+    for n in range(READ_AT_ONCE + 1):
+        settled(site.write(f"templates/devices/IP232-31-{n >> 8:02x}-{n & 255:02x}.j2", f"# device {n}\n"))
+    settled(site.write("templates/devices/IP232-30-00-af.j2", "# own\n"))
+    gateway = site.write("templates/devices/IP1202-35-fe-4d.j2", "# gateway\n")
+    settled(gateway)
+    app = site.app()
+    assert app.store.snapshot.templates["devices/IP232-30-00-af.j2"].content is None   # listed, not read
+    outcomes: list = []
+    app.recorders.append(outcomes.append)
+    assert call(app, "/", terminator_headers(pki.phone)).text.startswith("# own\r\n")
+
+    gateway.write_text("# gateway, edited before anyone read it\n")   # the snapshot still names the old version
+    assert call(app, "/", terminator_headers(pki.gateway)).status == 500
+    assert "changed on disk since the folder was listed" in outcomes[-1].detail
+    settled(gateway)
+    assert app.store.refresh([gateway]) is True
+    assert call(app, "/", terminator_headers(pki.gateway)).text.startswith("# gateway, edited before anyone read it\r\n")

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..apply_once import TemplateOptions
@@ -38,19 +40,66 @@ _CHOICES_KEPT = 10_000
 Stamp = tuple[int, int, int]   # (mtime_ns, size, inode): a different stamp is a different version
 
 
+MAX_FILE_BYTES = 4 * 1024 * 1024
+_CHANGED = "changed on disk since the folder was listed: the next snapshot, a moment from now, has it"
+
+
 @dataclass(frozen=True, slots=True)
 class SourceFile:
     """One file as read at one moment: its text (or parsed data) and what identifies that version.
 
-    `facts` and `options` are filled in by analysis.py the first time they are needed."""
+    A template listed in bulk (start-up, a checkout of the whole fleet) may be read only when a
+    device first needs it: it then carries the `folder` to read it from, and is read once, for
+    the version its stamp names; a file found changed by then is this version's error until the
+    next snapshot brings the new one. `facts` and `options` are filled in by analysis.py the
+    first time they are needed. Versions compare by name, stamp and data."""
 
     name: str            # path relative to its folder, with '/'
     stamp: Stamp
-    text: str
+    content: str | None = field(default=None, compare=False)   # None: not read yet
     data: Any = None     # parsed TOML (dict), or devices.csv's rows (variables.DeviceRows)
-    error: str | None = None
+    problem: str | None = field(default=None, compare=False)
+    folder: str | None = field(default=None, compare=False, repr=False)   # shared by the folder's files
     facts: Any = field(default=None, compare=False, repr=False)
     options: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            self._read()
+        return self.content  # type: ignore[return-value]
+
+    @property
+    def error(self) -> str | None:
+        if self.content is None:
+            self._read()
+        return self.problem
+
+    def _read(self) -> None:
+        text, problem = ("", "not read") if self.folder is None else read_text(f"{self.folder}/{self.name}", self.stamp)
+        if text is None:
+            text, problem = "", _CHANGED
+        # memos of this frozen version, not changes to it
+        object.__setattr__(self, "problem", problem)
+        object.__setattr__(self, "content", text)
+
+
+def read_text(path: str, stamp: Stamp) -> tuple[str | None, str | None]:
+    """(text, None), ("", the error the admin must fix), or (None, None) when the file is no
+    longer the version `stamp` names (it changed while, or before, it was read)."""
+    try:
+        with Path(path).open("rb") as file:
+            if stamp[1] > MAX_FILE_BYTES:
+                raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
+            data = file.read(stamp[1] + 1)   # one more byte than the version had: growth shows
+            after = os.fstat(file.fileno())
+        if (after.st_mtime_ns, after.st_size, after.st_ino) != stamp:
+            return None, None
+        return data.decode("utf-8-sig"), None  # a byte order mark (Excel's "CSV UTF-8") is no content
+    except UnicodeDecodeError as exc:
+        return "", f"not UTF-8 text (byte {exc.start}): save it as UTF-8"
+    except (OSError, ValueError) as exc:
+        return "", f"cannot read: {exc}"
 
 
 @dataclass(frozen=True, slots=True)

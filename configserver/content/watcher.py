@@ -34,16 +34,17 @@ from .snapshot import (
     SourceFile,
     Stamp,
     empty_snapshot,
+    read_text,
 )
 from .variables import parse_vars
 
 log = logging.getLogger("configserver.templates")
 
-MAX_FILE_BYTES = 4 * 1024 * 1024
 RESCAN_SECONDS = 300.0   # the safety net's period; file events do the real work
+READ_AT_ONCE = 1000      # changed templates read before publishing; more are read on first use
 
 Key = tuple[str, str]    # ("templates" | "vars", name relative to its folder, with '/')
-Version = tuple[str, Stamp]   # the path to read (a symlink's target) and its version
+Version = tuple[str | None, Stamp]   # a symlink's target to read (None: the file itself) and its version
 _LEFTOVERS = ("~", ".swp", ".tmp", ".part")
 
 
@@ -97,12 +98,20 @@ class ContentStore:
                 return False
             templates: dict[str, SourceFile | None] = {}
             variables: dict[str, SourceFile | None] = {}
+            # a few changed files are read now, so a file written while it is read is waited
+            # for; a bulk of templates is read when a device first needs each (SourceFile)
+            bulk = sum(kind == "templates" and seen is not None for (kind, _), seen in differing.items()) > READ_AT_ONCE
+            folder = str(self.templates_dir)
             for key, seen in differing.items():
                 kind, name = key
                 source = None
                 if seen is not None:
-                    path, stamp = seen
-                    source = read_file(path, name, stamp, self._parse_vars if kind == "vars" else _no_parse)
+                    target, stamp = seen
+                    if bulk and kind == "templates" and target is None:
+                        source = SourceFile(name, stamp, folder=folder)
+                    else:
+                        path = target or str(self._folder(kind) / name)
+                        source = read_file(path, name, stamp, self._parse_vars if kind == "vars" else _no_parse)
                     if source is None:  # written to while we read it: wait for it to settle
                         self._unsettled[key] = (None, now)
                         return False
@@ -274,8 +283,9 @@ def _wanted(name: str) -> bool:
 
 
 def file_version(path: str, real_root: str) -> Version | None:
-    """The file to read for `path` and its version, or None when it is no file of the folder
-    (gone, a folder, or a symlink that leads out of `real_root`)."""
+    """A symlink's target to read (None for the file itself) and the version, or None when
+    `path` is no file of the folder (gone, a folder, or a symlink that leads out of `real_root`)."""
+    target = None
     try:
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode):
@@ -284,12 +294,12 @@ def file_version(path: str, real_root: str) -> Version | None:
                 log.warning("symlink out of the folder ignored", extra={"fields": {
                     "event": "symlink_ignored", "file": path}})
                 return None
-            path, st = target, os.stat(target)
+            st = os.stat(target)
     except OSError:
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
-    return path, (st.st_mtime_ns, st.st_size, st.st_ino)
+    return target, (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def list_files(root: Path) -> dict[str, Version]:
@@ -326,7 +336,7 @@ def list_files(root: Path) -> dict[str, Version]:
                 except OSError:
                     continue
                 if stat.S_ISREG(st.st_mode):
-                    found[entry.path[skip:]] = (entry.path, (st.st_mtime_ns, st.st_size, st.st_ino))
+                    found[entry.path[skip:]] = (None, (st.st_mtime_ns, st.st_size, st.st_ino))
                 elif stat.S_ISLNK(st.st_mode):
                     version = file_version(entry.path, real_root)
                     if version is not None:
@@ -339,18 +349,10 @@ def read_file(
 ) -> SourceFile | None:
     """The file's text and parsed data, an error the admin must fix, or None when the file
     changed while it was read (then it is still being written)."""
-    try:
-        with Path(path).open("rb") as file:
-            if stamp[1] > MAX_FILE_BYTES:
-                raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
-            data = file.read(stamp[1] + 1)   # one more byte than the version had: growth shows
-            after = os.fstat(file.fileno())
-        if (after.st_mtime_ns, after.st_size, after.st_ino) != stamp:
-            return None
-        text = data.decode("utf-8-sig")  # a byte order mark (Excel's "CSV UTF-8") is no content
-    except UnicodeDecodeError as exc:
-        return SourceFile(name, stamp, "", None, f"not UTF-8 text (byte {exc.start}): save it as UTF-8")
-    except (OSError, ValueError) as exc:
-        return SourceFile(name, stamp, "", None, f"cannot read: {exc}")
-    data_parsed, error = parse(name, text)
-    return SourceFile(name, stamp, text, data_parsed, error)
+    text, problem = read_text(str(path), stamp)
+    if text is None:
+        return None
+    if problem:
+        return SourceFile(name, stamp, "", None, problem)
+    data, error = parse(name, text)
+    return SourceFile(name, stamp, text, data, error)
