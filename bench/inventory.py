@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -80,9 +82,13 @@ def spin(microseconds: float) -> None:
 
 
 def fresh_database(args: argparse.Namespace, name: str) -> str:
+    """`--database`, or a new SQLite file in a folder removed when the bench ends (the fleet and
+    audit parts leave gigabytes otherwise)."""
     if args.database:
         return args.database
-    return f"sqlite:///{tempfile.mkdtemp(prefix='configserver-bench-')}/{name}.db"
+    folder = tempfile.mkdtemp(prefix="configserver-bench-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return f"sqlite:///{folder}/{name}.db"
 
 
 # -- writer ------------------------------------------------------------------------------------
