@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import ssl
 import sys
 import weakref
@@ -364,10 +366,20 @@ class _Guarded:
             transport.abort()  # type: ignore[attr-defined]
 
     def shutdown(self) -> None:
+        """The server is stopping (SIGTERM): answer what has come in, then close.
+
+        uvicorn closes a connection that has no request under way at once, even when the request
+        already waits in the kernel because the loop was busy rendering: that device's poll would
+        fail. A connection still in its handshake, or with (part of) a head received or waiting
+        to be read, is kept; its one request is answered with `connection: close`, and the
+        handshake and head timeouts still bound it.
+        """
         self._shutting_down = True
-        if self._ready:
-            super().shutdown()  # type: ignore[misc]
-        # still in the handshake: it may finish, and its one request is answered before the close
+        if not self._ready:
+            return
+        if self._waiting_for_head and (self._head_bytes or _unread_bytes(self.transport)):
+            return
+        super().shutdown()  # type: ignore[misc]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -379,6 +391,19 @@ class _Guarded:
         self._cancel_head_timer()
         self._registry.discard(self)
         self.connections.discard(self)
+
+
+def _unread_bytes(transport: asyncio.BaseTransport) -> bool:
+    """Whether the peer has sent bytes the loop has not read yet (a peek at the kernel's buffer)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        # uvloop hands out a stand-in that cannot recv: peek through a duplicate of the descriptor
+        with socket.socket(fileno=os.dup(sock.fileno())) as peek:
+            return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # nothing waiting (EAGAIN), or the connection is gone
+        return False
 
 
 def _start_now(coroutine: Any) -> None:

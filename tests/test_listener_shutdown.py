@@ -19,7 +19,7 @@ from configserver.lab import LabDevice, create_lab, poll
 END = b"# end of script\r\n"
 # Rendering this takes a good fraction of a second, so that polls are still being answered
 # when the signal comes; the marker shows that an answer arrived whole.
-SLOW_TAIL = "{% for i in range(2000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}# end of script\n"
+SLOW_TAIL = "{% for i in range(4000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}# end of script\n"
 
 
 def _free_port() -> int:
@@ -86,7 +86,7 @@ def test_polls_in_flight_when_sigterm_arrives_finish_with_complete_scripts(tmp_p
             each.start()
         for each in polls:
             assert each.sent.wait(30), f"{each.device.name}: request not sent"
-        time.sleep(0.3)  # the server has read them all: each is being answered, or waits its turn
+        # every request is on its way: being answered, read and waiting its turn, or still unread
         server.send_signal(signal.SIGTERM)
         signalled_at = time.monotonic()
         for each in polls:
@@ -105,3 +105,4 @@ def test_polls_in_flight_when_sigterm_arrives_finish_with_complete_scripts(tmp_p
     assert max(each.finished_at for each in polls) > signalled_at
     assert server.returncode in (0, -signal.SIGTERM), log.read_text()
     assert "Shutting down" in log.read_text()
+
