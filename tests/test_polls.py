@@ -287,7 +287,7 @@ def test_poll_log_line_has_the_facts_and_never_the_script(app, pki, caplog):
 def test_refusal_log_line_names_the_reason(app, pki, caplog):
     with caplog.at_level(logging.INFO, logger="configserver.poll"):
         call(app, "/", terminator_headers(pki.forged))
-    fields = caplog.records[-1].fields
+    fields = [record for record in caplog.records if record.name == "configserver.poll"][-1].fields
     assert fields["reason"] == "certificate mismatch" and fields["status"] == 403
     assert "not signed" in fields["detail"]
 
