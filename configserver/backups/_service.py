@@ -22,8 +22,11 @@ from ._store import BackupStore
 from ._upload import (
     INCOMPLETE,
     TOO_LARGE,
+    TOO_SLOW,
+    UPLOAD_SECONDS,
     BodyIncomplete,
     BodyTooLarge,
+    BodyTooSlow,
     Device,
     UploadOutcome,
     read_body,
@@ -114,6 +117,8 @@ class Backups:
             return UploadOutcome(413, TOO_LARGE, f"more than {self.max_bytes} bytes (setting backup_max_bytes)")
         except BodyIncomplete:
             return UploadOutcome(400, INCOMPLETE, "the device went away before the body was complete")
+        except BodyTooSlow:
+            return UploadOutcome(408, TOO_SLOW, f"the body was not whole within {UPLOAD_SECONDS:g} s")
         return await receive_upload(self.store, device, query, body, uploaded=self.asking.uploaded, now=now)
 
     def finish(self, outcome: UploadOutcome, *, path: str, client_ip: str | None, device: Device | None,

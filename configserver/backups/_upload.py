@@ -8,6 +8,8 @@ one-line answer; none of them ever holds a byte of the upload, which carries pas
 
 from __future__ import annotations
 
+import asyncio
+
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +26,10 @@ UNCHANGED = "unchanged"
 FACTS_KEPT = "facts kept"
 TOO_LARGE = "upload too large"
 INCOMPLETE = "upload incomplete"
+TOO_SLOW = "upload too slow"
+# A device's configuration is a few hundred KB at most: a body still arriving after this long is
+# a client holding a connection open, not a device uploading (the listeners bound only the head).
+UPLOAD_SECONDS = 60.0
 NOT_TEXT = "upload is not text"
 EMPTY = "empty upload"
 UNKNOWN = "unknown upload"
@@ -41,6 +47,10 @@ class Device(Protocol):
 
 class BodyTooLarge(Exception):
     """The body is over the limit (as declared, or as it arrived)."""
+
+
+class BodyTooSlow(Exception):
+    """The body did not arrive whole within UPLOAD_SECONDS."""
 
 
 class BodyIncomplete(Exception):
@@ -72,12 +82,24 @@ def refused_before_reading(declared_length: int | None, limit: int) -> UploadOut
     return None
 
 
-async def read_body(receive: Callable[[], Awaitable[Mapping[str, Any]]], limit: int) -> bytes:
-    """Read an ASGI request body whole, chunked or not, never more than `limit` bytes.
+async def read_body(
+    receive: Callable[[], Awaitable[Mapping[str, Any]]], limit: int, seconds: float = UPLOAD_SECONDS,
+) -> bytes:
+    """Read an ASGI request body whole, chunked or not, never more than `limit` bytes, within
+    `seconds`.
 
-    Raises BodyTooLarge as soon as more than `limit` bytes arrived, and BodyIncomplete when the
-    client disconnects first: either way nothing of it is kept.
+    Raises BodyTooLarge as soon as more than `limit` bytes arrived, BodyTooSlow when the body is
+    not whole in time, and BodyIncomplete when the client disconnects first: either way nothing
+    of it is kept.
     """
+    try:
+        async with asyncio.timeout(seconds):
+            return await _read_body(receive, limit)
+    except TimeoutError:
+        raise BodyTooSlow from None
+
+
+async def _read_body(receive: Callable[[], Awaitable[Mapping[str, Any]]], limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
