@@ -36,8 +36,8 @@ from .outcome import Outcome
 from .refusals import Refused
 
 ANSWERS_KEPT = 100_000   # devices whose answers are kept
-# ... and what their bodies may weigh together: with 100,000 devices a worker stays within
-# 150 MB; past that bound a device's answer is rendered again when it polls
+# ... and what they may weigh together, whatever the fleet's size: past that bound the oldest
+# kept answer goes, and its device's answer is rendered again when it polls
 ANSWERS_BYTES = 48 * 1024 * 1024
 _ANSWER_OVERHEAD = 600   # bytes an entry holds beside its bodies (objects, digests, key)
 METHOD_NOT_ALLOWED = "method not allowed"
