@@ -181,3 +181,14 @@ def test_a_security_log_that_cannot_be_written_stops_start_up(tmp_path):
 
     with pytest.raises(SettingsError, match="security_log.*cannot append"):
         configure_security_log(load_settings(security_log=str(tmp_path / "missing" / "security.log")))
+
+
+def test_a_devices_csv_header_change_reaches_the_devices_whose_rows_did_not_change(site, pki):
+    site.write("templates/default.j2", "# A={{ vars.a }} B={{ vars.b }}\n")
+    table = site.write("vars/devices.csv", "hwid,a,b\nIP232-30-00-af,1,2\n")
+    app = site.app()
+    assert "# A=1 B=2\r\n" in call(app, "/", terminator_headers(pki.phone)).text
+    table.write_text("hwid,b,a\nIP232-30-00-af,1,2\n")
+    os.utime(table, (2, 2))
+    app.store.refresh()
+    assert "# A=2 B=1\r\n" in call(app, "/", terminator_headers(pki.phone)).text

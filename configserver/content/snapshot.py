@@ -239,7 +239,7 @@ class Snapshot:
             if line is not None:
                 used.append(DEVICES_CSV)
                 layers.append(rows.values(key))
-                versions.append(line)
+                versions.append((rows.columns, line))   # the header says what each cell sets
         depends = analysis.dependencies(template, self.templates) if template and not problem else None
         apply, final = self.template_options(template) if template else (self.rules.apply_once, self.rules.final_command)
         return Choice(

@@ -48,6 +48,11 @@ class DeviceRows:
             if named.key is not None:
                 self._spans[named.key] = start << 32 | starts[where]
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The header row: which variable each cell of a row sets."""
+        return self._columns
+
     def __len__(self) -> int:
         return len(self._spans)
 
