@@ -262,3 +262,36 @@ def test_templates_listed_in_bulk_are_read_on_first_use_and_only_in_the_version_
     settled(gateway)
     assert app.store.refresh([gateway]) is True
     assert call(app, "/", terminator_headers(pki.gateway)).text.startswith("# gateway, edited before anyone read it\r\n")
+
+
+def test_a_templates_folder_moved_away_and_back_is_watched_again(tmp_path):
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    (tmp_path / "templates" / "default.j2").write_text("first\n")
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    store.refresh()
+
+    def text() -> str | None:
+        source = store.snapshot.templates.get("default.j2")
+        return source.text if source is not None else None
+
+    async def scenario() -> list[bool]:
+        ready = asyncio.Event()
+        follower = asyncio.create_task(store.follow(3600, ready))
+        await ready.wait()
+        await asyncio.sleep(0.3)
+        seen = []
+        try:
+            (tmp_path / "templates").rename(tmp_path / "away")
+            seen.append(await _wait(lambda: text() is None, 15))
+            (tmp_path / "away").rename(tmp_path / "templates")
+            seen.append(await _wait(lambda: text() == "first\n", 15))
+            await asyncio.sleep(0.3)
+            (tmp_path / "templates" / "default.j2").write_text("second\n")   # an event from the folder back
+            seen.append(await _wait(lambda: text() == "second\n", 15))
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+        return seen
+
+    assert asyncio.run(scenario()) == [True, True, True]

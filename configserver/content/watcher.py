@@ -42,6 +42,7 @@ log = logging.getLogger("configserver.templates")
 
 RESCAN_SECONDS = 300.0   # the safety net's period; file events do the real work
 READ_AT_ONCE = 1000      # changed templates read before publishing; more are read on first use
+FOLDER_CHECK_SECONDS = 1.0   # how soon a folder that went, came back or was replaced is seen
 
 Key = tuple[str, str]    # ("templates" | "vars", name relative to its folder, with '/')
 Version = tuple[str | None, Stamp]   # a symlink's target to read (None: the file itself) and its version
@@ -142,14 +143,14 @@ class ContentStore:
     async def follow(self, rescan_seconds: float = RESCAN_SECONDS, ready: asyncio.Event | None = None) -> None:
         """Keep the snapshot current until cancelled: refresh the files the operating system
         says changed, look again while a change settles, and rescan everything every
-        `rescan_seconds`. Sets `ready` once the folders are watched. A failed refresh is logged
-        and the next one goes on."""
+        `rescan_seconds`. A folder that goes, comes back or is replaced (a symlink switched to
+        a new release) is watched anew and looked at whole within FOLDER_CHECK_SECONDS. Sets
+        `ready` once the folders are watched. A failed refresh is logged and the next one goes on."""
         import watchfiles   # the file events (inotify on Linux); only the server needs them
 
-        stop = asyncio.Event()
         changes: asyncio.Queue[set[str]] = asyncio.Queue()
 
-        async def events() -> None:
+        async def events(stop: asyncio.Event) -> None:
             folders = [folder for folder in (self.templates_dir, self.vars_dir) if folder.is_dir()]
             if not folders:
                 return
@@ -157,14 +158,22 @@ class ContentStore:
                                                  stop_event=stop, rust_timeout=60_000, yield_on_timeout=False):
                 changes.put_nowait({path for _, path in batch})
 
-        watching = asyncio.create_task(events())
+        async def stopped(stop: asyncio.Event, watching: asyncio.Task[None]) -> None:
+            stop.set()
+            watching.cancel()
+            with contextlib.suppress(BaseException):
+                await watching
+
+        watched = self._folders()
+        stop = asyncio.Event()
+        watching = asyncio.create_task(events(stop))
         await asyncio.sleep(0)
         if ready is not None:
             ready.set()
         next_rescan = time.monotonic() + rescan_seconds
         try:
             while True:
-                wait = next_rescan - time.monotonic()
+                wait = min(next_rescan - time.monotonic(), FOLDER_CHECK_SECONDS)
                 if self.pending:
                     wait = min(wait, self._retry_seconds())
                 paths: set[str] | None = set()
@@ -178,18 +187,34 @@ class ContentStore:
                     log.error("file events stopped; rescanning every %s s", rescan_seconds, extra={"fields": {
                         "event": "watch_failed", "error": repr(watching.exception())}})
                     watching = asyncio.create_task(asyncio.sleep(float("inf")))
+                if (folders := self._folders()) != watched:
+                    await stopped(stop, watching)
+                    watched, stop = folders, asyncio.Event()
+                    watching = asyncio.create_task(events(stop))
+                    paths = None
                 if time.monotonic() >= next_rescan:
                     paths = None
+                if paths is None:
                     next_rescan = time.monotonic() + rescan_seconds
+                elif not paths and not self.pending:
+                    continue
                 try:
                     await asyncio.to_thread(self.refresh, paths)
                 except Exception:  # a refresh must never stop the ones that follow
                     log.exception("template scan failed", extra={"fields": {"event": "reload_failed"}})
         finally:
-            stop.set()
-            watching.cancel()
-            with contextlib.suppress(BaseException):
-                await watching
+            await stopped(stop, watching)
+
+    def _folders(self) -> tuple[tuple[int, int] | None, ...]:
+        """Which folders the two paths are now (device and inode), None for one that is gone."""
+        found: list[tuple[int, int] | None] = []
+        for folder in (self.templates_dir, self.vars_dir):
+            try:
+                st = os.stat(folder)
+                found.append((st.st_dev, st.st_ino))
+            except OSError:
+                found.append(None)
+        return tuple(found)
 
     # -- what is on disk ----------------------------------------------------------------------
 
