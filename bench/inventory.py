@@ -48,7 +48,7 @@ from configserver.inventory import (
     device_history,
     migrate_database,
 )
-from configserver.polls import PollRecord
+from configserver.outcome import Outcome
 
 ROOT = Path(__file__).resolve().parents[1]
 VER = "13r1 dvl IP232[13.A127], Bootcode[113454], Hardware[300]"
@@ -59,7 +59,7 @@ def hwid(n: int, model: str = "IP232") -> str:
     return f"{model}-{(n >> 16) & 255:02x}-{(n >> 8) & 255:02x}-{n & 255:02x}"
 
 
-def record(n: int, at: float, *, status: int = 200, reason: str | None = None, claimed: bool = False) -> PollRecord:
+def record(n: int, at: float, *, status: int = 200, reason: str | None = None, claimed: bool = False) -> Outcome:
     name = hwid(n)
     served = status == 200
     fields: dict[str, Any] = {
@@ -69,10 +69,7 @@ def record(n: int, at: float, *, status: int = 200, reason: str | None = None, c
         "query": {"PROT": "13A127", "BOOT": "113454", "ver": VER, "ip": "10.0.0.5"},
         "duration_ms": 1.5, "decision": "sent" if served else None,
     }
-    try:
-        return PollRecord(**fields, claimed=claimed)
-    except TypeError:  # a version of configserver before claimed polls
-        return PollRecord(**fields)
+    return Outcome(**fields, claimed=claimed)
 
 
 def spin(microseconds: float) -> None:

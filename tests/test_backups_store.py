@@ -30,7 +30,7 @@ from configserver.backups import (
 )
 from configserver.backups._tables import backup_versions
 from configserver.inventory import Inventory, database_url
-from configserver.polls import PollRecord
+from configserver.outcome import Outcome
 
 T0 = float(int(time.time()))
 DAY = 86400.0
@@ -300,7 +300,7 @@ async def test_missing_lists_stale_backups_and_known_devices_that_never_uploaded
     inventory = Inventory(database, flush_interval=0.01)
     await inventory.migrate()
     for hwid in (Phone.hwid, Gateway.hwid, "IP112-30-03-01"):
-        inventory.record(PollRecord(time=T0 - 10 * DAY, client_ip="198.51.100.7", path="/update", status=200,
+        inventory.record(Outcome(time=T0 - 10 * DAY, client_ip="198.51.100.7", path="/update", status=200,
                                     reason=None, hwid=hwid, mac="00-90-33-" + hwid.split("-", 1)[1].lower(),
                                     model=hwid.split("-")[0], query={}))
     await inventory.start()

@@ -31,7 +31,7 @@ from configserver.inventory import (
     migrate_database,
     parse_duration,
 )
-from configserver.polls import PollRecord
+from configserver.outcome import Outcome
 
 # Short waits so the tests see batches, retries and backoff in fractions of a second.
 FAST = {"flush_interval": 0.02, "retry_first": 0.05, "retry_max": 0.2}
@@ -51,11 +51,11 @@ def poll(
     template: str | None = "models/IP232.j2",
     query: dict[str, str] | None = None,
     client_ip: str | None = "198.51.100.7",
-) -> PollRecord:
+) -> Outcome:
     """A poll as the app records it: served (with a script hash) unless a reason is given."""
     served = reason is None and status == 200
     tail = hwid.split("-", 1)[1].lower() if hwid else None
-    return PollRecord(
+    return Outcome(
         time=at, client_ip=client_ip, path="/update/", status=status, reason=reason,
         hwid=hwid, mac=f"00-90-33-{tail}" if tail else None, model=hwid.split("-")[0] if hwid else None,
         template=template if served else None, script_sha256=("ab" * 32) if served else None,
@@ -656,7 +656,7 @@ def test_history_finds_a_device_by_the_name_its_certificate_shows(tmp_path: Path
     async def record() -> None:
         inventory = Inventory(database)
         await inventory.start()
-        inventory.record(PollRecord(time=time.time(), client_ip="192.0.2.1", path="/", status=200, reason=None,
+        inventory.record(Outcome(time=time.time(), client_ip="192.0.2.1", path="/", status=200, reason=None,
                                     hwid="IP222-30-00-b0", mac="00-90-33-30-00-b0", model="IP222"))
         await inventory.close()
 

@@ -37,12 +37,12 @@ from configserver.inventory import (
     migrate_database,
 )
 from configserver.inventory._rows import fold_floods
-from configserver.polls import PollRecord
+from configserver.outcome import Outcome
 
 EXPIRED = "IP232-30-00-b1"
 
 
-def claimed(hwid: str, at: float, reason: str = "certificate expired", **changes: object) -> PollRecord:
+def claimed(hwid: str, at: float, reason: str = "certificate expired", **changes: object) -> Outcome:
     """A refusal whose certificate names `hwid` without proving it."""
     return dataclasses.replace(poll(hwid, at, status=403, reason=reason), claimed=True, **changes)
 
@@ -247,36 +247,6 @@ def test_the_inventory_refuses_an_unusable_number_before_asking_the_database(tmp
         with pytest.raises(InventoryError):
             call()
     assert not (tmp_path / "x.db").exists()
-
-
-@pytest.mark.anyio
-async def test_records_are_read_by_attribute_and_claimed_defaults_to_proven(sqlite_url: str) -> None:
-    # A record without `claimed` (a recorder of an older shape) counts as proven, as before.
-    @dataclasses.dataclass(frozen=True)
-    class Older:
-        time: float
-        client_ip: str | None
-        path: str
-        status: int
-        reason: str | None
-        hwid: str | None = PHONE
-        mac: str | None = "00-90-33-30-00-af"
-        model: str | None = "IP232"
-        template: str | None = None
-        script_sha256: str | None = None
-        query: dict = dataclasses.field(default_factory=dict)
-        duration_ms: float = 0.0
-        detail: str | None = None
-        check_reported: str | None = None
-        check_digest: str | None = None
-        decision: str | None = None
-
-    async with running(sqlite_url) as inventory:
-        inventory.record(Older(T0, "192.0.2.1", "/", 404, "no configuration"))  # type: ignore[arg-type]
-        await eventually(lambda: inventory.stats()["written"] == 1)
-    async with reading(sqlite_url) as inventory:
-        [device] = await inventory.devices()
-    assert (device.hwid, device.status) == (PHONE, 404)
 
 
 def test_refusals_from_the_app_land_in_the_history_of_the_device_they_name(site, pki, sqlite_url: str) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from ..polls import PollRecord
+from ..outcome import Outcome
 from ._database import (
     database_url,
     describe,
@@ -75,7 +75,7 @@ class Inventory:
         self._retry_max = retry_max
         self._retention_interval = retention_interval
         # A deque: append and popleft are atomic, so record() is safe from any thread.
-        self._queue: deque[PollRecord] = deque()
+        self._queue: deque[Outcome] = deque()
         # What arrives to a full queue: per likeness (see _rows), the newest poll, how many more
         # like it, the first one's time. A flood costs one entry, not the other devices' polls.
         self._overflow: dict[Any, list[Any]] = {}
@@ -111,7 +111,7 @@ class Inventory:
 
     # -- the poll path -------------------------------------------------------------------------
 
-    def record(self, record: PollRecord) -> None:
+    def record(self, record: Outcome) -> None:
         """Queue one poll for the audit and the inventory. Never blocks, never raises.
 
         When the queue is full (a flood, or the database away for a while) the poll is folded
@@ -130,7 +130,7 @@ class Inventory:
         except Exception:  # noqa: BLE001 - a poll must never fail because of its audit
             self._dropped += 1
 
-    def _hold_over(self, record: PollRecord) -> None:
+    def _hold_over(self, record: Outcome) -> None:
         key = likeness(record)
         with self._overflow_lock:  # held for a dict update: record() is called from any thread
             held = self._overflow.get(key)
@@ -331,7 +331,7 @@ class Inventory:
         for record, repeats, since in folded:
             try:
                 rows.append(poll_row(record, repeats, since))
-            except Exception as exc:  # noqa: BLE001 - not a PollRecord: nothing to store
+            except Exception as exc:  # noqa: BLE001 - not a Outcome: nothing to store
                 self._reject(exc, record)
                 self._inflight -= 1 + repeats
         delay, refusals, outage_started = self._retry_first, 0, None

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..identity import normalize_mac
-from ..polls import PollRecord
+from ..outcome import Outcome
 from ._database import devices, polls
 
 # What the device says about itself is kept, but bounded: a device (or anyone holding its
@@ -113,12 +113,7 @@ def hwid_key(hwid: str | None) -> str | None:
     return hwid.lower() if hwid else None
 
 
-def is_claimed(record: PollRecord) -> bool:
-    """Whether the poll's hwid, MAC and model come from a certificate that did not prove them."""
-    return bool(getattr(record, "claimed", False))
-
-
-def poll_row(record: PollRecord, repeats: int = 0, repeats_since: float | None = None) -> dict[str, Any]:
+def poll_row(record: Outcome, repeats: int = 0, repeats_since: float | None = None) -> dict[str, Any]:
     """The audit row of one poll (a dict for `polls`). Raises only on a record that is not one.
 
     `repeats` more polls like this one, the first at `repeats_since`, are folded into the row.
@@ -144,13 +139,13 @@ def poll_row(record: PollRecord, repeats: int = 0, repeats_since: float | None =
         "firmware": reported_facts(query)["firmware"],
         "duration_ms": float(record.duration_ms or 0.0),
         "query": query,
-        "claimed": is_claimed(record),
+        "claimed": record.claimed,
         "repeats": int(repeats),
         "repeats_since": float(repeats_since) if repeats else None,
     })
 
 
-def likeness(record: PollRecord) -> tuple[Any, ...]:
+def likeness(record: Outcome) -> tuple[Any, ...]:
     """What makes two polls of one device "polls like this" that a flood may fold into one row.
 
     The same device with the same outcome, and (claimed or not) the same proof of who it is:
@@ -158,7 +153,7 @@ def likeness(record: PollRecord) -> tuple[Any, ...]:
     """
     return (
         record.hwid, record.mac, record.status, record.reason, record.template, record.decision,
-        is_claimed(record),
+        record.claimed,
     )
 
 
@@ -233,10 +228,10 @@ def upsert(dialect: str) -> Any:
     return stmt.on_conflict_do_update(index_elements=[devices.c.device], set_=values)
 
 
-Folded = tuple[PollRecord, int, "float | None"]  # a poll, how many more like it, the first one's time
+Folded = tuple[Outcome, int, "float | None"]  # a poll, how many more like it, the first one's time
 
 
-def fold_floods(records: list[PollRecord], flood: int, gap: float = 1.0) -> list[Folded]:
+def fold_floods(records: list[Outcome], flood: int, gap: float = 1.0) -> list[Folded]:
     """A batch of polls with every flood folded into one row.
 
     A flood is a run of more than `flood` polls alike (see `likeness`), each less than `gap`
@@ -244,7 +239,7 @@ def fold_floods(records: list[PollRecord], flood: int, gap: float = 1.0) -> list
     the time of the first. A device polling every few minutes never floods, not even in the
     backlog of an outage: its polls, and every other device's, stay one row each.
     """
-    groups: dict[Any, list[PollRecord]] = {}
+    groups: dict[Any, list[Outcome]] = {}
     for record in records:
         try:
             key = likeness(record)
