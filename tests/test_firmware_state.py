@@ -143,3 +143,28 @@ def test_the_halt_is_logged(url, caplog):
     record = next(r for r in caplog.records if r.getMessage() == "firmware rollout halted")
     assert record.fields == {"event": "firmware_halt", "model": "ip232", "kind": "boot", "build": "138912",
                              "failures": 1, "halt_after": 1}
+
+
+def test_sends_whose_write_fails_stay_queued_and_are_written_by_the_next_pass(tmp_path):
+    """The database refuses the write (here: its tables are not made yet); the sends are not lost,
+    so a device that bricked after its send is still counted as a failure later."""
+    async def scenario():
+        engine = open_engine(database_url(f"sqlite:///{tmp_path / 'inventory.db'}"))
+        state = RolloutState(engine)
+        mac, hwid = _device(7)
+        state.note(Send(mac, hwid, "IP232", "prot", "13.4711", 1, T0))
+        with pytest.raises(Exception):   # no firmware_sent table yet
+            await state.flush()
+        state.note(Send(mac, hwid, "IP232", "prot", "13.4711", 1, T0 + 60))   # a poll meanwhile
+        await migrate(engine)
+        written = await state.flush()
+        await _reported(engine, mac, hwid, None, T0)   # silent since it was sent
+        sends = await state.sends()
+        failures = await state.failures(T0 + 2 * HOUR, policy())
+        await engine.dispose()
+        return written, sends, [f.hwid for f in failures]
+
+    written, sends, failed = run(scenario())
+    assert written == 2
+    assert sends == {("00-90-33-30-00-07", "prot"): ("13.4711", T0)}
+    assert failed == ["IP232-30-00-07"]

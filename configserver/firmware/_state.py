@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from ..inventory._database import devices
+from ..inventory import devices
 from ._decision import differs
 from ._declaration import Rollout
 from ._stage import Send
@@ -93,7 +93,8 @@ class RolloutState:
 
     async def flush(self) -> int:
         """Write the queued sends. A device sent the build it was sent before keeps the time it
-        was first sent. Returns how many sends were written."""
+        was first sent. Returns how many sends were written. When the write fails, the sends stay
+        queued (in their order) for the next pass, and the error is raised."""
         batch: list[Send] = []
         while self._queue:
             batch.append(self._queue.popleft())
@@ -108,9 +109,16 @@ class RolloutState:
                 firsts[key], counts[key] = send, 0
             latest[key] = send
             counts[key] += 1
-        async with self.engine.begin() as connection:
-            for key, send in latest.items():
-                await _store_send(connection, firsts[key], send, counts[key])
+        try:
+            async with self.engine.begin() as connection:
+                for key, send in latest.items():
+                    await _store_send(connection, firsts[key], send, counts[key])
+        except BaseException:
+            # not written: the batch goes back in front of what polls queued meanwhile, so a device
+            # that bricks after its send is still counted. Still bounded: when the queue is full,
+            # extendleft drops the newest (those devices are noted again on their next poll).
+            self._queue.extendleft(reversed(batch))
+            raise
         return len(batch)
 
     async def refresh(self) -> frozenset[Target]:
