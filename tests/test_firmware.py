@@ -250,3 +250,19 @@ def test_nothing_a_device_reports_reaches_a_line():
         for line in decide(DECLARED, "IP232", reported, OPEN, NIGHT).lines:
             assert value not in line
             assert line in (TIMES, PROT, BOOT, "iresetn", "mod cmd UP1 times /initial 10")
+
+
+def test_the_firmware_modules_use_only_the_inventorys_public_names():
+    """firmware/ keeps its tables beside the inventory's: it may use the inventory package, never
+    one of its private modules (which may change under it)."""
+    import ast
+    from pathlib import Path
+
+    import configserver.firmware
+
+    private = []
+    for path in sorted(Path(configserver.firmware.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and "inventory._" in node.module:
+                private.append(f"{path.name}: from {'.' * node.level}{node.module}")
+    assert private == []

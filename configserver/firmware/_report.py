@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..identity import DeviceIdentity, InvalidDeviceName, parse_device_name
-from ..inventory._database import (
+from ..inventory import (
     InventoryError,
     database_url,
     devices,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from ..inventory._database import database_url, migrate, open_engine
+from ..inventory import database_url, migrate, open_engine
 from ._stage import FirmwareStage, Send
 from ._state import RolloutState
 

@@ -21,7 +21,9 @@ from ._commands import (
     write_devices_json,
     write_devices_table,
 )
-from ._database import SCHEMA_VERSION, InventoryError, database_url
+# The database itself, for packages that keep tables of their own beside the inventory's
+# (firmware/): the engine, the migrations and the devices table they join with.
+from ._database import SCHEMA_VERSION, InventoryError, database_url, devices, explain, migrate, open_engine
 from ._queries import Device, Poll, parse_duration
 from ._recorder import Inventory
 
@@ -34,11 +36,15 @@ __all__ = [
     "database_url",
     "device_history",
     "device_json",
+    "devices",
     "devices_json",
     "devices_table",
+    "explain",
     "history_table",
     "list_devices",
+    "migrate",
     "migrate_database",
+    "open_engine",
     "parse_duration",
     "write_devices_json",
     "write_devices_table",
