@@ -185,20 +185,24 @@ class ConfigServer:
         self._finish(outcome)
 
     async def upload(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
-        """A device's PUT of its configuration or facts (configserver/backups/): the same
+        """A device's PUT of its configuration or facts (configserver/backups/): the same clock and
         admission as a poll, so the certificate's device and nobody else; then backups/ reads,
-        checks and stores the body."""
+        checks and stores the body. A refusal is logged for fail2ban and kept in the device's
+        history, as a refused poll is."""
         assert self.backups is not None
-        started, arrived = time.perf_counter(), time.time()
+        started, arrived = time.perf_counter(), self.clock()
         client_ip = peer_ip(scope)
         query = urllib.parse.parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True)
-        device = None
+        device = facts = None
         try:
             facts = self._facts(scope)
             client_ip = facts.client_ip or client_ip
-            device = self.service.gate.admit(facts, query, dt.datetime.fromtimestamp(arrived, dt.timezone.utc))
+            device = self.pipeline.admission.admit(facts, query, dt.datetime.fromtimestamp(arrived, dt.timezone.utc))
         except Refused as refusal:
+            device = refusal.device
             outcome = UploadOutcome(403, refusal.reason, refusal.detail)
+            self._refused_upload(PollRequest(scope["method"], scope["path"], query, facts, client_ip, arrived,
+                                             started), refusal)
         else:
             try:
                 outcome = await self.backups.receive(device, query, receive, _content_length(scope), arrived)
@@ -207,6 +211,14 @@ class ConfigServer:
                 outcome = UploadOutcome(500, INTERNAL_ERROR)
         await _send(send, outcome.status, outcome.body, head=False)
         self.backups.finish(outcome, path=scope["path"], client_ip=client_ip, device=device, started=started)
+
+    def _refused_upload(self, request: PollRequest, refusal: Refused) -> None:
+        """A refused upload's security log line and its record in the device's history (the
+        upload's own log line and count are the backups' `finish`)."""
+        outcome = self.pipeline.refuse(request, refusal)
+        securitylog.refusal(outcome.client_ip, outcome.reason or "", outcome.hwid, outcome.path)
+        for recorder in self.recorders:
+            recorder(outcome)
 
     def _from_a_device(self, scope: dict[str, Any]) -> bool:
         """Whether a request came the devices' way: through a terminator, or over the built-in

@@ -19,8 +19,11 @@ from typing import Any
 import pytest
 import uvicorn
 
-from configserver import create_app, load_settings
+from configserver import create_app, load_settings, securitylog
+from configserver.admission import NamedDevice
+from configserver.identity import DeviceIdentity
 from configserver.backups import BackupStore, device_target
+from configserver.inventory import device_history
 from configserver.lab.pki import CertificateAuthority, IssuedCert
 from configserver.tls import uvicorn_options
 
@@ -244,6 +247,46 @@ def test_uploads_are_logged_and_counted_without_their_content(
         ("IP232-30-00-af", 200, "stored", len(CONFIG))]
     assert metrics == 1.0
     assert SECRET not in caplog.text
+
+
+def test_a_refused_upload_names_its_device_in_the_logs_and_the_device_history(
+    lab: Lab, site: Path, pki: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = settings(lab, site)
+    security = tmp_path / "security.log"
+    securitylog.configure(security)
+    try:
+        with caplog.at_level(logging.INFO), serving(config) as (port, _):
+            other = "/backup?mode=backup&hwid=IP1202-35-fe-4d&sn=00903335fe4d"
+            assert request(port, lab.context(pki.phone), "PUT", other, CONFIG) == (403, b"# device mismatch\n")
+    finally:
+        securitylog.configure(None)
+    [record] = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "backup_upload"]
+    assert (record.fields["hwid"], record.fields["reason"]) == ("IP232-30-00-af", "device mismatch")
+    [line] = security.read_text().splitlines()
+    assert line.endswith(' refusal client=127.0.0.1 reason="device mismatch" hwid=IP232-30-00-af '
+                         'path=/backup')
+    [poll] = device_history(config.database, "IP232-30-00-af")
+    assert (poll.status, poll.reason, poll.path) == (403, "device mismatch", "/backup")
+    assert SECRET not in caplog.text + security.read_text()
+
+
+def test_an_upload_is_admitted_with_the_clock_and_admission_of_a_poll(lab: Lab, site: Path, pki: Any) -> None:
+    config = settings(lab, site)
+    with serving(config) as (port, app):
+        expiry = pki.phone.certificate.not_valid_after_utc.timestamp()
+        app.clock = lambda: expiry + 86400   # the app's time says the certificate has expired
+        assert request(port, lab.context(pki.phone), "GET", "/update") == (403, b"# certificate mismatch\n")
+        assert request(port, lab.context(pki.phone), "PUT", OWN, CONFIG) == (403, b"# certificate mismatch\n")
+        app.clock = time.time
+        # whatever admits a poll admits an upload: here `render`'s admission naming the gateway
+        app.pipeline.admission = NamedDevice(DeviceIdentity("IP1202-35-fe-4d", "IP1202", "00-90-33-35-fe-4d",
+                                                            cn="IP1202-35-fe-4d", issuer="CN=lab"))
+        assert request(port, lab.context(pki.phone), "PUT", OWN, CONFIG) == (403, b"# device mismatch\n")
+        assert request(port, lab.context(pki.phone), "PUT", OWN.replace("IP232-30-00-af", "IP1202-35-fe-4d").replace(
+            "0090333000af", "00903335fe4d"), CONFIG)[0] == 200
+    assert stored(config.database) == []
+    assert stored(config.database, "00-90-33-35-fe-4d") == [1]
 
 
 @pytest.fixture(scope="module")
