@@ -64,6 +64,7 @@ from .settings import Settings, environment_variable
 
 # A device of a model no file names, for a default template no named device reaches.
 _ANY_MODEL_DEVICE = "LINT-00-00-00"
+_FINGERPRINT_ENTRY = re.compile(r"\s*(?:[0-9a-fA-F]{2}:){31}[0-9a-fA-F]{2}\b|\s*[0-9a-fA-F]{64}\b")
 _OWN_APPLY_LINE = re.compile(r"^[ \t]*config[ \t]+(?:write|activate)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 _URL = re.compile(r"\b[a-z][a-z0-9+.-]*://(?P<host>\[[0-9a-f:.]+\]|[^/:\s\[\]]+)(?::(?P<port>\d+))?[^\s]*", re.IGNORECASE)
 _OWN_CHECK_LINE = re.compile(r"^[ \t]*mod[ \t]+cmd[ \t]+UP1[ \t]+check\b", re.IGNORECASE | re.MULTILINE)
@@ -339,6 +340,12 @@ class _Check:
             return
         for line, why in revocations.problems:
             self.add(str(path), line, why)
+        if revocations.fingerprints and not (self.settings.require_client_cert or self.settings.builtin_tls):
+            text = path.read_text(encoding="utf-8-sig")
+            line = next((number for number, entry in enumerate(text.splitlines(), 1)
+                         if _FINGERPRINT_ENTRY.match(entry)), 1)
+            self.add(str(path), line, "a certificate fingerprint revokes only polls whose certificate reaches "
+                     "the app: set require_client_cert (behind a terminator) or revoke the hwid or MAC")
 
     # -- rendering --------------------------------------------------------------------------
 

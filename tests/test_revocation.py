@@ -113,3 +113,15 @@ def test_render_and_check_know_the_revoked_file(revoked_site, capsysbinary, monk
     revoked_site.write("revoked.txt", "IP232-30-00-af\nIP232-30-00-zz\n")
     assert main(["check"]) == 1
     assert b"revoked.txt:2: 'IP232-30-00-zz' is neither" in capsysbinary.readouterr().out
+
+
+def test_check_says_a_fingerprint_needs_the_certificate_to_reach_the_app(revoked_site, capsysbinary, monkeypatch):
+    monkeypatch.chdir(revoked_site.root)
+    revoked_site.write("revoked.txt", "IP232-30-00-b0\n" + "ab" * 32 + "  # stolen\n")
+    revoked_site.write("configserver.toml", 'templates = "templates"\nvars = "vars"\nrevoked = "revoked.txt"\n')
+    assert main(["check"]) == 1
+    assert b"revoked.txt:2: a certificate fingerprint revokes only polls whose certificate reaches" in \
+        capsysbinary.readouterr().out
+    revoked_site.write("configserver.toml", 'templates = "templates"\nvars = "vars"\nrevoked = "revoked.txt"\n'
+                                            'require_client_cert = true\n')
+    assert main(["check"]) == 0
