@@ -36,3 +36,25 @@ def test_a_database_that_is_away_is_logged_once_and_its_return_once(tmp_path, ca
     events = [r.fields["event"] for r in caplog.records if r.name == "configserver.firmware"]
     assert events == ["firmware_watch_failed", "firmware_watch_back"]
     assert (folder / "inventory.db").is_file()
+
+
+def test_one_pass_of_the_watch_resolves_each_model_once_however_many_rows_name_it(tmp_path, monkeypatch):
+    from configserver.firmware import _stage
+
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars" / "models").mkdir(parents=True)
+    (tmp_path / "vars" / "default.toml").write_text(
+        '[firmware]\nurl = "http://fw.example.com/firmware/"\nprot = "13.4711"\n')
+    (tmp_path / "vars" / "models" / "ip232.toml").write_text('[firmware.rollout]\nhalt_after = 7\n')
+    settings = load_settings(templates=tmp_path / "templates", vars=tmp_path / "vars")
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", content_rules(settings), grace_seconds=0)
+    store.refresh()
+    resolved = []
+    real = _stage.resolve
+    monkeypatch.setattr(_stage, "resolve", lambda *args: resolved.append(args) or real(*args))
+
+    policy = FirmwareStage().policy(store.snapshot)
+    rollouts = {policy(model, kind) for model in ("IP232", "ip232") * 250 for kind in ("prot", "boot")}
+    assert [r.halt_after for r in rollouts] == [7]
+    assert len(resolved) == 1
+    assert FirmwareStage().policy(store.snapshot)("IP232", "prot").halt_after == 7   # the next pass reads again

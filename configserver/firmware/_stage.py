@@ -121,10 +121,16 @@ class FirmwareStage:
         return answer
 
     def policy(self, snapshot: _Snapshot) -> Callable[[str, str], Rollout | None]:
-        """(model, kind) -> the model's rollout, for the watch over failures."""
+        """(model, kind) -> the model's rollout, for the watch over failures. Each model is
+        resolved once per policy (one pass of the watch), however many failure rows name it."""
+        found: dict[str, Rollout | None] = {}
+
         def rollout(model: str, kind: str) -> Rollout | None:
-            try:
-                return model_declaration(snapshot, model).rollout
-            except FirmwareError:
-                return None
+            key = model.casefold()   # the rollout is the model's, the same for both kinds
+            if key not in found:
+                try:
+                    found[key] = model_declaration(snapshot, model).rollout
+                except FirmwareError:
+                    found[key] = None
+            return found[key]
         return rollout
