@@ -314,3 +314,21 @@ def test_an_entity_bomb_is_refused_without_expanding_it() -> None:
     )
     with pytest.raises(FactsUnreadable):
         parse_device_facts(bomb)
+
+
+@pytest.mark.parametrize("package", ["configserver.backups", "configserver.admin"])
+def test_every_error_the_backups_and_the_admin_page_raise_is_a_configserver_error(package: str) -> None:
+    import importlib
+    import inspect
+    import pkgutil
+
+    from configserver.errors import ConfigserverError
+
+    root = importlib.import_module(package)
+    errors = [
+        value for info in pkgutil.iter_modules(root.__path__, f"{package}.")
+        for _, value in inspect.getmembers(importlib.import_module(info.name), inspect.isclass)
+        if issubclass(value, Exception) and value.__module__ == info.name
+    ]
+    assert errors   # the walk found the packages' own errors
+    assert [error.__name__ for error in errors if not issubclass(error, ConfigserverError)] == []

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 
+from ..errors import ConfigserverError
 from ..settings import Settings
 
 
-class AdminNotConfigured(Exception):
+class AdminNotConfigured(ConfigserverError):
     """The admin page is off: neither `admin_port` nor `admin_uds` is set."""
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from ..errors import ConfigserverError
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 MIN_PASSWORD = 12
 
@@ -26,7 +28,7 @@ _hasher = PasswordHasher()
 _DUMMY = _hasher.hash("no such user: the answer takes as long as for a real one")
 
 
-class UsersError(Exception):
+class UsersError(ConfigserverError):
     """The users file or a user's name or password is unusable; the text says what to fix."""
 
 

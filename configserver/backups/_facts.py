@@ -22,6 +22,8 @@ from typing import Any
 import defusedxml.ElementTree as SafeET
 from defusedxml import DefusedXmlException
 
+from ..errors import ConfigserverError
+
 _VALUE_CHARS = 256
 _ATTRIBUTES = 64
 _CERTIFICATES = 32
@@ -30,7 +32,7 @@ _DECLARATION = re.compile(r"^\s*<\?xml[^>]*\?>", re.IGNORECASE)
 _VERSION = re.compile(r"(?P<label>.*?)\[(?P<prot>[^\]]*)\].*?\[(?P<boot>[^\]]*)\].*?\[(?P<hw>[^\]]*)\]")
 
 
-class FactsUnreadable(ValueError):
+class FactsUnreadable(ConfigserverError, ValueError):
     """The upload is not the XML document we asked for; the message never quotes it."""
 
 

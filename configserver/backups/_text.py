@@ -12,6 +12,8 @@ import hashlib
 import re
 from collections.abc import Sequence
 
+from ..errors import ConfigserverError
+
 # The lines innovaphone's own update server drops before comparing two backups (innovaphone.md
 # 1.6, `saveBackup()`): call-list entries, the update client's variables and its own
 # configuration line, and TLS session tickets. Each changes on every upload.
@@ -31,7 +33,7 @@ _LINE_BREAK = re.compile(r"\r\n|\n|\r")
 _NOT_TEXT = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-class NotText(ValueError):
+class NotText(ConfigserverError, ValueError):
     """The upload is not text: it holds control characters. The message never quotes it."""
 
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..errors import ConfigserverError
 from ._facts import FactsUnreadable, parse_certificate_facts, parse_device_facts
 from ._store import BackupStore
 from ._text import NotText, check_text, decode
@@ -45,15 +46,15 @@ class Device(Protocol):
     model: str
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(ConfigserverError):
     """The body is over the limit (as declared, or as it arrived)."""
 
 
-class BodyTooSlow(Exception):
+class BodyTooSlow(ConfigserverError):
     """The body did not arrive whole within UPLOAD_SECONDS."""
 
 
-class BodyIncomplete(Exception):
+class BodyIncomplete(ConfigserverError):
     """The client went away before the body was complete."""
 
 

@@ -13,6 +13,8 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from ..errors import ConfigserverError
+
 CONFIG = "config"
 X509 = "x509"
 CMD0 = "cmd0"
@@ -24,7 +26,7 @@ FACT_COMMANDS: Mapping[str, str] = {
 }
 
 
-class UnknownUpload(ValueError):
+class UnknownUpload(ConfigserverError, ValueError):
     """The upload's URL names no kind of upload we asked for."""
 
 
