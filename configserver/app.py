@@ -57,7 +57,13 @@ class ConfigServer:
 
     def __init__(self, settings: Settings, service: Service | None = None) -> None:
         self.settings = settings
-        self.service = service or Service.from_settings(settings)
+        self.registry = CollectorRegistry()
+        try:   # configuration backups: on when backup_url is set
+            self.backups = Backups.from_settings(settings, self.registry)
+        except InventoryError as exc:
+            raise SettingsError(str(exc)) from None
+        self.service = service or Service.from_settings(
+            settings, backups=self.backups.asking if self.backups is not None else None)
         self.pipeline: Pipeline = self.service.pipeline
         self._facts = (
             facts_from_tls if settings.builtin_tls
@@ -68,7 +74,6 @@ class ConfigServer:
         except InventoryError as exc:
             raise SettingsError(str(exc)) from None
         self.recorders: list[Callable[[Outcome], None]] = [self.inventory.record]
-        self.registry = CollectorRegistry()
         self._polls = Counter(
             "configserver_polls", "Polls answered, by status and refusal reason",
             ["status", "reason"], registry=self.registry,
@@ -79,19 +84,10 @@ class ConfigServer:
             ["state"], registry=self.registry, multiprocess_mode="livesum",
         )
         self._counters: dict[tuple[int, str], Any] = {}
-        # -- configuration backups (configserver/backups/): on when backup_url is set
-        try:
-            self.backups = Backups.from_settings(settings, self.registry)
-        except InventoryError as exc:
-            raise SettingsError(str(exc)) from None
-        if self.backups is not None:
-            self.pipeline.backups = self.backups.asking
-        # -- end of configuration backups
-        # -- firmware (configserver/firmware/): this node's sends, the shared halts, the failure watch
         self.clock: Callable[[], float] = time.time   # when a poll arrived; tests set their own
+        # firmware: this node's sends, the rollout halts all nodes share, the failure watch
         self.firmware = FirmwareWatch(settings.database, self.pipeline.firmware, lambda: self.store.snapshot,
                                       registry=self.registry, clock=lambda: self.clock())
-        # -- end of firmware
         self.api = self._service_routes()
 
     @property

@@ -221,10 +221,9 @@ def _cmd_render(args: argparse.Namespace) -> int:
             return 2
         query.append((key, value))
     settings = _settings(args)
-    service = Service.from_settings(settings, grace_seconds=0)   # the files as they are now
+    backups = _backup_schedule(settings) if settings.backup_url is not None else None
+    service = Service.from_settings(settings, grace_seconds=0, backups=backups)   # the files as they are now
     service.store.refresh()
-    if settings.backup_url is not None:
-        _learn_backup_schedule(service, settings)
     try:
         answer = preview(service, args.device, args.path, query)
     except UnresolvedDevice as exc:
@@ -272,9 +271,9 @@ def _cmd_firmware(args: argparse.Namespace) -> int:
     return 0
 
 
-def _learn_backup_schedule(service: Any, settings: Settings) -> None:
+def _backup_schedule(settings: Settings) -> Any:
     """Let `render` show the backup requests a poll would carry now: what the fleet's uploads
-    and the admins' requests in the database say. Without the database it says so and goes on."""
+    and the admins' requests in the database say. Without the database it says so: None."""
     import asyncio
 
     from .backups import Backups
@@ -293,9 +292,9 @@ def _learn_backup_schedule(service: Any, settings: Settings) -> None:
     except Exception as exc:  # noqa: BLE001 - the database is away or has no backups yet
         print(f"note: backup requests not shown: the database does not answer ({type(exc).__name__})",
               file=sys.stderr)
-        return
+        return None
     backups.asking.since = float("-inf")   # a preview is not a restart: every device due now is shown due
-    service.pipeline.backups = backups.asking
+    return backups.asking
 
 
 def _cmd_trust_value(args: argparse.Namespace) -> int:

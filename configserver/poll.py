@@ -112,6 +112,7 @@ class Pipeline:
     def __init__(
         self, admission: Admission, store: ContentStore, renderer: Renderer | None = None,
         *, digest_key: bytes | None = None, answers_kept: int = ANSWERS_KEPT,
+        firmware: FirmwareStage | None = None, backups: AskForUploads | None = None,
     ) -> None:
         self.admission = admission
         self.store = store
@@ -122,14 +123,13 @@ class Pipeline:
         # snapshots: an edit re-renders only the devices whose sources it changed.
         self._answers: BoundedCache[DeviceIdentity, tuple[tuple[object, ...], Answers]] = BoundedCache(
             answers_kept, max_bytes=ANSWERS_BYTES, weigh=_weight)
-        self.backups: AskForUploads | None = None   # set by the web layer when backup_url is set
-        self.firmware = FirmwareStage()   # firmware/: the web layer gives it a Ledger when serving
+        self.firmware = firmware or FirmwareStage()   # the web layer's watch gives it the rollout state
+        self.backups = backups                        # None unless backup_url is set
 
     def with_admission(self, admission: Admission) -> "Pipeline":
         """The same content, renderer and stages, another first stage (for `render`)."""
-        other = Pipeline(admission, self.store, self.renderer, digest_key=self._digest_key, answers_kept=1)
-        other.backups, other.firmware = self.backups, self.firmware
-        return other
+        return Pipeline(admission, self.store, self.renderer, digest_key=self._digest_key, answers_kept=1,
+                        firmware=self.firmware, backups=self.backups)
 
     # -- the stages -------------------------------------------------------------------------
 
@@ -161,38 +161,37 @@ class Pipeline:
         if choice.template is None:
             return self._outcome(request, 404, NO_CONFIGURATION, f"# no configuration for {device.hwid}\n".encode(),
                                  device=device, choice=choice, reported=reported)
-        answers = None if choice.per_poll else self._kept(device, choice)
-        if answers is None:
-            try:
-                script = self.script(snapshot, choice, device, RequestInfo.of(request), now)
-            except ConfigurationError as error:
-                return self._outcome(request, 500, CONFIGURATION_ERROR, b"# configuration error\n",
-                                     detail=str(error), device=device, choice=choice, reported=reported)
-            answers = self.wrap(script, choice, reported)
-            if not choice.per_poll:
-                self._answers.put(device, (choice.sources, answers))
+        try:
+            answers = None if choice.per_poll else self._kept(device, choice)
+            if answers is None:
+                answers = self.wrap(self.script(snapshot, choice, device, RequestInfo.of(request), now), choice, reported)
+                if not choice.per_poll:
+                    self._answers.put(device, (choice.sources, answers))
+            above = self.above_script(snapshot, choice, device, request, now)
+        except (ConfigurationError, FirmwareError) as error:
+            return self._outcome(request, 500, CONFIGURATION_ERROR, b"# configuration error\n",
+                                 detail=str(error), device=device, choice=choice, reported=reported)
         if answers.digest is not None and reported == answers.digest:
             body, sha, decision = answers.unchanged, answers.unchanged_sha256, UNCHANGED
         else:
             body, sha, decision = answers.sent, answers.sent_sha256, SENT if answers.digest is not None else None
-        # -- firmware (configserver/firmware/): the window, fast polling and firmware lines go
-        # above the script and outside its digest; script_sha256 stays the script's.
-        try:
-            firmware = self.firmware.answer(snapshot, choice, device, request.first_values(), now)
-        except FirmwareError as error:
-            return self._outcome(request, 500, CONFIGURATION_ERROR, b"# configuration error\n",
-                                 detail=str(error), device=device, choice=choice, reported=reported)
-        body = firmware.text.encode() + body
-        # -- end of firmware
-        # -- configuration backups: the upload requests go above the script, so before its check
-        # line (which skips what follows it) and outside its digest; script_sha256 stays the script's.
-        if self.backups is not None:
-            ask = self.backups.lines(device.mac, device.hwid, device.model, request.time)
-            if ask:
-                body = ("\r\n".join(ask) + "\r\n").encode() + body
-        # -- end of configuration backups
-        return self._outcome(request, 200, None, body, device=device, choice=choice, reported=reported,
+        # script_sha256 and the digest stay the script's own: what is above it changes nothing there
+        return self._outcome(request, 200, None, above + body, device=device, choice=choice, reported=reported,
                              digest=answers.digest, decision=decision, script_sha256=sha)
+
+    def above_script(
+        self, snapshot: Snapshot, choice: Choice, device: DeviceIdentity, request: PollRequest, now: dt.datetime,
+    ) -> bytes:
+        """The lines that go above the script: the backup requests (configserver/backups/), then
+        the maintenance window, fast polling and firmware lines (configserver/firmware/).
+
+        Above it, so before its check line (which skips what follows) and outside its digest: a
+        firmware rollout or a backup request never makes a device apply its script again.
+        Raises FirmwareError for a `[firmware]` table that cannot be used.
+        """
+        firmware = self.firmware.answer(snapshot, choice, device, request.first_values(), now)
+        asked = self.backups.lines(device.mac, device.hwid, device.model, request.time) if self.backups else ()
+        return ("".join(line + "\r\n" for line in asked) + firmware.text).encode()
 
     def script(
         self, snapshot: Snapshot, choice: Choice, device: DeviceIdentity, request: RequestInfo, now: dt.datetime,

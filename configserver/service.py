@@ -14,7 +14,7 @@ from .admission import Gate
 from .certificates import CertificateVerifier
 from .content import ContentRules, ContentStore
 from .forwarded import TrustedProxies
-from .poll import Pipeline
+from .poll import AskForUploads, Pipeline
 from .revocation import RevocationError, RevocationFile
 from .settings import Settings, SettingsError
 
@@ -53,8 +53,11 @@ class Service:
     revoked: RevocationFile
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, grace_seconds: float | None = None) -> "Service":
-        """Resolve `settings`. Raises SettingsError naming the setting at fault."""
+    def from_settings(
+        cls, settings: Settings, *, grace_seconds: float | None = None, backups: AskForUploads | None = None,
+    ) -> "Service":
+        """Resolve `settings`. `backups` asks devices for their configuration (the web layer's,
+        or a preview's). Raises SettingsError naming the setting at fault."""
         fixes = settings.model_fixes
         try:
             revoked = RevocationFile(settings.revoked, fixes)
@@ -72,4 +75,4 @@ class Service:
         )
         store = content_store(settings, grace_seconds=grace_seconds)
         digest_key = settings.digest_key.get_secret_value().encode() if settings.digest_key else None
-        return cls(settings, fixes, gate, trusted, store, Pipeline(gate, store, digest_key=digest_key), revoked)
+        return cls(settings, fixes, gate, trusted, store, Pipeline(gate, store, digest_key=digest_key, backups=backups), revoked)
