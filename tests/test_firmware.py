@@ -106,6 +106,13 @@ allow = [1, 2]
     ({"rollout": {"start": NOW, "waves": [{"after": "1d", "share": 150}]}}, "at most 100"),
     ({"rollout": {"halt_after": 0}}, "1 or more"),
     ({"rollout": {"first": "IP232-30-00-af"}}, "must list"),
+    # durations and dates a timedelta or a date cannot hold are the admin's typo, not a crash
+    ({"rollout": {"start": NOW, "waves": [{"after": "99999999999999999999d", "share": 5}]}},
+     "waves[0]: after = '99999999999999999999d' is longer than"),
+    ({"rollout": {"start": NOW, "waves": [{"after": "3000000d", "share": 5}]}}, "waves[0]: after = '3000000d'"),
+    ({"rollout": {"watch": "99999999999999999999w"}}, "firmware.rollout.watch = '99999999999999999999w' is longer"),
+    ({"rollout": {"start": dt.datetime(9999, 12, 30, tzinfo=UTC), "waves": [{"after": "1d", "share": 5}]}},
+     "firmware.rollout.start = 9999-12-30T00:00:00+00:00 is too far ahead"),
 ])
 def test_a_malformed_declaration_names_the_file_and_key(table, complaint):
     with pytest.raises(FirmwareError) as raised:

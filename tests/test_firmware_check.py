@@ -100,6 +100,19 @@ def test_a_window_declared_twice_is_named(tree, capsys):
                      "times line of its own: the device would get two; keep one (for synthetic device IP222-00-00-00)")]
 
 
+def test_a_wave_too_far_ahead_is_named_by_check_and_render_says_configuration_error(tree, capsys):
+    tree.write("vars/models/IP232.toml", "[firmware.rollout]\nstart = 2026-12-01T22:00:00Z\n"
+               "waves = [{ after = \"3000000d\", share = 100 }]\n")
+    status, lines = check(capsys)
+    assert status == 1
+    assert lines[0].startswith("vars/models/IP232.toml:3: firmware.rollout.waves[0]: after = '3000000d' is longer than")
+    status = main(["--config", "configserver.toml", "render", "IP232-30-00-af", "--query", "CHECK=abc"])
+    out = capsys.readouterr()
+    assert status != 0
+    assert "Traceback" not in out.out + out.err
+    assert "firmware.rollout.waves[0]" in out.out + out.err
+
+
 def test_render_previews_the_firmware_lines_above_the_script(tree, capsysbinary):
     status = main(["--config", "configserver.toml", "render", "IP232-30-00-af",
                    "--query", "PROT=13.4000", "--query", "BOOT=13.4711", "--query", "CHECK=abc"])

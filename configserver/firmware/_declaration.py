@@ -37,6 +37,9 @@ _ROLLOUT_KEYS = frozenset({"start", "first", "waves", "halt_after", "watch"})
 _DURATION = re.compile(r"(?:\d+[smhdw])+", re.ASCII)
 _DURATION_PART = re.compile(r"(\d+)([smhdw])", re.ASCII)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# The longest a wave may wait or a watch may last. Longer is a typo (a rollout planned years
+# ahead is a start in the future), and unbounded it overflows a timedelta or a date.
+LONGEST = dt.timedelta(days=3 * 366)
 
 
 class FirmwareError(ConfigserverError, ValueError):
@@ -243,6 +246,10 @@ def _rollout(name: str, table: Any) -> Rollout:
         waves.append(previous)
     if waves and start is None:
         raise FirmwareError(f"{name}: firmware.rollout.waves need a start (start = 2026-12-01T22:00:00Z)")
+    if waves and start is not None and start > dt.datetime.max.replace(tzinfo=dt.UTC) - LONGEST - dt.timedelta(days=2):
+        # start + after must be a date: one this close to year 9999 is a typo
+        raise FirmwareError(f"{name}: firmware.rollout.start = {start.isoformat()} is too far ahead: "
+                            "its waves would open after the last date there is")
     halt_after = table.get("halt_after", 3)
     if isinstance(halt_after, bool) or not isinstance(halt_after, int) or halt_after < 1:
         raise FirmwareError(f"{name}: firmware.rollout.halt_after must be a number of failed devices, 1 or more")
@@ -251,11 +258,16 @@ def _rollout(name: str, table: Any) -> Rollout:
 
 
 def duration(text: Any, where: str) -> dt.timedelta:
-    """`30m`, `12h`, `1d`, `2w` or `1d12h` as a timedelta; FirmwareError naming `where` otherwise."""
+    """`30m`, `12h`, `1d`, `2w` or `1d12h` as a timedelta, at most LONGEST; FirmwareError naming
+    `where` otherwise."""
     compact = text.strip().lower() if isinstance(text, str) else ""
     if not _DURATION.fullmatch(compact):
         raise FirmwareError(f"{where} = {text!r} is not a duration: write it like 30m, 12h, 1d or 2w")
-    return dt.timedelta(seconds=sum(int(n) * _UNITS[unit] for n, unit in _DURATION_PART.findall(compact)))
+    seconds = sum(int(n) * _UNITS[unit] for n, unit in _DURATION_PART.findall(compact))
+    if seconds > LONGEST.total_seconds():
+        raise FirmwareError(f"{where} = {text!r} is longer than {LONGEST.days} days: "
+                            "for a rollout that far ahead, move its start instead")
+    return dt.timedelta(seconds=seconds)
 
 
 def _check_keys(name: str, where: str, table: Mapping[str, Any], allowed: frozenset[str]) -> None:
