@@ -162,13 +162,15 @@ def _cmd_backups(args: argparse.Namespace) -> int:
         label = hwid or mac
         if args.diff is not None and len(args.diff) > 2:
             raise backups.BackupsError("--diff takes at most two version numbers")
+        show = backups.version_number(args.show) if args.show is not None else None
+        wanted = [backups.version_number(n) for n in args.diff or ()]
 
         async def read(store):  # type: ignore[no-untyped-def]
             versions = await store.versions(mac)
-            if args.show is not None:
-                return versions, await store.content(mac, args.show)
+            if show is not None:
+                return versions, await store.content(mac, show)
             if args.diff is not None:
-                numbers = [int(n) for n in args.diff] or [v.number for v in versions[:2]][::-1]
+                numbers = list(wanted) or [v.number for v in versions[:2]][::-1]
                 if len(args.diff) == 1:
                     numbers.append(versions[0].number if versions else numbers[0])
                 return versions, [(n, await store.content(mac, n)) for n in numbers]

@@ -142,3 +142,29 @@ def test_listing_shows_the_facts_the_device_reported(database: str, capsys) -> N
     assert "device: name Reception\\x7f\\x202e, firmware 13.A127, boot 113454, hardware 300" in out
     assert ("certificate: IP232-30-00-af, issued by innovaphone Device Certification Authority, "
             "valid 2015-06-01 to 2035-06-01") in out
+
+
+@pytest.mark.parametrize("arguments", [
+    ["--show", "99999999999999999999999"],
+    ["--show", "0"],
+    ["--diff", "1", "99999999999999999999999"],
+    ["--diff", "x"],
+])
+def test_a_version_number_out_of_range_is_one_clear_line(database: str, capsys, arguments: list[str]) -> None:
+    stored(database, ("Reception", NOW - DAY), ("Lobby", NOW - 60))
+    assert main(["backups", "IP232-30-00-af", *arguments]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.splitlines()
+    assert line.startswith("configserver backups: ") and "is not a version number" in line
+
+
+def test_a_device_argument_that_is_not_utf8_is_named_by_its_bytes(database: str, capsys) -> None:
+    import os
+
+    stored(database, ("Reception", NOW - DAY))
+    for arguments in (["backups", os.fsdecode(b"IP232-30-00-\xff")], ["backups", "--now", os.fsdecode(b"IP\xff\x1b")]):
+        assert main(arguments) == 1
+        [line] = capsys.readouterr().err.splitlines()
+        assert "\\udc" not in line and "\x1b" not in line
+        assert "'IP232-30-00-\\xff' is neither a hwid" in line or "'IP\\xff\\x1b' is not all, a hwid" in line

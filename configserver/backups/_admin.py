@@ -27,6 +27,21 @@ class BackupsError(InventoryError):
     """`configserver backups` cannot do what was asked; the text says why."""
 
 
+# Version numbers are the database's 64-bit integers: a larger one names no version, and the
+# drivers would refuse to bind it (OverflowError) rather than find nothing.
+MAX_VERSION = 2**63 - 1
+
+
+def version_number(value: str | int) -> int:
+    """A version number as the admin typed it (`--show N`, `--diff A B`). Raises BackupsError
+    for anything but a whole number from 1 to MAX_VERSION."""
+    text = str(value).strip()
+    number = int(text) if text.lstrip("+-").isdigit() and len(text) <= 20 else None
+    if number is None or not 1 <= number <= MAX_VERSION:
+        raise BackupsError(f"{_shown(text)} is not a version number (1, 2, ...: see configserver backups HWID)")
+    return number
+
+
 def device_key(text: str, fixes: Mapping[str, str]) -> tuple[str, str | None]:
     """A hwid (`IP232-30-00-af`, broken early names too) or MAC as (MAC, hwid or None).
 
@@ -38,7 +53,7 @@ def device_key(text: str, fixes: Mapping[str, str]) -> tuple[str, str | None]:
     except InvalidDeviceName:
         mac = normalize_mac(text.strip())
         if mac is None:
-            raise BackupsError(f"{text!r} is neither a hwid (IP232-30-00-af) nor a MAC (00-90-33-30-00-af)") from None
+            raise BackupsError(f"{_shown(text)} is neither a hwid (IP232-30-00-af) nor a MAC (00-90-33-30-00-af)") from None
         return mac, None
 
 
@@ -161,7 +176,7 @@ def request_targets(names: Sequence[str], groups: Mapping[str, Sequence[str]], f
         elif text.replace("-", "").isalnum():
             targets.append((model_target(text), f"model {text}"))
         else:
-            raise BackupsError(f"{text!r} is not all, a hwid, a MAC, a group or a model")
+            raise BackupsError(f"{_shown(text)} is not all, a hwid, a MAC, a group or a model")
     return targets
 
 
@@ -181,6 +196,13 @@ def _printable(value: Any) -> str:
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(value))
 
 
+def _shown(text: str) -> str:
+    """An argument quoted for a message: bytes that were not UTF-8 (lone surrogates, as Python
+    hands them over) as \\xNN, control characters escaped, never more than 80 characters."""
+    raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return f"'{_printable(raw[:80])}{'...' if len(raw) > 80 else ''}'"
+
+
 def _when(seconds: float | None) -> str:
     return "-" if seconds is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
 
@@ -194,5 +216,5 @@ def _age(seconds: float) -> str:
 
 
 __all__ = [
-    "BackupsError", "InventoryError", "device_key", "diff_text", "listing", "missing_table", "parse_duration", "request_targets", "run",
+    "BackupsError", "InventoryError", "MAX_VERSION", "device_key", "diff_text", "listing", "missing_table", "parse_duration", "request_targets", "run", "version_number",
 ]
