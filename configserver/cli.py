@@ -33,7 +33,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     options = uvicorn_options(settings)   # the listener's limits, and mutual TLS when built in
     from .app import configure_security_log, create_app
 
-    create_app(settings)  # everything a worker builds, checked once here: a bad setting stops us now
+    # Built once here, so that a bad setting stops us now; with one worker it is the app served,
+    # with several each worker builds its own from the same sources.
+    app = create_app(settings)
     configure_security_log(settings)
     # Every worker builds its own app from the environment: hand it the same sources.
     handed = {f"CONFIGSERVER_{key.upper()}": str(value) for key, value in overrides.items() if value is not None}
@@ -47,7 +49,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     saved = {key: os.environ.get(key) for key in handed}
     os.environ.update(handed)
     try:
-        _run_uvicorn(uvicorn, settings, options)
+        _run_uvicorn(uvicorn, settings, options, app if settings.workers == 1 else None)
     finally:
         for key, value in saved.items():
             if value is None:
@@ -59,12 +61,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_uvicorn(uvicorn: Any, settings: Settings, options: dict[str, object]) -> None:
+def _run_uvicorn(uvicorn: Any, settings: Settings, options: dict[str, object], app: Any = None) -> None:
     from .logs import logging_config
 
     uvicorn.run(
-        "configserver.app:create_app_from_environment",
-        factory=True,
+        app if app is not None else "configserver.app:create_app_from_environment",
+        factory=app is None,
         # a start-up that fails (templates, inventory) must stop the service, not run it without
         lifespan="on",
         host=settings.host,
