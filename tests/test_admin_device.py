@@ -225,6 +225,8 @@ def test_what_innovaphones_syntax_marks_secret_is_masked(line: str, masked: str)
 def test_the_devices_secret_variables_are_masked_in_its_backup_wherever_they_appear() -> None:
     assert mask_config("config change X /desc hunter22 here", {"sip": {"password": "hunter22"}}) == \
         f"config change X /desc {MASK} here"
+    assert mask_config("config change X /desc p%40ss%20w0rd%21 p%40ss+w0rd%21", {"sip": {"password": "p@ss w0rd!"}}) \
+        == f"config change X /desc {MASK} {MASK}"
 
 
 @pytest.mark.parametrize(("old", "new", "pair"), [

@@ -227,6 +227,27 @@ def test_masking_hides_every_occurrence_but_never_a_short_value() -> None:
     assert masked.variables == [("sip.password", MASK, True), ("pin", MASK, True), ("site", "x", False)]
 
 
+
+@pytest.mark.parametrize("line", [
+    "config change SIP0 /user a /pwd p%40ss%20w0rd%21%3B",                   # quote(), as config lines carry it
+    "mod cmd UP0 scfg https://x/b?pw=p%40ss+w0rd%21%3B",                       # quote_plus()
+    "config change SIP0 /desc p%40ss%20w0rd%21%3B and p%40ss%20w0rd%21%3B",    # anywhere, every time
+    "config change SIP0 /desc p%40ss%20w0rd%21%3b",                            # lower-case hex too
+    "config change SIP0 /desc p@ss w0rd!;",
+])
+def test_a_secret_is_masked_in_the_script_percent_encoded_too(line: str) -> None:
+    from configserver.admin._script import MASK, mask
+    masked = mask(line, {"sip": {"password": "p@ss w0rd!;"}}).script
+    assert "w0rd" not in masked and MASK in masked
+
+
+def test_innovaphones_secret_options_are_masked_in_the_script_unless_revealed() -> None:
+    from configserver.admin._script import MASK, mask
+    script = "config change GK0 /gk-pwd literal-in-template /gk-id b\nconfig change IP0 /addr 10.0.0.1/24\n"
+    assert mask(script, {}).script == f"config change GK0 /gk-pwd {MASK} /gk-id b\nconfig change IP0 /addr 10.0.0.1/24\n"
+    assert mask(script, {}, reveal=True).script == script
+
+
 # -- the rules behind it -----------------------------------------------------------------------
 
 def test_a_session_ends_when_its_lifetime_is_over() -> None:

@@ -4,8 +4,11 @@ secrets masked unless the admin asks to see them.
 A variable is secret when its name (the last part of a dotted key) ends in `password`,
 `secret`, `pin` or `key`, or when the `admin_secret_vars` setting lists it (by its last part or
 its whole dotted name). Its value is masked in the variables table and wherever it appears in the
-script; values shorter than MIN_MASKED characters are masked in the table only, since replacing
-them throughout would hide unrelated text and tell what they are.
+script, also percent-encoded as innovaphone's configuration lines carry values (`p%40ss%20w0rd`,
+`quote()` and `quote_plus()` forms, either case of hex); values shorter than MIN_MASKED
+characters are masked in the table only, since replacing them throughout would hide unrelated
+text and tell what they are. The script is our template's text, but a template may write a
+secret that is no variable (`/pwd literal`): innovaphone's syntax rules below apply to it too.
 
 A configuration backup is the device's own text, not ours: besides the values of the device's
 secret variables, `mask_config` masks what looks like a secret in innovaphone's own syntax, the
@@ -17,6 +20,7 @@ rather than less: the page says that "Show them" shows everything.
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,17 +74,32 @@ def mask(script: str, variables: Mapping[str, Any], marked: Iterable[str] = (), 
             rows.append((name, MASK, True))
         else:
             rows.append((name, _shown(value), secret))
-    hidden = [] if reveal else secret_values(variables, marked)
-    return Masked(hide(script, hidden), rows, sum(1 for row in rows if row[2]))
+    if not reveal:
+        script = mask_config(script, variables, marked)
+    return Masked(script, rows, sum(1 for row in rows if row[2]))
 
 
 def secret_values(variables: Mapping[str, Any], marked: Iterable[str] = ()) -> list[str]:
-    """The texts of the secret variables' values worth masking wherever they appear, longest
-    first (so that a secret containing another is masked whole)."""
+    """The texts of the secret variables' values worth masking wherever they appear, as they
+    are and percent-encoded (`encodings`), longest first (so that a secret containing another
+    is masked whole)."""
     marked = list(marked)
-    found = {text for name, value in flatten(variables) if is_secret(name, marked)
-             for text in _secret_texts(value) if len(text) >= MIN_MASKED}
+    found = {form for name, value in flatten(variables) if is_secret(name, marked)
+             for text in _secret_texts(value) if len(text) >= MIN_MASKED for form in encodings(text)}
     return sorted(found, key=len, reverse=True)
+
+
+def encodings(text: str) -> set[str]:
+    """`text` and the forms percent-encoding gives it in a URL or a configuration line:
+    `urllib.parse.quote()` (with and without `/` kept) and `quote_plus()`, upper- and
+    lower-case hex."""
+    forms = {text}
+    for safe in ("", "/"):
+        forms |= {urllib.parse.quote(text, safe=safe), urllib.parse.quote_plus(text, safe=safe)}
+    return forms | {_LOWER_HEX.sub(lambda m: m[0].lower(), form) for form in forms}
+
+
+_LOWER_HEX = re.compile(r"%[0-9A-F]{2}")
 
 
 def hide(text: str, values: Iterable[str]) -> str:
