@@ -1,11 +1,12 @@
 """innovaphone's facts, in one place: the device CAs, the MAC prefix, broken early model names,
-and the models innovaphone's own update server knows.
+the models innovaphone's own update server knows, and where a device reports its builds.
 
 Pure values: nothing here reads files or imports a library.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -73,3 +74,40 @@ def firmware_file_name(model: str, kind: str) -> str:
         return named
     short = model.split("-", 1)[0].removeprefix("ip")
     return f"ip{short}.bin" if kind == "prot" else f"boot{short}.bin"
+
+
+# -- the builds a device reports (its own query arguments, innovaphone.md 2.3) --
+
+_BUILD_ARGUMENTS = {"prot": "PROT", "boot": "BOOT"}
+_FIRST_BRACKET = re.compile(r"\[([^\]]*)\]")              # IP811[13.A127]: the firmware
+_BOOTCODE = re.compile(r"Bootcode\[([^\]]*)\]", re.IGNORECASE)
+
+
+def reported_build(query: Mapping[str, str], kind: str) -> str | None:
+    """The build of `kind` ("prot" firmware, "boot" boot code) a device reports: its `PROT` or
+    `BOOT` query argument (any case), else what its `ver` text shows
+    (`13r1 dvl IP811[13.A127], Bootcode[113454], Hardware[300]`); None when it shows none.
+
+    The one definition the firmware decision, its failure watch and the inventory share.
+    Untrusted text, returned as it came: callers bound or check it.
+    """
+    value = _argument(query, _BUILD_ARGUMENTS[kind])
+    if value:
+        return value
+    version = _argument(query, "ver")
+    if not version:
+        return None
+    match = (_FIRST_BRACKET if kind == "prot" else _BOOTCODE).search(version)
+    return (match.group(1) or None) if match else None
+
+
+def _argument(query: Mapping[str, str], name: str) -> str | None:
+    """A query argument by its name in any case; the name as the device writes it is tried first."""
+    value = query.get(name)
+    if value is not None:
+        return value
+    folded = name.casefold()
+    for key, found in query.items():
+        if key.casefold() == folded:
+            return found
+    return None

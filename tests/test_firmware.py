@@ -220,6 +220,30 @@ def test_decision_table(reported, placement, now, halted, lines, verdicts):
     assert answer.text == "".join(line + "\r\n" for line in lines)
 
 
+VER = "13r1 dvl IP232[13.4711], Bootcode[13.4711], Hardware[300]"
+
+
+@pytest.mark.parametrize("reported, verdicts", [
+    # the build arguments in any case, as the inventory reads them
+    ({"CHECK": "ab", "prot": "13.4711", "Boot": "13.4711"}, (ON_TARGET, ON_TARGET)),
+    # no PROT/BOOT: what `ver` shows, as the inventory reads it
+    ({"CHECK": "ab", "ver": VER}, (ON_TARGET, ON_TARGET)),
+    ({"CHECK": "ab", "VER": VER.replace("IP232[13.4711]", "IP232[13.4000]")}, (SENT, ON_TARGET)),
+    ({"CHECK": "ab", "PROT": "", "ver": VER}, (ON_TARGET, ON_TARGET)),
+    # PROT/BOOT win over ver
+    ({"CHECK": "ab", "PROT": "13.4000", "ver": VER}, (SENT, ON_TARGET)),
+    ({"CHECK": "ab", "ver": "no brackets here"}, (SENT, SENT)),
+])
+def test_the_reported_build_is_read_as_the_inventory_reads_it(reported, verdicts):
+    from configserver.firmware import differs
+    from configserver.inventory._rows import reported_facts
+
+    answer = decide(DECLARED, "IP232", reported, OPEN, NIGHT)
+    assert (answer.verdicts["prot"], answer.verdicts["boot"]) == verdicts
+    facts = reported_facts(reported)   # what the failure watch and the admin page compare
+    assert [differs(facts[column], "13.4711") for column in ("firmware", "boot")] == [v == SENT for v in verdicts]
+
+
 @pytest.mark.parametrize("model, lines, verdicts", [
     ("IP232", [PROT, BOOT, "iresetn"], (SENT, SENT)),
     ("IP29-4", [PROT.replace("ip232", "ip29"), BOOT.replace("boot232", "boot29"), "iresetn"], (SENT, SENT)),

@@ -107,3 +107,18 @@ def test_without_an_inventory_the_command_says_where_it_looked(site, monkeypatch
     status, _, err = firmware(capsys)
     assert status == 1
     assert f"no inventory database at {tmp_path}/none.db" in err
+
+
+def test_the_report_names_devices_it_cannot_judge_without_counting_them():
+    from configserver.firmware._report import KindReport, report_text
+    from configserver.firmware._state import Failure
+
+    sent = START.timestamp() + 60
+    entry = KindReport("IP232", "prot", targets={"13.4711": 1}, devices=1,
+                       unjudged=[Failure("IP232-30-00-09", "ip232", "prot", "13.4711", None, sent, sent + 7200)])
+    assert report_text([entry], sent + 7200).splitlines() == [
+        "IP232 firmware: target 13.4711",
+        "  devices 1, on target 0, pending 0",
+        ("  cannot judge: IP232-30-00-09 sent 13.4711 at 2026-11-01 22:01 UTC, back at 2026-11-02 00:01 UTC "
+         "but it has never reported a build (no PROT, nothing in ver): not counted as failed"),
+    ]

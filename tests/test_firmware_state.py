@@ -168,3 +168,27 @@ def test_sends_whose_write_fails_stay_queued_and_are_written_by_the_next_pass(tm
     assert written == 2
     assert sends == {("00-90-33-30-00-07", "prot"): ("13.4711", T0)}
     assert failed == ["IP232-30-00-07"]
+
+
+def test_a_device_that_never_reported_a_build_is_not_counted_but_named_as_not_judged(url):
+    """It came back after its send, and neither before nor since did it report PROT (or a build
+    in ver): whether it took the file cannot be told, so it halts nothing."""
+    async def scenario():
+        engine = await _open(url)
+        state = RolloutState(engine)
+        for i in range(3):
+            state.note(Send(*_device(i), "IP232", "prot", "13.4711", 1, T0))
+        await state.flush()
+        await _reported(engine, *_device(0), None, T0 + 1800)   # back, no build ever
+        await _reported(engine, *_device(1), None, T0)          # no build ever, and silent: a failure
+        # device 2 reported 13.4000 before the send, and nothing since: the inventory keeps 13.4000
+        await _reported(engine, *_device(2), "13.4000", T0 + 1800)
+        failures, unjudged = await state.judged(T0 + 2 * HOUR, policy())
+        halts = await state.watch(T0 + 2 * HOUR, policy(halt_after=3))
+        await engine.dispose()
+        return sorted(f.hwid for f in failures), [f.hwid for f in unjudged], halts
+
+    failures, unjudged, halts = run(scenario())
+    assert failures == ["IP232-30-00-01", "IP232-30-00-02"]
+    assert unjudged == ["IP232-30-00-00"]
+    assert halts == []

@@ -25,7 +25,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-from ..innovaphone import NO_BOOT_MODELS, NO_FIRMWARE_MODELS, firmware_file_name
+from ..innovaphone import (
+    NO_BOOT_MODELS,
+    NO_FIRMWARE_MODELS,
+    firmware_file_name,
+    reported_build,
+)
 from ._declaration import BUILD, KINDS, Declaration, Window
 from ._rollout import Placement
 
@@ -37,8 +42,6 @@ HALTED = "halted"
 WAITING = "wave not open"
 OUTSIDE_WINDOW = "outside window"
 SENT = "sent"
-
-_REPORTED_ARGUMENT = {"prot": "PROT", "boot": "BOOT"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +119,8 @@ def decide(
     """The firmware lines for one poll.
 
     `model`: from the device's certificate; `reported`: the device's own query arguments
-    (`PROT`, `BOOT`, `CHECK`; untrusted); `placement`: its wave; `halted`: the kinds whose
+    (`PROT`, `BOOT`, `ver`, `CHECK`; untrusted; the build is read by innovaphone.reported_build,
+    as the inventory and the failure watch read it); `placement`: its wave; `halted`: the kinds whose
     rollout is halted for its target. A device that reports no `CHECK` is being provisioned
     for the first time (its serial is empty until it applies a script).
     """
@@ -137,7 +141,7 @@ def decide(
             verdicts[kind] = TAKES_NONE
         elif target is None:
             verdicts[kind] = NO_TARGET
-        elif not differs(reported.get(_REPORTED_ARGUMENT[kind]), target):
+        elif not differs(reported_build(reported, kind), target):
             verdicts[kind] = ON_TARGET
         elif kind in halted:
             verdicts[kind] = HALTED

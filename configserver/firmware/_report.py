@@ -48,6 +48,7 @@ class KindReport:
     on_target: int = 0
     pending: dict[tuple[int | None, float | None], int] = field(default_factory=dict)  # (wave, opens) -> devices
     failures: list[Failure] = field(default_factory=list)
+    unjudged: list[Failure] = field(default_factory=list)   # came back, never reported a build
     halts: list[Halt] = field(default_factory=list)
     problems: int = 0   # devices whose declaration cannot be read
 
@@ -64,7 +65,7 @@ def report(settings: Settings, now: float) -> list[KindReport]:
         async with state.engine.connect() as connection:
             rows = list(await connection.execute(sa.select(
                 devices.c.hwid, devices.c.model, devices.c.firmware, devices.c.boot).where(devices.c.hwid.is_not(None))))
-        failures = await state.failures(now, stage.policy(snapshot))
+        failures, unjudged = await state.judged(now, stage.policy(snapshot))
         halts = await state.halt_records()
         reports: dict[tuple[str, str], KindReport] = {}
         moment = dt.datetime.fromtimestamp(now, dt.UTC)
@@ -102,6 +103,9 @@ def report(settings: Settings, now: float) -> list[KindReport]:
         for failure in failures:
             entry = reports.setdefault((failure.model, failure.kind), KindReport(failure.model.upper(), failure.kind))
             entry.failures.append(failure)
+        for failure in unjudged:
+            entry = reports.setdefault((failure.model, failure.kind), KindReport(failure.model.upper(), failure.kind))
+            entry.unjudged.append(failure)
         for halt in halts:
             entry = reports.setdefault((halt.model, halt.kind), KindReport(halt.model.upper(), halt.kind))
             entry.halts.append(halt)
@@ -157,7 +161,7 @@ def report_text(reports: list[KindReport], now: float) -> str:
         return "no device has polled yet: the inventory is empty\n"
     out: list[str] = []
     for entry in reports:
-        if not (entry.targets or entry.halts or entry.failures or entry.problems):
+        if not (entry.targets or entry.halts or entry.failures or entry.unjudged or entry.problems):
             continue   # a kind nothing is declared for, of a model nothing was sent to
         what = _KIND_NAMES[entry.kind]
         targets = ", ".join(f"{build} ({count})" if len(entry.targets) > 1 else build
@@ -180,6 +184,10 @@ def report_text(reports: list[KindReport], now: float) -> str:
                 out.append(sent + "silent since")
             else:
                 out.append(sent + f"came back with {failure.reported or 'no build'} at {_when(failure.last_seen)}")
+        for failure in sorted(entry.unjudged, key=lambda f: f.hwid):
+            out.append(f"  cannot judge: {failure.hwid} sent {failure.build} at {_when(failure.first_sent_at)}, "
+                       f"back at {_when(failure.last_seen)} but it has never reported a build "
+                       f"(no {failure.kind.upper()}, nothing in ver): not counted as failed")
     return "\n".join(out) + "\n" if out else "no firmware or boot code is declared for the models seen\n"
 
 

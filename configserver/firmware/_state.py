@@ -133,8 +133,17 @@ class RolloutState:
     async def failures(self, now: float, policy: Policy) -> list[Failure]:
         """Every device that was sent a build at least its model's `watch` ago (counted from the
         target's last resume) and does not report that build now."""
+        return (await self.judged(now, policy))[0]
+
+    async def judged(self, now: float, policy: Policy) -> tuple[list[Failure], list[Failure]]:
+        """(failures, devices that cannot be judged): the second are devices that came back after
+        the watch and have never reported a build of that kind (no `PROT`/`BOOT`, nothing in `ver`),
+        neither before their send nor since. They may well have taken it; the watch does not
+        count them, `configserver firmware` names them. (The inventory keeps the last build a
+        device reported, so an empty column means it never reported one.)"""
         resumed = await self._resumes()
         found: list[Failure] = []
+        unjudged: list[Failure] = []
         async with self.engine.connect() as connection:
             for kind, reported_column in _REPORTED_COLUMN.items():
                 # devices that report the build they were sent are done: the database leaves them
@@ -151,9 +160,12 @@ class RolloutState:
                         continue
                     if now - first_sent_at < rollout.watch.total_seconds():
                         continue
-                    if differs(reported, build):
-                        found.append(Failure(hwid, model, kind, build, reported, first_sent_at, last_seen))
-        return found
+                    if not differs(reported, build):
+                        continue
+                    failure = Failure(hwid, model, kind, build, reported, first_sent_at, last_seen)
+                    came_back = last_seen is not None and last_seen > first_sent_at
+                    (unjudged if reported is None and came_back else found).append(failure)
+        return found, unjudged
 
     async def watch(self, now: float, policy: Policy) -> list[Halt]:
         """Halt every target whose failures reached its rollout's `halt_after`. Returns the new

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..identity import normalize_mac
+from ..innovaphone import reported_build
 from ..outcome import Outcome
 from ._database import devices, polls
 
@@ -25,9 +25,6 @@ IDENTITY = ("hwid", "mac", "model", "hwid_key")
 LATEST = ("status", "reason", "path", "client_ip")
 SERVED = ("template", "script_sha256")
 REPORTED = ("firmware", "boot", "version", "local_ip")
-
-_VERSION_BRACKET = re.compile(r"\[([^\]]*)\]")
-_BOOTCODE = re.compile(r"Bootcode\[([^\]]*)\]", re.IGNORECASE)
 
 
 def clean_text(value: Any, limit: int = MAX_TEXT) -> str | None:
@@ -62,17 +59,9 @@ def reported_facts(query: dict[str, str]) -> dict[str, str | None]:
     """
     lowered = {key.lower(): value for key, value in query.items()}
     version = lowered.get("ver") or None
-    firmware = lowered.get("prot") or None
-    boot = lowered.get("boot") or None
-    if version and firmware is None:
-        match = _VERSION_BRACKET.search(version)
-        firmware = match.group(1) if match else None
-    if version and boot is None:
-        match = _BOOTCODE.search(version)
-        boot = match.group(1) if match else None
-    return {
-        "firmware": clean_text(firmware, 128),
-        "boot": clean_text(boot, 128),
+    return {   # the builds as the firmware rollout reads them too (innovaphone.reported_build)
+        "firmware": clean_text(reported_build(query, "prot"), 128),
+        "boot": clean_text(reported_build(query, "boot"), 128),
         "version": clean_text(version, 256),
         "local_ip": clean_text(lowered.get("ip") or None, 64),
     }
