@@ -273,6 +273,27 @@ def test_fast_polling_while_first_provisioned_then_back_to_normal():
     assert decide(declared, "IP232", {"CHECK": "5a87b4ad"}, OPEN, NIGHT).lines == ("mod cmd UP1 provision 0",)
 
 
+def test_a_template_not_applied_once_never_leaves_its_devices_being_provisioned():
+    """Its devices are never sent a check line, so they never report CHECK: without apply_once
+    that says nothing about provisioning. No fast polling, and the window holds."""
+    declared = resolve([("default.toml", {**FLEET, "fast_poll": 2})])
+    day = decide(declared, "IP232", {"PROT": "1", "BOOT": "1"}, OPEN, DAY, apply_once=False)
+    assert list(day.lines) == [TIMES]
+    assert (day.verdicts["prot"], day.verdicts["boot"]) == (OUTSIDE_WINDOW, OUTSIDE_WINDOW)
+    night = decide(declared, "IP232", {"PROT": "1", "BOOT": "1"}, OPEN, NIGHT, apply_once=False)
+    assert list(night.lines) == [TIMES, PROT, BOOT, "iresetn"]
+    # applied once, the same device is being provisioned: no /allow, fast polling, firmware now
+    assert list(decide(declared, "IP232", {"PROT": "1", "BOOT": "1"}, OPEN, DAY).lines) == [
+        "mod cmd UP1 times /initial 10", "mod cmd UP1 provision 2", PROT, BOOT, "iresetn"]
+
+
+def test_a_window_that_would_say_nothing_sends_no_times_line():
+    declared = resolve([("default.toml", {"allow": [1, 2], "fast_poll": 1})])
+    assert decide(declared, "IP232", {}, OPEN, NIGHT).lines == ("mod cmd UP1 provision 1",)
+    assert decide(declared, "IP232", {"CHECK": "ab"}, OPEN, NIGHT).lines == (
+        "mod cmd UP1 times /allow 1,2", "mod cmd UP1 provision 0")
+
+
 def test_nothing_a_device_reports_reaches_a_line():
     hostile = ["http://evil.example/x.bin", "13.4711/../../x", "13.4711\r\nmod cmd UP0 prot http://evil/",
                "13.4711 ser 1", "%2e%2e", "\x00", "ö" * 40]

@@ -113,6 +113,36 @@ def test_a_wave_too_far_ahead_is_named_by_check_and_render_says_configuration_er
     assert "firmware.rollout.waves[0]" in out.out + out.err
 
 
+def test_fast_poll_and_allow_for_a_template_not_applied_once_are_named(tree, capsys):
+    tree.write("vars/models/IP232.toml", "[firmware]\nfast_poll = 2\n")
+    tree.write("vars/models/IP222.toml", "[firmware]\nallow = [1, 2]\n")
+    tree.write("templates/default.j2", "{# configserver: apply_once=false #}\nconfig change SIP0 /user x\n")
+    status, lines = check(capsys)
+    assert status == 1
+    assert lines == [
+        ("vars/models/IP222.toml:2: firmware.allow: templates/default.j2 is not applied once (apply_once off), "
+         "so its devices never report CHECK and are never seen being provisioned: the window holds for its first "
+         "provisioning too (no /allow lifted); apply it once, or drop the key (for synthetic device IP222-00-00-00)"),
+        ("vars/models/IP232.toml:2: firmware.fast_poll: templates/default.j2 is not applied once (apply_once off), "
+         "so its devices never report CHECK and are never seen being provisioned: it is never sent; apply it once, "
+         "or drop the key (for IP232-30-00-af and 1 more)"),
+    ]
+
+
+@pytest.mark.parametrize("template, provision", [
+    ("config change SIP0 /user x\n", ["mod cmd UP1 provision 2"]),
+    ("{# configserver: apply_once=false #}\nconfig change SIP0 /user x\n", []),
+])
+def test_render_sends_fast_polling_only_where_the_template_is_applied_once(tree, capsysbinary, template, provision):
+    tree.write("vars/models/IP232.toml", "[firmware]\nfast_poll = 2\n")
+    tree.write("templates/default.j2", template)
+    status = main(["--config", "configserver.toml", "render", "IP232-30-00-af",
+                   "--query", "PROT=13.4711", "--query", "BOOT=13.4711"])   # no CHECK
+    out = capsysbinary.readouterr().out.decode()
+    assert status == 0
+    assert [line for line in out.splitlines() if "provision" in line] == provision
+
+
 def test_render_previews_the_firmware_lines_above_the_script(tree, capsysbinary):
     status = main(["--config", "configserver.toml", "render", "IP232-30-00-af",
                    "--query", "PROT=13.4000", "--query", "BOOT=13.4711", "--query", "CHECK=abc"])

@@ -6,7 +6,8 @@
 * a file missing from the firmware folder (`folder`), which the device would fail to fetch;
 * a firmware URL a device cannot reach (loopback);
 * a group or first device of a rollout that names nothing;
-* a template that writes a `times` line of its own while a window is declared.
+* a template that writes a `times` line of its own while a window is declared;
+* `fast_poll` or `allow` for a template not applied once (its devices never look provisioned).
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ def check_firmware(snapshot: Any, devices: Iterable[tuple[DeviceIdentity, str]])
                 yield FirmwareProblem(where, _line_of(snapshot, where, "allow"), (
                     f"a window is declared here and templates/{choice.template} writes a times line of its "
                     "own: the device would get two; keep one"), label)
+        if not choice.apply_once and (declaration.fast_poll is not None or declaration.window.allow is not None):
+            # such a device never reports CHECK: the server cannot tell when it is first provisioned
+            key = "fast_poll" if declaration.fast_poll is not None else "allow"
+            where = _first_file_with(snapshot, choice.vars_files, key) or "default.toml"
+            effect = ("it is never sent" if key == "fast_poll"
+                      else "the window holds for its first provisioning too (no /allow lifted)")
+            yield FirmwareProblem(where, _line_of(snapshot, where, key), (
+                f"firmware.{key}: templates/{choice.template} is not applied once (apply_once off), so its "
+                f"devices never report CHECK and are never seen being provisioned: {effect}; "
+                "apply it once, or drop the key"), label)
         if not declaration.targets or not model:
             continue
         source = _first_file_with(snapshot, choice.vars_files, "url") or "default.toml"

@@ -95,17 +95,16 @@ def window_open(window: Window, now: dt.datetime, provisioning: bool) -> bool:
 
 @lru_cache(maxsize=256)
 def times_line(window: Window, provisioning: bool) -> str | None:
-    """`mod cmd UP1 times ...` for the window, or None when none is declared. A device being
+    """`mod cmd UP1 times ...` for the window, or None when it would say nothing. A device being
     provisioned gets no /allow, as innovaphone's server does it: its site configuration (and
     firmware) must not wait for the night."""
-    if window.allow is None and window.initial is None:
-        return None
-    line = "mod cmd UP1 times"
+    parts: list[str] = []
     if window.allow is not None and not provisioning:
-        line += " /allow " + ",".join(str(hour) for hour in window.allow)
+        parts.append("/allow " + ",".join(str(hour) for hour in window.allow))
     if window.initial is not None:
-        line += f" /initial {window.initial}"
-    return line
+        parts.append(f"/initial {window.initial}")
+    # a bare `times` (allow while provisioning, no initial) would say nothing: no line
+    return "mod cmd UP1 times " + " ".join(parts) if parts else None
 
 
 def decide(
@@ -115,23 +114,27 @@ def decide(
     placement: Placement,
     now: dt.datetime,
     halted: Collection[str] = (),
+    apply_once: bool = True,
 ) -> FirmwareAnswer:
     """The firmware lines for one poll.
 
     `model`: from the device's certificate; `reported`: the device's own query arguments
     (`PROT`, `BOOT`, `ver`, `CHECK`; untrusted; the build is read by innovaphone.reported_build,
     as the inventory and the failure watch read it); `placement`: its wave; `halted`: the kinds whose
-    rollout is halted for its target. A device that reports no `CHECK` is being provisioned
-    for the first time (its serial is empty until it applies a script).
+    rollout is halted for its target; `apply_once`: whether the device's template is applied
+    once (the Choice says). A device that reports no `CHECK` is being provisioned for the first
+    time (its serial is empty until it applies a script), but only where scripts are applied
+    once: otherwise it is never sent a check line, never reports one, and would count as being
+    provisioned forever. Such a device is never provisioning: no fast polling, the window holds.
     """
     if declaration.empty:
         return NO_LINES
-    provisioning = not reported.get("CHECK")
+    provisioning = apply_once and not reported.get("CHECK")
     lines: list[str] = []
     times = times_line(declaration.window, provisioning)
     if times:
         lines.append(times)
-    if declaration.fast_poll is not None:
+    if declaration.fast_poll is not None and apply_once:
         lines.append(f"mod cmd UP1 provision {declaration.fast_poll if provisioning else 0}")
     verdicts: dict[str, str] = {}
     sent: dict[str, str] = {}

@@ -58,6 +58,7 @@ class _Snapshot(Protocol):
 class _Choice(Protocol):
     vars_files: tuple[str, ...]
     groups: tuple[str, ...]
+    apply_once: bool
 
 
 def firmware_layers(snapshot: _Snapshot, vars_files: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
@@ -114,7 +115,7 @@ class FirmwareStage:
         state = self.state
         halted = () if state is None else tuple(
             kind for kind, build in declaration.targets.items() if state.halted(device.model, kind, build))
-        answer = decide(declaration, device.model, query, placement, now, halted)
+        answer = decide(declaration, device.model, query, placement, now, halted, choice.apply_once)
         if state is not None:
             for kind, build in answer.sent.items():
                 state.note(Send(device.mac, device.hwid, device.model, kind, build, placement.wave, now.timestamp()))
