@@ -15,12 +15,12 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 
 def _missing(why: str) -> None:
@@ -37,12 +37,6 @@ def _bindir() -> Path:
     if not candidates:
         _missing("no /usr/lib/postgresql/*/bin/postgres")
     return max(candidates, key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PostgresServer:
@@ -73,7 +67,7 @@ class PostgresServer:
         root = Path(tempfile.mkdtemp(prefix="configserver-pg-"))
         if os.geteuid() == 0:
             os.chown(root, user.pw_uid, user.pw_gid)
-        server = cls(bindir, root, _free_port(), as_user)
+        server = cls(bindir, root, free_port(), as_user)
         atexit.register(server.cleanup)  # an interrupted test run leaves no server behind
         try:
             server._run("initdb", "-D", str(server.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",

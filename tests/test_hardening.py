@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from configserver.hardening import log_startup_warnings, startup_warnings
 from configserver.settings import Settings
@@ -73,12 +73,6 @@ def test_each_warning_is_one_structured_record(tmp_path, caplog):
         logging.WARNING, "hardening", "ptrace_scope_0")
     assert "kernel.yama.ptrace_scope = 1" in certain.fields["detail"]
     assert (hidden.levelno, hidden.fields["risk"]) == (logging.INFO, "kernel_settings_hidden")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_logs_the_warning_at_start_up(tmp_path):

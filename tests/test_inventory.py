@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import socket
 import sqlite3
 import threading
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from ports import free_port
 from postgres import PostgresServer
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -131,13 +131,6 @@ async def sql(url: str, query: str) -> list[tuple]:
 
 async def count_polls(url: str) -> int:
     return (await sql(url, "SELECT count(*) FROM polls"))[0][0]
-
-
-def unused_port() -> int:
-    """A loopback port nobody listens on: a database server that is down."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- recording and asking, on both backends ---------------------------------------------------
@@ -319,7 +312,7 @@ async def test_polls_recorded_while_postgresql_is_down_are_written_when_it_is_ba
 
 @pytest.mark.anyio
 async def test_start_does_not_wait_for_a_database_that_is_down() -> None:
-    inventory = Inventory(f"postgresql://postgres@127.0.0.1:{unused_port()}/postgres", **FAST)
+    inventory = Inventory(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", **FAST)
     started = time.perf_counter()
     await inventory.start()
     assert time.perf_counter() - started < 0.5
@@ -559,7 +552,7 @@ def test_inventory_takes_its_settings(tmp_path: Path) -> None:
 
 def test_unreachable_database_is_one_clear_error_without_its_password() -> None:
     with pytest.raises(InventoryError, match=r"cannot use the inventory database .*\(setting 'database'\)") as raised:
-        list_devices(f"postgresql://cs:hunter2@127.0.0.1:{unused_port()}/configserver")
+        list_devices(f"postgresql://cs:hunter2@127.0.0.1:{free_port()}/configserver")
     assert "hunter2" not in str(raised.value)
 
 

@@ -6,7 +6,6 @@ import datetime as dt
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from ports import free_port
 
 from configserver import load_settings
 from configserver.cli import main
@@ -145,12 +145,6 @@ def test_lab_init_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 # -- lab poll, against `configserver serve` of the lab -------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _clean_environment(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONFIGSERVER_")}
     env.update(extra)
@@ -166,7 +160,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(lab: Lab) -> Iterator[Served]:
     """The lab served by `configserver serve` exactly as its settings say, on a free port."""
-    port = _free_port()
+    port = free_port()
     log = lab.root / "serve.log"
     with log.open("wb") as out:
         server = subprocess.Popen(
@@ -248,7 +242,7 @@ def test_lab_poll_url_names_another_server(
 def test_lab_poll_says_when_nothing_listens(
     lab: Lab, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("CONFIGSERVER_PORT", str(_free_port()))
+    monkeypatch.setenv("CONFIGSERVER_PORT", str(free_port()))
     assert main(["lab", "poll", "IP232-30-00-af", "--lab", str(lab.root)]) == 1
     assert "nothing listens" in capsys.readouterr().err
 
@@ -348,7 +342,7 @@ def test_scripts_run_creates_a_lab_serves_it_and_prints_a_poll_command_that_work
     checkout = tmp_path / "checkout"
     shutil.copytree(REPO / "scripts", checkout / "scripts")
     shutil.copy2(REPO / "pyproject.toml", checkout / "pyproject.toml")
-    port = str(_free_port())
+    port = str(free_port())
     env = _clean_environment(CONFIGSERVER_VENV=str(venv), CONFIGSERVER_PORT=port, CONFIGSERVER_GRACE_SECONDS="0")
     log = tmp_path / "run.log"
     with log.open("wb") as out:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import free_port
 from test_tls import EchoApp, Files, LabPKI, device_context, get, listening
 
 from configserver.limits import Connections, head_size
@@ -241,12 +242,6 @@ def test_more_idle_connections_than_the_cap_cost_no_device_its_script(files: Fil
 # -- the case: a real `serve` under a 256-file limit ---------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _limit_open_files() -> None:
     import resource
 
@@ -255,7 +250,7 @@ def _limit_open_files() -> None:
 
 def test_400_idle_sockets_do_not_lock_a_device_out_under_a_256_file_limit(files: Files, pki: LabPKI,
                                                                           tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     (tmp_path / "templates").mkdir()
     (tmp_path / "templates" / "default.j2").write_text("# script for {{ device.hwid }}\n")
     config = tmp_path / "configserver.toml"

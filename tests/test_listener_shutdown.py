@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -14,18 +13,14 @@ import threading
 import time
 from pathlib import Path
 
+from ports import free_port
+
 from configserver.lab import LabDevice, create_lab, poll
 
 END = b"# end of script\r\n"
 # Rendering this takes a good fraction of a second, so that polls are still being answered
 # when the signal comes; the marker shows that an answer arrived whole.
 SLOW_TAIL = "{% for i in range(4000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}# end of script\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Poll(threading.Thread):
@@ -59,7 +54,7 @@ def test_polls_in_flight_when_sigterm_arrives_finish_with_complete_scripts(tmp_p
         template.write_text(template.read_text() + SLOW_TAIL)
     with lab.config.open("a") as config:
         config.write("\napply_once = false\n")  # the marker stays the last line
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONFIGSERVER_")}
     log = tmp_path / "serve.log"
     with log.open("wb") as out:

@@ -5,11 +5,12 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+
+from ports import free_port
 
 from configserver.logs import FLUSH_SECONDS, BatchingHandler, JSONFormatter
 
@@ -58,9 +59,7 @@ def test_warnings_and_errors_are_written_at_once():
 def test_sigterm_writes_out_every_line_before_the_service_ends(tmp_path):
     (tmp_path / "templates").mkdir()
     (tmp_path / "templates/default.j2").write_text("ok\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "configserver", "serve", "--port", str(port)],
         cwd=tmp_path, stderr=subprocess.PIPE, env={**os.environ, "CONFIGSERVER_GRACE_SECONDS": "0"},

@@ -3,12 +3,13 @@
 import glob
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+
+from ports import free_port
 
 HEADERS = {
     "X-SSL-Client-Verify": "SUCCESS",
@@ -29,9 +30,7 @@ def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[in
 def test_metrics_add_up_every_worker(tmp_path):
     (tmp_path / "templates").mkdir()
     (tmp_path / "templates/default.j2").write_text("config change SIP0 /user {{ device.hwid }}\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CONFIGSERVER_", "PROMETHEUS_"))}
     env["CONFIGSERVER_GRACE_SECONDS"] = "0"
     before = set(glob.glob("/tmp/configserver-metrics-*"))

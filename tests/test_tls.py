@@ -28,6 +28,7 @@ import pytest
 import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from ports import free_port
 
 from configserver import create_app, load_settings
 from configserver.cli import main
@@ -481,14 +482,8 @@ def test_spoofed_terminator_headers_are_ignored(files: Files, pki: LabPKI, serve
     assert (status, body) == (plain_status, plain_body)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_with_two_workers(files: Files, pki: LabPKI, served_site: Any, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "configserver.toml"
     config.write_text(
         f'templates = "{served_site.templates}"\nvars = "{served_site.vars}"\nca_bundle = "{files.bundle}"\n'
