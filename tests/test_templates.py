@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from configserver.content import ContentStore, Renderer, to_crlf
+from configserver.content import ConfigurationError, ContentStore, Renderer, to_crlf
 from configserver.identity import DeviceIdentity, parse_device_name
 
 
@@ -100,7 +100,7 @@ def test_variables_are_read_only_for_templates(store):
     write(store, "templates/default.j2", "{{ vars.t.update({'x': 2}) }}")
     store.refresh()
     choice = store.snapshot.choose(device("IP232-30-00-af"))
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigurationError, match="update"):
         render(store, choice.template, {"vars": choice.variables})
     assert choice.variables["t"]["x"] == 1
 
@@ -156,7 +156,7 @@ def test_nothing_outside_the_templates_folder_can_be_included(store, tmp_path):
     (tmp_path / "secret.txt").write_text("root password")
     write(store, "templates/default.j2", "{% include '../secret.txt' %}")
     store.refresh()
-    with pytest.raises(Exception) as error:
+    with pytest.raises(ConfigurationError) as error:
         render(store, "default.j2", {})
     assert "not found" in str(error.value)
 
@@ -248,7 +248,7 @@ def test_an_unreadable_include_fails_the_render(store):
     path.write_bytes(b"\xff\xfe")
     os.utime(path, (time.time() - 10, time.time() - 10))
     store.refresh()
-    with pytest.raises(Exception, match="part.j2: not UTF-8"):
+    with pytest.raises(ConfigurationError, match="part.j2: not UTF-8"):
         render(store, "default.j2", {})
 
 
