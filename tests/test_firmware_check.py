@@ -91,6 +91,28 @@ def test_unknown_model_loopback_url_and_a_first_device_that_is_nothing(tree, cap
     assert "'reception' is no group, hwid or MAC" in text
 
 
+@pytest.mark.parametrize("start, named", [
+    ("2020-03-01T22:00:00+01:00", True),    # every wave open long ago: a new target would go to all at once
+    ("2999-03-01T22:00:00Z", False),        # the rollout has not begun
+])
+def test_a_rollout_whose_every_wave_is_open_already_is_named(tree, capsys, start, named):
+    tree.write("vars/models/IP232.toml", f"[firmware]\nprot = \"13.4800\"\n[firmware.rollout]\nstart = {start}\n"
+               "waves = [{ after = \"1d\", share = 5 }, { after = \"2d\", share = 100 }]\n")
+    (tree.folder / "13.4800").mkdir()
+    (tree.folder / "13.4800" / "ip232.bin").write_bytes(b"image")
+    status, lines = check(capsys)
+    if not named:
+        assert (status, lines) == (0, [])
+        return
+    assert status == 1
+    assert lines == [
+        ("vars/models/IP232.toml:4: firmware.rollout.start 2020-03-01T22:00:00+01:00: every wave is open already "
+         "(the last since 2020-03-03 21:00 UTC), so a target changed now reaches all its devices at once. For a new "
+         "build, move start to when its rollout begins; once a rollout is through, drop its start, first and waves "
+         "(for IP232-30-00-af and 1 more)"),
+    ]
+
+
 def test_a_window_declared_twice_is_named(tree, capsys):
     tree.write("vars/models/IP222.toml", "[firmware]\nallow = [1, 2]\n")
     tree.write("templates/models/IP222.j2", "mod cmd UP1 times /allow 3\nconfig change SIP0 /user x\n")

@@ -7,11 +7,13 @@
 * a firmware URL a device cannot reach (loopback);
 * a group or first device of a rollout that names nothing;
 * a template that writes a `times` line of its own while a window is declared;
-* `fast_poll` or `allow` for a template not applied once (its devices never look provisioned).
+* `fast_poll` or `allow` for a template not applied once (its devices never look provisioned);
+* a rollout whose every wave is open already: a target changed under it goes to all at once.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping
@@ -44,8 +46,12 @@ class FirmwareProblem:
     device: str
 
 
-def check_firmware(snapshot: Any, devices: Iterable[tuple[DeviceIdentity, str]]) -> Iterator[FirmwareProblem]:
-    """The firmware problems of `snapshot` (a content snapshot) for `devices` ((device, label))."""
+def check_firmware(
+    snapshot: Any, devices: Iterable[tuple[DeviceIdentity, str]], now: dt.datetime | None = None,
+) -> Iterator[FirmwareProblem]:
+    """The firmware problems of `snapshot` (a content snapshot) for `devices` ((device, label)),
+    as of `now` (default: the clock)."""
+    now = now or dt.datetime.now(dt.UTC)
     stage = FirmwareStage()
     for device, label in devices:
         choice = snapshot.choose(device)
@@ -100,9 +106,21 @@ def check_firmware(snapshot: Any, devices: Iterable[tuple[DeviceIdentity, str]])
                     yield FirmwareProblem(folder_source, _line_of(snapshot, folder_source, "folder"), (
                         f"{path} is missing: {device.model} devices would be sent "
                         f"{declaration.url}{build}/{path.name} and fail to fetch it"), label)
-        if declaration.rollout is not None:
+        rollout = declaration.rollout
+        if rollout is not None and rollout.start is not None and rollout.waves:
+            last = rollout.start + rollout.waves[-1].after
+            if last <= now:
+                # start is when this target's rollout begins: a target changed under an old start
+                # would open every wave at once. A finished rollout's table says nothing more.
+                where = _first_file_with(snapshot, choice.vars_files, "rollout") or source
+                yield FirmwareProblem(where, _line_of(snapshot, where, "start"), (
+                    f"firmware.rollout.start {rollout.start.isoformat()}: every wave is open already (the last "
+                    f"since {last.astimezone(dt.UTC):%Y-%m-%d %H:%M} UTC), so a target changed now reaches all its devices "
+                    "at once. For a new build, move start to when its rollout begins; once a rollout is through, "
+                    "drop its start, first and waves"), label)
+        if rollout is not None:
             groups = {name.casefold() for name in snapshot.groups}
-            for name in sorted(declaration.rollout.first):
+            for name in sorted(rollout.first):
                 if name in groups or normalize_mac(name):
                     continue
                 try:
