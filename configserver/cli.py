@@ -117,7 +117,6 @@ def _cmd_lab_poll(args: argparse.Namespace) -> int:
 
 def _cmd_inventory(args: argparse.Namespace) -> int:
     from . import inventory
-    from .identity import BROKEN_MODEL_NAMES
 
     settings = _settings(args)
     database = settings.database
@@ -126,7 +125,7 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
             print(f"inventory schema at version {inventory.migrate_database(database)}")
         elif args.command == "history":
             print(inventory.history_table(inventory.device_history(
-                database, args.device, limit=args.limit, fixes={**BROKEN_MODEL_NAMES, **settings.cn_fixes})), end="")
+                database, args.device, limit=args.limit, fixes=settings.model_fixes)), end="")
         else:
             filters = {"model": args.model, "since": args.since, "status": args.status, "stale": args.stale}
             # streamed as the database hands the rows over: a fleet of any size
@@ -141,10 +140,9 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
 def _cmd_backups(args: argparse.Namespace) -> int:
     """`backups HWID|MAC [--show N | --diff [A [B]]]`, `backups --missing DURATION`, `backups --now TARGET...`."""
     from .backups import _admin as backups
-    from .identity import BROKEN_MODEL_NAMES
 
     settings = _settings(args)
-    fixes = {**BROKEN_MODEL_NAMES, **settings.cn_fixes}
+    fixes = settings.model_fixes
     try:
         if args.now:
             targets = backups.request_targets(args.now, settings.groups, fixes)
@@ -360,6 +358,16 @@ def _cmd_admin_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_name(text: str) -> str:
+    """A HWID or MAC argument: printable text (bytes that are not UTF-8 reach us as surrogates)."""
+    if not text.isprintable() or any("\udc80" <= ch <= "\udcff" for ch in text) or len(text) > 64:
+        shown = text.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")[:80]
+        shown = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in shown)
+        raise argparse.ArgumentTypeError(f"'{shown}' is neither "
+                                         "a hwid (IP232-30-00-af) nor a MAC (00-90-33-30-00-af)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="configserver",
@@ -400,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     devices.add_argument("--stale", metavar="DURATION", help="only devices not seen for DURATION: dead phones")
     devices.set_defaults(run=_cmd_inventory)
     history = commands.add_parser("history", help="one device's polls, newest first")
-    history.add_argument("device", metavar="HWID|MAC", help="IP232-30-00-af, 00-90-33-30-00-af, 0090333000af, ...")
+    history.add_argument("device", type=_device_name, metavar="HWID|MAC", help="IP232-30-00-af, 00-90-33-30-00-af, 0090333000af, ...")
     history.add_argument("--limit", type=int, default=20, metavar="N", help="at most N polls (default: 20)")
     history.set_defaults(run=_cmd_inventory)
     migrate = commands.add_parser("migrate", help="create or update the inventory database's schema now")
@@ -408,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     # -- configuration backups (README "Configuration backups") --
     backups = commands.add_parser(
         "backups", help="a device's configuration backups; devices missing one; ask for them now")
-    backups.add_argument("device", nargs="?", metavar="HWID|MAC", help="list this device's versions")
+    backups.add_argument("device", nargs="?", type=_device_name, metavar="HWID|MAC", help="list this device's versions")
     backups.add_argument("--show", type=int, metavar="N", help="print version N as the device uploaded it")
     backups.add_argument("--diff", nargs="*", metavar="A B",
                          help="unified diff of versions A and B (default: the last two; A alone: A and the newest)")
@@ -430,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_cmd_check)
     render = commands.add_parser(
         "render", help="print the answer a device would get now; how it was chosen goes to stderr")
-    render.add_argument("device", metavar="HWID|MAC", help="IP232-30-00-af, or a MAC when a file names its hwid")
+    render.add_argument("device", type=_device_name, metavar="HWID|MAC", help="IP232-30-00-af, or a MAC when a file names its hwid")
     render.add_argument("--path", default="/", help="the path (and query) the device polls (default: /)")
     render.add_argument("--query", action="append", default=[], metavar="K=V",
                         help="a query argument of the poll, e.g. CHECK=<serial> (repeatable)")

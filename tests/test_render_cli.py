@@ -182,3 +182,13 @@ def test_render_says_so_when_the_backup_schedule_cannot_be_read(tree, capsysbina
     out = capsysbinary.readouterr()
     assert status == 0 and b"scfg" not in out.out
     assert b"note: backup requests not shown: the database does not answer" in out.err
+
+
+@pytest.mark.parametrize("command", ["render", "history", "backups"])
+def test_a_device_argument_that_is_not_text_is_one_clear_line(tree, command):
+    result = subprocess.run([sys.executable, "-m", "configserver", command, b"\xff\xfe".decode("utf-8", "surrogateescape")],
+                            cwd=tree.root, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].endswith(
+        "argument HWID|MAC: '\\xff\\xfe' is neither a hwid (IP232-30-00-af) nor a MAC (00-90-33-30-00-af)")
+    assert "Traceback" not in result.stderr
