@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     # -- configuration backups (README "Configuration backups") --
     backups = commands.add_parser(
         "backups", help="a device's configuration backups; devices missing one; ask for them now")
-    backups.add_argument("device", nargs="?", type=_device_name, metavar="HWID|MAC", help="list this device's versions")
+    backups.add_argument("device", nargs="?", metavar="HWID|MAC", help="list this device's versions")
     backups.add_argument("--show", type=int, metavar="N", help="print version N as the device uploaded it")
     backups.add_argument("--diff", nargs="*", metavar="A B",
                          help="unified diff of versions A and B (default: the last two; A alone: A and the newest)")

@@ -184,7 +184,7 @@ def test_render_says_so_when_the_backup_schedule_cannot_be_read(tree, capsysbina
     assert b"note: backup requests not shown: the database does not answer" in out.err
 
 
-@pytest.mark.parametrize("command", ["render", "history", "backups"])
+@pytest.mark.parametrize("command", ["render", "history"])
 def test_a_device_argument_that_is_not_text_is_one_clear_line(tree, command):
     result = subprocess.run([sys.executable, "-m", "configserver", command, b"\xff\xfe".decode("utf-8", "surrogateescape")],
                             cwd=tree.root, capture_output=True, text=True, timeout=60)
