@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 
 import pytest
+from sqlalchemy.exc import OperationalError
 from test_inventory import postgres_server, postgres_url, sqlite_url  # noqa: F401 - fixtures
 
 from configserver.firmware import Rollout
@@ -153,7 +154,7 @@ def test_sends_whose_write_fails_stay_queued_and_are_written_by_the_next_pass(tm
         state = RolloutState(engine)
         mac, hwid = _device(7)
         state.note(Send(mac, hwid, "IP232", "prot", "13.4711", 1, T0))
-        with pytest.raises(Exception):   # no firmware_sent table yet
+        with pytest.raises(OperationalError):   # no firmware_sent table yet
             await state.flush()
         state.note(Send(mac, hwid, "IP232", "prot", "13.4711", 1, T0 + 60))   # a poll meanwhile
         await migrate(engine)

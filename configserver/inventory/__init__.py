@@ -21,9 +21,18 @@ from ._commands import (
     write_devices_json,
     write_devices_table,
 )
+
 # The database itself, for packages that keep tables of their own beside the inventory's
 # (firmware/): the engine, the migrations and the devices table they join with.
-from ._database import SCHEMA_VERSION, InventoryError, database_url, devices, explain, migrate, open_engine
+from ._database import (
+    SCHEMA_VERSION,
+    InventoryError,
+    database_url,
+    devices,
+    explain,
+    migrate,
+    open_engine,
+)
 from ._queries import Device, Poll, parse_duration
 from ._recorder import Inventory
 
