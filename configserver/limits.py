@@ -66,15 +66,21 @@ HEAD_TOO_LARGE_BODY = b"# request header too large\n"
 FD_RESERVE = 128
 
 
+def _default(name: str) -> Any:
+    from .settings import Settings   # the one home of the defaults
+
+    return Settings.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class ListenerLimits:
     """The limits of one listener; the settings of the same names (README, "Settings")."""
 
-    tls_handshake_timeout: float = 10.0
-    request_head_timeout: float = 10.0
-    keep_alive_timeout: float = 5.0
-    max_connections: int = 1000
-    max_request_head_bytes: int = 32768
+    tls_handshake_timeout: float = _default("tls_handshake_timeout")
+    request_head_timeout: float = _default("request_head_timeout")
+    keep_alive_timeout: float = _default("keep_alive_timeout")
+    max_connections: int = _default("max_connections")
+    max_request_head_bytes: int = _default("max_request_head_bytes")
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "ListenerLimits":
