@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from driving import call
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from test_admin_queries import NOW, fill_sqlite, fleet_rows
 
 from configserver import load_settings, securitylog
@@ -79,8 +80,11 @@ def test_the_cookie_is_secure_behind_tls(admin_settings) -> None:
         assert client.get("/").headers["strict-transport-security"] == "max-age=31536000"
 
 
+PROXY_SECRET = "p" * 40
+
+
 def test_a_wrong_password_is_refused_slowed_down_and_logged(admin_settings) -> None:
-    app = create_admin_app(admin_settings)
+    app = create_admin_app(admin_settings.model_copy(update={"proxy_secret": SecretStr(PROXY_SECRET)}))
     with TestClient(app, client=("203.0.113.5", 50000), follow_redirects=False) as browser:
         started = time.monotonic()
         answer = log_in(browser, password="not the password")
@@ -89,11 +93,17 @@ def test_a_wrong_password_is_refused_slowed_down_and_logged(admin_settings) -> N
         assert "configserver_admin=" not in answer.headers.get("set-cookie", "")
         assert browser.get("/").status_code == 303
         assert log_in(browser, user="mallory", password=PASSWORD).status_code == 401
-    # through a terminator the page trusts: the address it forwards, not its own
+    # through the admin vhost, proving itself with the proxy secret: the address it forwards
     with TestClient(app, client=("127.0.0.1", 50000), follow_redirects=False) as browser:
         form = browser.get("/login")
         browser.post("/login", data={"user": "alice", "password": "wrong", "csrf": csrf_of(form.text)},
-                     headers={"X-Forwarded-For": "192.0.2.1, 198.51.100.7"})
+                     headers={"X-Forwarded-For": "192.0.2.1, 198.51.100.7", "X-Configserver-Proxy-Secret": PROXY_SECRET})
+    # any other local process, without the secret (or with a wrong one): its own address
+    for secret in ({}, {"X-Configserver-Proxy-Secret": "q" * 40}):
+        with TestClient(app, client=("127.0.0.1", 50001), follow_redirects=False) as browser:
+            form = browser.get("/login")
+            browser.post("/login", data={"user": "alice", "password": "wrong", "csrf": csrf_of(form.text)},
+                         headers={"X-Forwarded-For": "198.51.100.66", **secret})
     # from a peer it does not trust, a forwarded address counts for nothing
     with TestClient(app, client=("203.0.113.9", 50000), follow_redirects=False) as browser:
         form = browser.get("/login")
@@ -105,6 +115,8 @@ def test_a_wrong_password_is_refused_slowed_down_and_logged(admin_settings) -> N
         'configserver-security: login-failed client=203.0.113.5 user="alice"',
         'configserver-security: login-failed client=203.0.113.5 user="mallory"',
         'configserver-security: login-failed client=198.51.100.7 user="alice"',
+        'configserver-security: login-failed client=127.0.0.1 user="alice"',
+        'configserver-security: login-failed client=127.0.0.1 user="alice"',
         'configserver-security: login-failed client=203.0.113.9 user="alice"',
     ]
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", line.split(" ")[0]) for line in lines)
@@ -280,3 +292,40 @@ def test_failed_logins_are_forgotten_after_the_window() -> None:
     assert throttle.failed("203.0.113.9") == 0.5             # per address
     clock[0] += 15 * 60 + 1
     assert throttle.failed("198.51.100.7") == 0.5
+
+
+def test_an_address_tries_one_login_at_a_time_and_not_before_its_wait_is_over() -> None:
+    clock = [0.0]
+    throttle = Throttle(clock=lambda: clock[0])
+    assert throttle.begin("198.51.100.7") == 0
+    assert throttle.begin("198.51.100.7") == 1               # a second one while the first is checked
+    assert throttle.begin("203.0.113.9") == 0                # per address
+    assert throttle.failed("198.51.100.7") == 0.5
+    throttle.done("198.51.100.7")
+    assert throttle.begin("198.51.100.7") == 1               # its wait is not over
+    clock[0] += 0.5
+    assert throttle.begin("198.51.100.7") == 0
+    [throttle.failed("198.51.100.7") for _ in range(4)]
+    throttle.done("198.51.100.7")
+    assert throttle.begin("198.51.100.7") == 8               # Retry-After, in whole seconds
+
+
+def test_parallel_guesses_from_one_address_are_refused_without_a_hash(admin_settings) -> None:
+    import asyncio
+
+    import httpx
+
+    async def guesses() -> list[int]:
+        transport = httpx.ASGITransport(app=create_admin_app(admin_settings), client=("203.0.113.5", 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:
+            form = await client.get("/login")
+            data = {"user": "alice", "csrf": csrf_of(form.text)}
+            answers = await asyncio.gather(*(client.post("/login", data={**data, "password": f"guess {n}"})
+                                             for n in range(8)))
+            assert all(a.headers["retry-after"] == "1" for a in answers if a.status_code == 429)
+            return sorted(a.status_code for a in answers)
+
+    assert asyncio.run(guesses()) == [401] + [429] * 7
+    securitylog.configure(None)
+    # one password checked and logged; the others were refused before any hash
+    assert len(Path(str(admin_settings.security_log)).read_text().splitlines()) == 1

@@ -102,19 +102,45 @@ def failure_delay(recent_failures: int) -> float:
 
 
 class Throttle:
-    """Failed logins per client address, over the last FAILURE_WINDOW seconds."""
+    """Login attempts per client address: one at a time, and none until the wait its failures
+    earned (failure_delay over the last FAILURE_WINDOW seconds) is over.
+
+    An attempt refused here costs no password hash: parallel guesses from one address are not
+    queued behind each other but refused (429), so they are no faster than guesses in a row.
+    """
 
     def __init__(self, clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
         self._clock = clock
         self._failures: dict[str, deque[float]] = {}
+        self._blocked: dict[str, float] = {}    # address -> until when it may not try
+        self._trying: set[str] = set()          # addresses with an attempt being checked
+
+    def begin(self, client: str) -> float:
+        """Start an attempt from `client`: 0.0 when it may go ahead (then `failed` or `done`
+        must follow), else the seconds until it may try again (at least 1, for Retry-After)."""
+        now = self._clock()
+        until = self._blocked.get(client, 0.0)
+        if client in self._trying or until > now:
+            return max(1.0, float(int(until - now + 0.999)))
+        self._trying.add(client)
+        return 0.0
+
+    def done(self, client: str) -> None:
+        """The attempt from `client` ended without a failed password (logged in, or a stale form)."""
+        self._trying.discard(client)
 
     def failed(self, client: str) -> float:
-        """Count a failed login from `client`; return how long to hold its answer."""
+        """Count a failed login from `client`; return the seconds it may not try again (the
+        failed answer is held as long, so a person never meets a refusal). `done` still ends
+        the attempt."""
         now = self._clock()
         if len(self._failures) > 10_000:   # bounded: forget the quiet addresses first
             self._failures = {k: v for k, v in self._failures.items() if v and v[-1] > now - FAILURE_WINDOW}
+            self._blocked = {k: v for k, v in self._blocked.items() if v > now}
         times = self._failures.setdefault(client, deque())
         while times and times[0] <= now - FAILURE_WINDOW:
             times.popleft()
         times.append(now)
-        return failure_delay(len(times))
+        delay = failure_delay(len(times))
+        self._blocked[client] = now + delay
+        return delay

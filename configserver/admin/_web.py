@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hmac
 import logging
 import threading
 import time
@@ -100,6 +101,8 @@ class AdminPage:
         self.sessions = Sessions(settings.admin_session_minutes * 60.0)
         self.throttle = Throttle()
         self.trusted = TrustedProxies(settings.trusted_proxies)
+        secret = settings.proxy_secret.get_secret_value() if settings.proxy_secret else None
+        self._proxy_secret = secret.encode("utf-8") if secret else None
         self.templates = _templates()
         self.css = resources.files("configserver.admin").joinpath("static/admin.css").read_bytes()
         try:
@@ -113,11 +116,24 @@ class AdminPage:
 
     # -- transport facts ----------------------------------------------------------------------
 
-    def client_ip(self, request: Request) -> str | None:
-        """The admin's address: the TCP peer, or, from a trusted terminator (or on the unix
-        socket), the right-most X-Forwarded-For entry it appended."""
+    def from_terminator(self, request: Request) -> bool:
+        """Whether the forwarded headers may be believed: the admin vhost proves itself with
+        `proxy_secret` (X-Configserver-Proxy-Secret, as the devices' vhost does), from a peer in
+        `trusted_proxies` or over the unix socket. Loopback alone proves nothing: any local
+        process could otherwise name any address (to get it banned, or to dodge the throttle)."""
+        if self._proxy_secret is None:
+            return False
         peer = request.client.host if request.client else None
         if peer is not None and peer not in self.trusted:
+            return False
+        given = request.headers.getlist("x-configserver-proxy-secret")
+        return len(given) == 1 and hmac.compare_digest(given[0].strip().encode("latin-1"), self._proxy_secret)
+
+    def client_ip(self, request: Request) -> str | None:
+        """The admin's address: the TCP peer, or, from the terminator (`from_terminator`), the
+        right-most X-Forwarded-For entry it appended."""
+        peer = request.client.host if request.client else None
+        if not self.from_terminator(request):
             return peer
         forwarded = [part.strip() for part in request.headers.getlist("x-forwarded-for") for part in part.split(",")]
         return (forwarded[-1] if forwarded and forwarded[-1] else None) or request.headers.get("x-real-ip") or peer
@@ -126,9 +142,7 @@ class AdminPage:
         """Whether the browser talks TLS to us or to the terminator in front (then the cookie is Secure)."""
         if request.url.scheme == "https":
             return True
-        peer = request.client.host if request.client else None
-        trusted = peer is None or peer in self.trusted
-        return trusted and request.headers.get("x-forwarded-proto", "").lower() == "https"
+        return self.from_terminator(request) and request.headers.get("x-forwarded-proto", "").lower() == "https"
 
     # -- rendering ----------------------------------------------------------------------------
 
@@ -269,6 +283,24 @@ def create_admin_app(settings: Settings) -> FastAPI:
         form = await request.form()
         user, password = str(form.get("user", "")), str(form.get("password", ""))
         client = page.client_ip(request)
+        wait = page.throttle.begin(client or "-")
+        if wait:
+            # one attempt at a time per address, none before its wait is over: refused without
+            # computing a hash, so parallel guesses gain nothing
+            log.warning("admin login refused: too many", extra={"fields": {
+                "event": "admin_login_throttled", "user": user[:64], "client_ip": client}})
+            token = page.sessions.login_token()
+            response = page.html("login.html", 429, token=token, user=user, no_users=len(page.users) == 0,
+                                 error=f"Too many login attempts from your address; try again in {wait:g} s.")
+            set_cookie(response, request, LOGIN_COOKIE, token, 3600)
+            response.headers["retry-after"] = str(int(wait))
+            return response
+        try:
+            return await _attempt(request, form, user, password, client)
+        finally:
+            page.throttle.done(client or "-")
+
+    async def _attempt(request: Request, form: Any, user: str, password: str, client: str | None) -> Response:
         if not page.sessions.login_token_valid(request.cookies.get(LOGIN_COOKIE), str(form.get("csrf", ""))):
             # a form we did not hand out (or one older than an hour): no password is checked
             token = page.sessions.login_token()
@@ -286,6 +318,7 @@ def create_admin_app(settings: Settings) -> FastAPI:
         securitylog.login_failed(client, user)
         log.warning("admin login failed", extra={"fields": {
             "event": "admin_login_failed", "user": user[:64], "client_ip": client}})
+        # held until this address may try again: a person never meets the 429 above
         await asyncio.sleep(page.throttle.failed(client or "-"))
         token = page.sessions.login_token()
         response = page.html("login.html", 401, token=token, error="Wrong user name or password.", user=user,

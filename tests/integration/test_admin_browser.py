@@ -37,6 +37,7 @@ from configserver.lab import LabError, create_lab, poll
 CHROMIUM = "/usr/bin/chromium"
 PASSWORD = "correct horse battery staple"
 SIP_SECRET = "lab-sip-secret-77"
+PROXY_SECRET = "s" * 40   # shared by admin-serve and the terminators' admin vhosts
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
@@ -78,6 +79,8 @@ class Lab:
             "CONFIGSERVER_ADMIN_USERS": str(root / "admin-users"),
             "CONFIGSERVER_SECURITY_LOG": str(root / "security.log"),
             "CONFIGSERVER_GRACE_SECONDS": "0",
+            # the admin vhosts below prove themselves with it (the devices' built-in TLS reads no headers)
+            "CONFIGSERVER_PROXY_SECRET": PROXY_SECRET,
         })
 
     def command(self, *args: str, **options) -> subprocess.Popen:
@@ -349,6 +352,8 @@ def enable_admin_block(kind: str, sample: str, port: int, backend_port: int) -> 
     block = "\n".join(line[1:] if re.match(r"#(?! )|#    ", line) else line
                       for line in sample[start:end].splitlines()) + "\n"
     block = block.replace("8081", str(backend_port))
+    # nginx: the admin server block sets the secret itself, the same value as the values block
+    block = block.replace("X-Configserver-Proxy-Secret CHANGE-ME", f"X-Configserver-Proxy-Secret {PROXY_SECRET}")
     block = block.replace("listen 8444 ssl", f"listen 127.0.0.1:{port} ssl").replace('":8444"', f'"127.0.0.1:{port}"')
     return sample[:start] + block + sample[end:]
 
@@ -382,7 +387,7 @@ def admin_vhost(request, lab: Lab) -> Iterator[tuple[str, int, int]]:
     device_port, admin_port = free_port(), free_port()
     lab_dir = lab.lab.root
     cert, key, cas = lab_dir / "server" / "server.pem", lab_dir / "server" / "server.key", lab.lab.ca_bundle
-    secret = "s" * 40
+    secret = PROXY_SECRET
     nowhere = root / "run" / "no-app.sock"    # the devices' app is not needed: only the page is asked
     if kind == "apache":
         sample = fill_in((DEPLOY / "apache" / "configserver.conf").read_text(), {

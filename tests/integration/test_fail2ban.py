@@ -39,7 +39,8 @@ def security_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "templates").mkdir()
     add_user(root / "admin-users", "alice", "correct horse battery staple")
     settings = load_settings(templates=root / "templates", vars=root / "vars", database=f"sqlite:///{root}/i.db",
-                             admin_users=root / "admin-users", admin_port=8081, security_log=str(log))
+                             admin_users=root / "admin-users", admin_port=8081, security_log=str(log),
+                             proxy_secret="x" * 40)
     app = create_admin_app(settings)
     for client, forwarded in (("203.0.113.5", None), ("203.0.113.5", None), ("127.0.0.1", "198.51.100.23"),
                               ("2001:db8::5", None)):
@@ -47,7 +48,8 @@ def security_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
             form = browser.get("/login").text
             token = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
             answer = browser.post("/login", data={"user": 'al"ice\\', "password": "wrong password", "csrf": token},
-                                  headers={"X-Forwarded-For": forwarded} if forwarded else {})
+                                  headers={"X-Forwarded-For": forwarded, "X-Configserver-Proxy-Secret": "x" * 40}
+                                  if forwarded else {})
             assert answer.status_code == 401
     securitylog.configure(log)
     try:
