@@ -192,3 +192,21 @@ def test_a_devices_csv_header_change_reaches_the_devices_whose_rows_did_not_chan
     os.utime(table, (2, 2))
     app.store.refresh()
     assert "# A=2 B=1\r\n" in call(app, "/", terminator_headers(pki.phone)).text
+
+
+# -- the sandbox: a second wall behind the admins who write templates -------------------------------
+
+@pytest.mark.parametrize("text", [
+    "{{ device.__class__.__mro__ }}",
+    "{{ vars.__class__.__init__.__globals__ }}",
+    "{{ 2 ** 1000000000 }}",
+    "{% for n in range(10000000) %}x{% endfor %}",
+])
+def test_a_template_reaching_for_internals_or_endless_work_is_a_configuration_error(site, pki, text):
+    site.write("templates/default.j2", text + "\n")
+    app = site.app()
+    outcomes: list = []
+    app.recorders.append(outcomes.append)
+    answer = call(app, "/", terminator_headers(pki.phone))
+    assert (answer.status, answer.text) == (500, "# configuration error\n")
+    assert outcomes[-1].detail.startswith(("default.j2:1: SecurityError", "default.j2:1: OverflowError: Range too big"))

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2.sandbox import SandboxedEnvironment, SecurityError
 
 from ..caches import BoundedCache
 from ..errors import ConfigserverError
 from .snapshot import Snapshot
 
+_MAX_EXPONENT = 1000     # x ** y with a larger y is refused: 2**10**9 would keep a worker busy for minutes
 _COMPILED_KEPT = 512   # compiled templates kept (a per-device one is about 8 KB)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _NO_VARIABLE = re.compile(r"'mappingproxy object' has no attribute '([^']*)'")
@@ -64,12 +66,25 @@ class _SnapshotLoader(jinja2.BaseLoader):
         return sorted(snapshot.templates) if snapshot is not None else []
 
 
+class _Sandbox(SandboxedEnvironment):
+    """Jinja's sandbox, a second wall behind the admins who write templates: no attribute that
+    reaches Python's internals (`__class__`, `__globals__`...), no range() beyond 100,000, and no
+    power whose exponent would keep a worker busy for minutes (`2**100000000`)."""
+
+    intercepted_binops = frozenset({"**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > _MAX_EXPONENT:
+            raise SecurityError(f"the exponent {right} is too large (at most {_MAX_EXPONENT})")
+        return super().call_binop(context, operator, left, right)
+
+
 class Renderer:
     """The Jinja environment of one templates folder."""
 
     def __init__(self, templates_dir: Path) -> None:
         self.templates_dir = Path(templates_dir).absolute()
-        self.environment = jinja2.Environment(
+        self.environment = _Sandbox(
             loader=_SnapshotLoader(self.templates_dir),
             undefined=jinja2.StrictUndefined,
             autoescape=False,
@@ -95,6 +110,9 @@ class Renderer:
             raise ConfigurationError(f"template not found: {exc.name}", file, line) from None
         except Exception as exc:  # anything a template raises: undefined variables, type errors, RecursionError...
             file, line = self._where(exc, template)
+            if isinstance(exc, RecursionError):
+                raise ConfigurationError("nested too deeply to be compiled: split it with include or macros",
+                                         file, line) from None
             message = exc.message if isinstance(exc, jinja2.TemplateError) and exc.message else str(exc)
             # `vars` and its tables are read-only mappings: say so in the admin's words
             message = _NO_VARIABLE.sub(r"undefined variable '\1'", message)
