@@ -31,7 +31,7 @@ from . import analysis
 from .naming import DEVICES_CSV, TEMPLATE_SUFFIX, VARS_SUFFIX, lookup_key
 from .variables import DeviceRows, freeze, merge
 
-log = logging.getLogger("configserver.templates")
+log = logging.getLogger("configserver.content")
 
 # Devices whose choice one snapshot remembers. A choice costs some microseconds to redo, so this
 # only spares a small fleet's repeat polls; a large fleet's memory goes to the answers (poll.py).

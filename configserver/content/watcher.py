@@ -38,7 +38,7 @@ from .snapshot import (
 )
 from .variables import parse_vars
 
-log = logging.getLogger("configserver.templates")
+log = logging.getLogger("configserver.content")
 
 RESCAN_SECONDS = 300.0   # the safety net's period; file events do the real work
 READ_AT_ONCE = 1000      # changed templates read before publishing; more are read on first use
