@@ -332,3 +332,22 @@ def test_every_error_the_backups_and_the_admin_page_raise_is_a_configserver_erro
     ]
     assert errors   # the walk found the packages' own errors
     assert [error.__name__ for error in errors if not issubclass(error, ConfigserverError)] == []
+
+
+def test_the_backups_package_lists_its_names_once_and_loads_each_module_on_first_use() -> None:
+    import subprocess
+    import sys
+
+    program = (
+        "import sys, configserver.backups as backups\n"
+        "assert 'sqlalchemy' not in sys.modules and 'configserver.backups._store' not in sys.modules\n"
+        "from configserver.backups import check_backup_url, UnknownUpload\n"
+        "assert 'sqlalchemy' not in sys.modules   # the URL rule needs no database layer\n"
+        "from configserver.backups import BodyTooSlow\n"
+        "assert len(set(backups.__all__)) == len(backups.__all__)\n"
+        "print(' '.join(sorted(n for n in backups.__all__ if not getattr(getattr(backups, n), '__module__',"
+        " 'configserver.backups._constant').startswith('configserver.backups._'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == []   # every name resolves, to the backups' own modules

@@ -74,8 +74,7 @@ def is_due(
     Once asked, a device is asked again only after ASK_AGAIN_SECONDS, unless a newer request
     came. `interval` 0 turns the schedule off: only requests ask.
     """
-    uploaded = known.last_upload if known.last_upload is not None else None
-    asked = known.asked
+    uploaded, asked = known.last_upload, known.asked
     if known.requested is not None and now - known.requested < REQUEST_SECONDS:
         if uploaded is None or known.requested > uploaded:
             if asked is None or asked < known.requested or now - asked >= ASK_AGAIN_SECONDS:

@@ -102,7 +102,8 @@ class BackupStore:
 
     async def store_config(self, *, mac: str, hwid: str, model: str, body: bytes, now: float | None = None) -> Stored:
         """Store one configuration upload of the device `mac` unless it equals the newest
-        version once the volatile lines are dropped; prune to `keep` versions either way.
+        version once the volatile lines are dropped. A new version prunes the device to `keep`
+        versions; an unchanged upload adds none, so it leaves the versions as they are.
 
         Raises SQLAlchemy's errors when the database fails; then nothing was stored.
         """
