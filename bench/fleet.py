@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,1000,10000,100000")
     parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle CPU measured")
     parser.add_argument("--edits", type=int, default=3)
-    parser.add_argument("--rescan-seconds", type=float, default=300.0, help="the worker's rescan_seconds")
+    parser.add_argument("--rescan-seconds", type=float, default=600.0, help="the worker's rescan_seconds")
     parser.add_argument("--keep", type=Path, help="build the sites here and keep them for the next run")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]

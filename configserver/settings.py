@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     templates: Path = Path("templates")
     vars: Path = Path("vars")
     grace_seconds: float = Field(1.0, ge=0, le=60)
-    rescan_seconds: float = Field(300.0, ge=1, le=86400)
+    rescan_seconds: float = Field(600.0, ge=1, le=86400)
 
     # Listening
     host: str = "127.0.0.1"

@@ -264,7 +264,8 @@ def test_templates_listed_in_bulk_are_read_on_first_use_and_only_in_the_version_
     assert call(app, "/", terminator_headers(pki.gateway)).text.startswith("# gateway, edited before anyone read it\r\n")
 
 
-def test_a_templates_folder_moved_away_and_back_is_watched_again(tmp_path):
+def test_a_templates_folder_moved_away_and_back_is_watched_again(tmp_path, monkeypatch):
+    monkeypatch.setattr("configserver.content.watcher.FOLDER_CHECK_SECONDS", 0.2)   # seconds otherwise
     (tmp_path / "templates").mkdir()
     (tmp_path / "vars").mkdir()
     (tmp_path / "templates" / "default.j2").write_text("first\n")
