@@ -8,6 +8,7 @@ import datetime as dt
 import html
 import logging
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -136,10 +137,31 @@ def test_resuming_needs_a_session(settings) -> None:
 def test_a_firmware_table_that_cannot_be_read_is_said_on_the_device_page(settings, browser) -> None:
     vars_file = Path(settings.vars) / "default.toml"
     vars_file.write_text(vars_file.read_text().replace('prot = "13.4711"', 'prot = "13 4711"'))
-    page = browser.get(f"/devices/{MAC}")
+    deadline = time.monotonic() + 15   # the page's content store follows the folders' file events
+    while "is not a build" not in (page := browser.get(f"/devices/{MAC}")).text and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert page.status_code == 200
     firmware = page.text.split('<dl class="firmware">')[1].split("</dl>")[0]
     assert "firmware.prot = &#39;13 4711&#39; is not a build" in firmware.split('<dd class="alert">')[1]
+
+
+def test_the_device_page_reuses_one_content_store_that_follows_the_folders(settings) -> None:
+    app = create_admin_app(settings)
+    with TestClient(app, follow_redirects=False) as client:
+        log_in(client)
+        assert "/auth" in client.get(f"/devices/{MAC}").text
+        store = app.state.page.content_service().store
+        seen = store.snapshot
+        assert "/auth" in client.get(f"/devices/{MAC}").text
+        assert store.snapshot is seen and app.state.page.content_service().store is store   # no rescan
+        template = Path(settings.templates) / "default.j2"
+        template.write_text(template.read_text().replace("/auth", "/secret-auth"))
+        deadline = time.monotonic() + 15
+        while store.snapshot is seen and time.monotonic() < deadline:   # no page asked meanwhile
+            time.sleep(0.05)
+        assert store.snapshot is not seen
+        assert "/secret-auth" in client.get(f"/devices/{MAC}").text
+    securitylog.configure(None)
 
 
 def test_the_device_page_shows_its_firmware_targets_sends_and_halt(browser) -> None:

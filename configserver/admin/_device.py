@@ -15,10 +15,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..backups._store import BackupState, BackupStore, Version
-from ..backups._text import decode, meaningful_lines, unified_diff
-from ..firmware._state import Halt, RolloutState
-from ..firmware._tables import firmware_sent
+from ..backups import (
+    BackupState,
+    BackupStore,
+    Version,
+    decode,
+    meaningful_lines,
+    unified_diff,
+)
+from ..firmware import Halt, RolloutState, firmware_sent
 
 KIND_NAMES = {"prot": "firmware", "boot": "boot code"}
 

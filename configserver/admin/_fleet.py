@@ -16,8 +16,8 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..backups._tables import backup_devices
-from ..firmware._state import Halt, RolloutState
+from ..backups import backup_devices
+from ..firmware import Halt, RolloutState
 from ..inventory._database import devices, polls
 
 PAGE_SIZE = 50

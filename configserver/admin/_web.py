@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from .. import securitylog
-from ..firmware._state import RolloutState
+from ..firmware import RolloutState
 from ..forwarded import TrustedProxies
 from ..inventory import InventoryError, parse_duration
 from ..inventory._database import database_url, migrate, open_engine
@@ -112,7 +112,38 @@ class AdminPage:
             raise SettingsError(str(exc)) from None
         self._checked: tuple[float, list[Any]] | None = None
         self._service: Any = None
-        self._service_lock = threading.Lock()
+        self._service_lock = threading.Lock()   # one build of the service
+        self._render_lock = threading.Lock()    # one preview at a time
+        self._following = False
+
+    # -- the content, as the devices' app keeps it ---------------------------------------------
+
+    def content_service(self) -> Any:
+        """The poll pipeline over one content store that this process keeps (built and scanned
+        on first use, then kept current by `follow_content`). Raises ConfigserverError."""
+        with self._service_lock:
+            if self._service is None:
+                from ..service import Service
+                service = Service.from_settings(self.settings, grace_seconds=0)
+                service.store.settle()
+                self._service = service
+            return self._service
+
+    async def follow_content(self) -> None:
+        """Keep the content store current the way the devices' app does (file events, and a
+        rescan every `rescan_seconds`), so a device page never rescans both folders."""
+        from ..errors import ConfigserverError
+
+        try:
+            service = await asyncio.to_thread(self.content_service)
+        except ConfigserverError as exc:   # said on each device page, which tries again
+            log.error("content unusable", extra={"fields": {"event": "admin_content_failed", "error": str(exc)}})
+            return
+        self._following = True
+        try:
+            await service.store.follow(self.settings.rescan_seconds)
+        finally:
+            self._following = False
 
     # -- transport facts ----------------------------------------------------------------------
 
@@ -173,12 +204,11 @@ class AdminPage:
         from ..preview import preview
 
         try:
-            with self._service_lock:   # one scan and render at a time; the store is shared
-                if self._service is None:
-                    from ..service import Service
-                    self._service = Service.from_settings(self.settings, grace_seconds=0)
-                self._service.store.refresh()
-                answer = preview(self._service, name, path or "/")
+            service = self.content_service()
+            if not self._following:   # served without its lifespan: look at the folders now
+                service.store.refresh()
+            with self._render_lock:
+                answer = preview(service, name, path or "/")
                 firmware = self._firmware_now(answer, {**(builds or {}), "CHECK": reported})
         except ConfigserverError as exc:
             return {"error": str(exc)}
@@ -236,8 +266,14 @@ def create_admin_app(settings: Settings) -> FastAPI:
             await migrate(page.engine)   # the same schema `serve` makes: the page may start first
         except (SQLAlchemyError, OSError, InventoryError) as exc:
             log.error("inventory unusable", extra={"fields": {"event": "admin_inventory_failed", "error": str(exc)}})
-        yield
-        await page.engine.dispose()
+        following = asyncio.create_task(page.follow_content(), name="admin-content")
+        try:
+            yield
+        finally:
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await following
+            await page.engine.dispose()
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.page = page

@@ -1,6 +1,7 @@
 # The names configserver.backups exports, and where each lives: the one list. __init__.py reads
 # it (lazy_loader.attach_stub) to load each module on first use; type checkers read it as the
 # package's types (`X as X`: a stub re-exports only what it names so).
+# ruff: noqa: I001 - one import per module, each name `as` itself: isort would split them
 from ._asking import (
     Asking as Asking,
 )
@@ -28,10 +29,14 @@ from ._store import (
     Stored as Stored,
     Version as Version,
 )
+from ._tables import (
+    backup_devices as backup_devices,
+)
 from ._text import (
     NotText as NotText,
     check_text as check_text,
     content_digest as content_digest,
+    decode as decode,
     lines_changed as lines_changed,
     meaningful_lines as meaningful_lines,
     unified_diff as unified_diff,

@@ -216,5 +216,15 @@ def _age(seconds: float) -> str:
 
 
 __all__ = [
-    "BackupsError", "InventoryError", "MAX_VERSION", "device_key", "diff_text", "listing", "missing_table", "parse_duration", "request_targets", "run", "version_number",
+    "MAX_VERSION",
+    "BackupsError",
+    "InventoryError",
+    "device_key",
+    "diff_text",
+    "listing",
+    "missing_table",
+    "parse_duration",
+    "request_targets",
+    "run",
+    "version_number",
 ]

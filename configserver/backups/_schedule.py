@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from functools import lru_cache
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 # A device that was asked and did not upload (an old firmware, a terminator that refuses the
 # upload) is asked again after this long, not on every poll.

@@ -9,7 +9,6 @@ one-line answer; none of them ever holds a byte of the upload, which carries pas
 from __future__ import annotations
 
 import asyncio
-
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass

@@ -82,3 +82,19 @@ __all__ = [
     "times_line",
     "window_open",
 ]
+
+# What only a serving process (the devices' app, the admin page) needs: sends and halts in the
+# inventory's database. Loaded on first use, so the poll pipeline, `render` and `check` never
+# import the database layer.
+_SERVED = {"Halt": "_state", "RolloutState": "_state", "firmware_sent": "_tables"}
+
+
+def __getattr__(name: str) -> object:
+    home = _SERVED.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
