@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import sys
 from collections.abc import Callable, Iterable, Mapping
 
 from .caches import BoundedCache
@@ -72,7 +73,10 @@ class Gate:
         self._verifier = verifier
         self._require_cert = require_client_cert
         self._fixes = fixes
-        self._verdicts: BoundedCache[bytes, tuple[DeviceIdentity, CheckedCert | None] | Refused] = BoundedCache(
+        # a whole fleet's verdicts: each is kept small (the device and the certificate's validity,
+        # not the parsed certificate), since a cache smaller than the fleet is of no use to polls
+        # that come round in turn
+        self._verdicts: BoundedCache[bytes, tuple[DeviceIdentity, dt.datetime | None] | Refused] = BoundedCache(
             _VERDICTS_KEPT)
 
     def admit(self, facts: ClientFacts, query: Mapping[str, list[str]], now: dt.datetime) -> DeviceIdentity:
@@ -97,9 +101,10 @@ class Gate:
             self._verdicts.put(key, verdict)
         if isinstance(verdict, Refused):
             raise Refused(verdict.reason, verdict.detail, device=verdict.device, claimed=verdict.claimed)
-        device, checked = verdict
-        if checked is not None:
-            problem = checked.problem(now)
+        device, not_before = verdict
+        if not_before is not None and device.not_after is not None:
+            problem = ("certificate not yet valid" if now < not_before
+                       else "certificate expired" if now > device.not_after else None)
             if problem:
                 raise Refused(CERTIFICATE_MISMATCH, problem, device=device, claimed=True)
         if self._revocations is not None:
@@ -107,7 +112,7 @@ class Gate:
         check_query(device, query, self._fixes)
         return device
 
-    def _identify(self, facts: ClientFacts) -> tuple[DeviceIdentity, CheckedCert | None]:
+    def _identify(self, facts: ClientFacts) -> tuple[DeviceIdentity, dt.datetime | None]:
         """The checks that depend on the forwarded facts alone, up to the certificate's signature."""
 
         checked: CheckedCert | None = None
@@ -144,7 +149,7 @@ class Gate:
             model=name.model,
             mac=name.mac,
             cn=cn,
-            issuer=str(issuer),
+            issuer=sys.intern(str(issuer)),   # a fleet has two issuers: one string each
             fingerprint_sha256=checked.fingerprint_sha256 if checked else None,
             serial=checked.serial if checked else None,
             not_after=checked.not_after if checked else None,
@@ -161,7 +166,7 @@ class Gate:
         elif self._require_cert:
             raise Refused(CERTIFICATE_MISMATCH, "no certificate forwarded and require_client_cert is set",
                           device=device, claimed=True)
-        return device, checked
+        return device, checked.not_before if checked else None
 
     @staticmethod
     def _dn(text: str, reason: str, what: str) -> DistinguishedName:

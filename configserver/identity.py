@@ -62,7 +62,7 @@ def normalize_mac(text: str) -> str | None:
     return f"{d[0:2]}-{d[2:4]}-{d[4:6]}-{d[6:8]}-{d[8:10]}-{d[10:12]}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeviceIdentity:
     """Who is polling, as proven by its certificate. This is `device` in templates."""
 
