@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..identity import InvalidDeviceName, normalize_mac, parse_device_name
-from ..inventory import InventoryError, database_url, parse_duration
+from ..inventory import InventoryError, age, database_url, parse_duration, when
 from ._schedule import ALL, device_target, model_target
 from ._store import BackupState, BackupStore, Version
 from ._text import decode, meaningful_lines, unified_diff
@@ -99,11 +99,11 @@ def listing(
     else:
         out.append(
             f"{_printable(state.hwid or device)} ({mac}): {len(versions)} version{'' if len(versions) == 1 else 's'} "
-            f"kept, {state.uploads} upload{'' if state.uploads == 1 else 's'}, last upload {_when(state.last_upload_at)}"
+            f"kept, {state.uploads} upload{'' if state.uploads == 1 else 's'}, last upload {when(state.last_upload_at)}"
         )
     if versions:
         rows = [
-            [str(v.number), _when(v.stored_at), str(v.size), str(v.lines),
+            [str(v.number), when(v.stored_at), str(v.size), str(v.lines),
              "first" if v.lines_changed is None else str(v.lines_changed)]
             for v in versions
         ]
@@ -121,13 +121,13 @@ def _facts_lines(facts: Mapping[str, tuple[float, dict[str, Any]]]) -> list[str]
         parts = [f"{label} {_printable(data.get(key))}" for label, key in
                  (("name", "name"), ("firmware", "firmware"), ("boot", "boot"), ("hardware", "hardware"))
                  if data.get(key)]
-        out.append(f"  device: {', '.join(parts) or 'nothing readable'} ({_when(at)})")
+        out.append(f"  device: {', '.join(parts) or 'nothing readable'} ({when(at)})")
     if "x509" in facts:
         at, data = facts["x509"]
         for cert in data.get("certificates", []):
             out.append(
                 f"  certificate: {_printable(cert.get('subject_cn'))}, issued by {_printable(cert.get('issuer_cn'))}, "
-                f"valid {_printable(cert.get('not_before'))} to {_printable(cert.get('not_after'))} ({_when(at)})"
+                f"valid {_printable(cert.get('not_before'))} to {_printable(cert.get('not_after'))} ({when(at)})"
             )
         if data.get("requests"):
             out.append(f"  signing requests waiting on the device: {data['requests']}")
@@ -140,8 +140,8 @@ def missing_table(found: Sequence[BackupState], now: float | None = None) -> str
         return "no devices missing a backup\n"
     now = time.time() if now is None else now
     rows = [
-        [_printable(state.hwid), state.device, _printable(state.model), _when(state.last_upload_at),
-         _age(now - state.last_upload_at) if state.last_upload_at is not None else "-", _when(state.last_seen)]
+        [_printable(state.hwid), state.device, _printable(state.model), when(state.last_upload_at),
+         age(now - state.last_upload_at) if state.last_upload_at is not None else "-", when(state.last_seen)]
         for state in found
     ]
     return _table(["HWID", "MAC", "MODEL", "LAST BACKUP (UTC)", "AGO", "LAST SEEN (UTC)"], rows)
@@ -201,18 +201,6 @@ def _shown(text: str) -> str:
     hands them over) as \\xNN, control characters escaped, never more than 80 characters."""
     raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     return f"'{_printable(raw[:80])}{'...' if len(raw) > 80 else ''}'"
-
-
-def _when(seconds: float | None) -> str:
-    return "-" if seconds is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
-
-
-def _age(seconds: float) -> str:
-    seconds = max(seconds, 0)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
 
 
 __all__ = [

@@ -11,6 +11,7 @@ queue in batches, folding a flood of one device's polls into counted rows. The C
 """
 
 from ._commands import (
+    age,
     device_history,
     device_json,
     devices_json,
@@ -18,6 +19,7 @@ from ._commands import (
     history_table,
     list_devices,
     migrate_database,
+    when,
     write_devices_json,
     write_devices_table,
 )
@@ -37,6 +39,8 @@ from ._queries import Device, Poll, parse_duration
 from ._recorder import Inventory
 
 __all__ = [
+    "age",
+    "when",
     "SCHEMA_VERSION",
     "Device",
     "Inventory",

@@ -271,8 +271,8 @@ def devices_table(devices: list[Device], now: float | None = None) -> str:
 
 def _device_cells(device: Device, now: float) -> list[str]:
     return [_cell(value) for value in (
-        device.hwid, device.mac, device.model, device.firmware, _when(device.last_seen),
-        _age(now - device.last_seen), str(device.status), device.reason, device.template, device.client_ip,
+        device.hwid, device.mac, device.model, device.firmware, when(device.last_seen),
+        age(now - device.last_seen), str(device.status), device.reason, device.template, device.client_ip,
     )]
 
 
@@ -286,10 +286,10 @@ def history_table(polls: list[Poll]) -> str:
         return "no polls\n"
     rows = [
         [
-            _when(poll.time), f"{poll.status} (claimed)" if poll.claimed else str(poll.status), poll.reason,
+            when(poll.time), f"{poll.status} (claimed)" if poll.claimed else str(poll.status), poll.reason,
             poll.decision, poll.client_ip, poll.path, poll.template, (poll.script_sha256 or "")[:12], poll.firmware,
             f"{poll.duration_ms:.1f}" if poll.duration_ms is not None else None,
-            f"{poll.repeats} more since {_when(poll.repeats_since or poll.time)}" if poll.repeats else None,
+            f"{poll.repeats} more since {when(poll.repeats_since or poll.time)}" if poll.repeats else None,
         ]
         for poll in polls
     ]
@@ -346,11 +346,13 @@ def _cell(value: str | None) -> str:
     return text if len(text) <= _CELL else text[: _CELL - 1] + "…"
 
 
-def _when(seconds: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+def when(seconds: float | None) -> str:
+    """A moment as the commands print it, UTC to the second; `-` for none."""
+    return "-" if seconds is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
 
 
-def _age(seconds: float) -> str:
+def age(seconds: float) -> str:
+    """A duration as the commands print it: its largest unit, `3d`, `5h`, `12m`, `40s`."""
     seconds = max(seconds, 0)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
