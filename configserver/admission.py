@@ -126,6 +126,9 @@ class Gate:
         issuer = self._dn(facts.issuer_dn, WRONG_CA, "issuer") if facts.issuer_dn else None
         if issuer is None and checked is not None:
             issuer = checked.issuer  # lighttpd exports no issuer DN; the certificate is checked below
+        if issuer is None and cert_error is not None:
+            # lighttpd forwards no issuer DN: the certificate was all there was, and it is unreadable
+            raise Refused(CERTIFICATE_MISMATCH, cert_error)
         if issuer is None:
             raise Refused(WRONG_CA, "no issuer DN and no readable certificate")
         if issuer not in self._accepted:
