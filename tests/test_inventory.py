@@ -655,3 +655,12 @@ def test_history_finds_a_device_by_the_name_its_certificate_shows(tmp_path: Path
 
     asyncio.run(record())
     assert [poll.hwid for poll in device_history(database, "IP222s-30-00-b0")] == ["IP222-30-00-b0"]
+
+
+@pytest.mark.parametrize("database", ["postgresql://cs:p@ss:w/rd#1%?@db/cs", "not a url at all"])
+def test_a_database_url_that_cannot_be_read_says_how_without_echoing_it(database):
+    from configserver.inventory import InventoryError, database_url
+
+    with pytest.raises(InventoryError, match="percent-encoded") as error:
+        database_url(database)
+    assert "w/rd" not in str(error.value) and "not a url" not in str(error.value)

@@ -43,10 +43,12 @@ def database_url(database: str) -> URL:
     """
     try:
         url = make_url(database)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
+        # not echoed: the text may hold a password
         raise InventoryError(
-            f"setting 'database': {database!r} is not a database URL; "
-            "use sqlite:///PATH or postgresql://USER:PASSWORD@HOST/NAME"
+            "setting 'database': not a database URL; use sqlite:///PATH or postgresql://USER:PASSWORD@HOST/NAME, "
+            "with the characters @ : / # % ? in the password percent-encoded "
+            "(python3 -c 'import urllib.parse; print(urllib.parse.quote(input(), safe=\"\"))')"
         ) from None
     driver = _DRIVERS.get(url.drivername)
     if driver is None:
