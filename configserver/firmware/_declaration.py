@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from ..durations import HOW, duration_seconds
 from ..errors import ConfigserverError
 
 KINDS = ("prot", "boot")   # firmware, boot code: innovaphone's names for them (UP0 prot / boot)
@@ -34,9 +35,6 @@ _KEYS = frozenset({
     "prot", "boot", "url", "folder", "allow", "initial", "timezone", "fast_poll", "rollout", "groups",
 })
 _ROLLOUT_KEYS = frozenset({"start", "first", "waves", "halt_after", "watch"})
-_DURATION = re.compile(r"(?:\d+[smhdw])+", re.ASCII)
-_DURATION_PART = re.compile(r"(\d+)([smhdw])", re.ASCII)
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # The longest a wave may wait or a watch may last. Longer is a typo (a rollout planned years
 # ahead is a start in the future), and unbounded it overflows a timedelta or a date.
 LONGEST = dt.timedelta(days=3 * 366)
@@ -260,10 +258,9 @@ def _rollout(name: str, table: Any) -> Rollout:
 def duration(text: Any, where: str) -> dt.timedelta:
     """`30m`, `12h`, `1d`, `2w` or `1d12h` as a timedelta, at most LONGEST; FirmwareError naming
     `where` otherwise."""
-    compact = text.strip().lower() if isinstance(text, str) else ""
-    if not _DURATION.fullmatch(compact):
-        raise FirmwareError(f"{where} = {text!r} is not a duration: write it like 30m, 12h, 1d or 2w")
-    seconds = sum(int(n) * _UNITS[unit] for n, unit in _DURATION_PART.findall(compact))
+    seconds = duration_seconds(text)
+    if seconds is None:
+        raise FirmwareError(f"{where} = {text!r} is not a duration: {HOW}")
     if seconds > LONGEST.total_seconds():
         raise FirmwareError(f"{where} = {text!r} is longer than {LONGEST.days} days: "
                             "for a rollout that far ahead, move its start instead")

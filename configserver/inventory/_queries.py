@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, fields
@@ -11,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..durations import HOW, duration_seconds
 from ..identity import InvalidDeviceName, normalize_mac, parse_device_name
 from ._database import InventoryError, devices, polls
 from ._rows import hwid_key
@@ -64,26 +64,24 @@ class Poll:
     repeats_since: float | None = None  # ... the first of them at this time
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+
+
+_LONGEST_SECONDS = 100 * 366 * 86400
 
 
 def parse_duration(text: str) -> float:
-    """`30m`, `12h`, `7d`, `2w` (or `1d12h`) as seconds.
+    """`30m`, `12h`, `7d`, `2w` (or `1d12h`) as seconds (durations.py).
 
-    Units: s, m (minutes), h, d, w. Raises InventoryError, saying how to write one, for anything
-    else, including a bare number and zero.
+    Raises InventoryError, saying how to write one, for anything else, including a bare number
+    and zero.
     """
-    compact = text.strip().lower().replace(" ", "")
-    if not _DURATION.fullmatch(compact):
-        raise InventoryError(
-            f"{text!r} is not a duration: write a number and a unit, like 30m, 12h, 7d or 2w "
-            "(s seconds, m minutes, h hours, d days, w weeks)"
-        )
-    seconds = sum(float(number) * _UNITS[unit] for number, unit in _DURATION_PART.findall(compact))
+    seconds = duration_seconds(text)
+    if seconds is None:
+        raise InventoryError(f"{text!r} is not a duration: {HOW}")
     if seconds <= 0:
         raise InventoryError(f"{text!r} is not a duration: it must be longer than zero")
+    if seconds > _LONGEST_SECONDS:
+        raise InventoryError(f"{text!r} is longer than the inventory's history could be (100 years)")
     return seconds
 
 
