@@ -30,8 +30,8 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from .backups import Backups, UploadOutcome
 from . import securitylog
+from .backups import Backups, UploadOutcome
 from .content import ContentStore
 from .firmware._watch import FirmwareWatch
 from .forwarded import facts_from_headers, facts_from_tls, peer_ip
@@ -211,10 +211,7 @@ class ConfigServer:
     def _refused_upload(self, request: PollRequest, refusal: Refused) -> None:
         """A refused upload's security log line and its record in the device's history (the
         upload's own log line and count are the backups' `finish`)."""
-        outcome = self.pipeline.refuse(request, refusal)
-        securitylog.refusal(outcome.client_ip, outcome.reason or "", outcome.hwid, outcome.path)
-        for recorder in self.recorders:
-            recorder(outcome)
+        self._keep(self.pipeline.refuse(request, refusal))
 
     def _from_a_device(self, scope: dict[str, Any]) -> bool:
         """Whether a request came the devices' way: through a terminator, or over the built-in
@@ -233,6 +230,10 @@ class ConfigServer:
         if counter is None:
             counter = self._counters[key] = self._polls.labels(str(outcome.status), outcome.reason or "")
         counter.inc()
+        self._keep(outcome)
+
+    def _keep(self, outcome: Outcome) -> None:
+        """What stays of an outcome: a refusal's security log line, and the inventory record."""
         if outcome.status == 403:   # for fail2ban: the real client address, the reason, the device named
             securitylog.refusal(outcome.client_ip, outcome.reason or "", outcome.hwid, outcome.path)
         for recorder in self.recorders:

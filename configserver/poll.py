@@ -6,8 +6,9 @@ Each stage returns a value, top to bottom:
 
     admission   the request's certificate facts and query -> the device (or a refusal)
     choice      the device -> template, variables and options, from one content snapshot
-    script      the template rendered for the device (kept per device while the snapshot holds)
+    script      the template rendered for the device (kept while what it was rendered from holds)
     wrap        the script wrapped to be applied once (apply_once.py), for the CHECK reported
+    above       backup requests and firmware lines, above the script and outside its digest
     outcome     status, reason, body, digests: one frozen value for the log, metrics and audit
 
 The web layer (app.py) only turns ASGI into a PollRequest and the Outcome into bytes;
@@ -118,7 +119,6 @@ class Pipeline:
         self.store = store
         self.renderer = renderer or Renderer(store.templates_dir)
         self._digest_key = digest_key
-        self._answers_kept = answers_kept
         # device -> (what its answer was rendered from: Choice.sources, the answer). Kept across
         # snapshots: an edit re-renders only the devices whose sources it changed.
         self._answers: BoundedCache[DeviceIdentity, tuple[tuple[object, ...], Answers]] = BoundedCache(
@@ -153,34 +153,35 @@ class Pipeline:
         """The answer for an admitted device, from the snapshot in use when it is called."""
         snapshot = self.store.snapshot
         choice = snapshot.choose(device)
-        values = request.query.get("CHECK")
-        reported = values[0] if values else None
+        query = request.first_values()
+        reported = query.get("CHECK")
         if choice.problem:
-            return self._outcome(request, 500, CONFIGURATION_ERROR, b"# configuration error\n",
+            return self._outcome(request, 500, CONFIGURATION_ERROR, b"# configuration error\n", query=query,
                                  detail=choice.problem, device=device, choice=choice, reported=reported)
         if choice.template is None:
             return self._outcome(request, 404, NO_CONFIGURATION, f"# no configuration for {device.hwid}\n".encode(),
-                                 device=device, choice=choice, reported=reported)
+                                 query=query, device=device, choice=choice, reported=reported)
         try:
             answers = None if choice.per_poll else self._kept(device, choice)
             if answers is None:
                 answers = self.wrap(self.script(snapshot, choice, device, RequestInfo.of(request), now), choice, reported)
                 if not choice.per_poll:
                     self._answers.put(device, (choice.sources, answers))
-            above = self.above_script(snapshot, choice, device, request, now)
+            above = self.above_script(snapshot, choice, device, query, request.time, now)
         except (ConfigurationError, FirmwareError) as error:
-            return self._outcome(request, 500, CONFIGURATION_ERROR, b"# configuration error\n",
+            return self._outcome(request, 500, CONFIGURATION_ERROR, b"# configuration error\n", query=query,
                                  detail=str(error), device=device, choice=choice, reported=reported)
         if answers.digest is not None and reported == answers.digest:
             body, sha, decision = answers.unchanged, answers.unchanged_sha256, UNCHANGED
         else:
             body, sha, decision = answers.sent, answers.sent_sha256, SENT if answers.digest is not None else None
         # script_sha256 and the digest stay the script's own: what is above it changes nothing there
-        return self._outcome(request, 200, None, above + body, device=device, choice=choice, reported=reported,
-                             digest=answers.digest, decision=decision, script_sha256=sha)
+        return self._outcome(request, 200, None, above + body, query=query, device=device, choice=choice,
+                             reported=reported, digest=answers.digest, decision=decision, script_sha256=sha)
 
     def above_script(
-        self, snapshot: Snapshot, choice: Choice, device: DeviceIdentity, request: PollRequest, now: dt.datetime,
+        self, snapshot: Snapshot, choice: Choice, device: DeviceIdentity, query: Mapping[str, str],
+        arrived: float, now: dt.datetime,
     ) -> bytes:
         """The lines that go above the script: the backup requests (configserver/backups/), then
         the maintenance window, fast polling and firmware lines (configserver/firmware/).
@@ -189,8 +190,8 @@ class Pipeline:
         firmware rollout or a backup request never makes a device apply its script again.
         Raises FirmwareError for a `[firmware]` table that cannot be used.
         """
-        firmware = self.firmware.answer(snapshot, choice, device, request.first_values(), now)
-        asked = self.backups.lines(device.mac, device.hwid, device.model, request.time) if self.backups else ()
+        firmware = self.firmware.answer(snapshot, choice, device, query, now)
+        asked = self.backups.lines(device.mac, device.hwid, device.model, arrived) if self.backups else ()
         return ("".join(line + "\r\n" for line in asked) + firmware.text).encode()
 
     def script(
@@ -232,7 +233,8 @@ class Pipeline:
 
     @staticmethod
     def _outcome(
-        request: PollRequest, status: int, reason: str | None, body: bytes, *, detail: str | None = None,
+        request: PollRequest, status: int, reason: str | None, body: bytes, *, query: dict[str, str] | None = None,
+        detail: str | None = None,
         device: DeviceIdentity | None = None, claimed: bool = False, choice: Choice | None = None,
         reported: str | None = None, digest: str | None = None, decision: str | None = None,
         script_sha256: str | None = None,
@@ -241,7 +243,7 @@ class Pipeline:
             time=request.time, client_ip=request.client_ip, path=request.path, status=status, reason=reason,
             hwid=device.hwid if device else None, mac=device.mac if device else None,
             model=device.model if device else None, template=choice.template if choice else None,
-            script_sha256=script_sha256, query=request.first_values(),
+            script_sha256=script_sha256, query=request.first_values() if query is None else query,
             duration_ms=round((time.perf_counter() - request.started) * 1000, 3) if request.started else 0.0,
             detail=detail, check_reported=reported, check_digest=digest, decision=decision, claimed=claimed,
             body=body,
