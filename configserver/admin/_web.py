@@ -362,15 +362,24 @@ def create_admin_app(settings: Settings) -> FastAPI:
         set_cookie(response, request, LOGIN_COOKIE, token, 3600)
         return response
 
-    @app.post("/logout")
-    async def logout(request: Request) -> Response:
+    async def posted(request: Request) -> tuple[Any, Any, Response | None]:
+        """The session and form of a state-changing POST, or the answer that refuses it: no
+        session, or a form without the session's CSRF token."""
         session = page.sessions.find(request.cookies.get(SESSION_COOKIE))
         form = await request.form()
         if session is None:
-            return to_login()
+            return None, form, to_login()
         if not _same(str(form.get("csrf", "")), session.csrf):
-            return page.html("error.html", 403, session=session, title="Refused",
-                             message="This request did not carry the page's token (CSRF); reload the page and try again.")
+            return session, form, page.html(
+                "error.html", 403, session=session, title="Refused",
+                message="This request did not carry the page's token (CSRF); reload the page and try again.")
+        return session, form, None
+
+    @app.post("/logout")
+    async def logout(request: Request) -> Response:
+        session, form, refused = await posted(request)
+        if refused is not None:
+            return refused
         page.sessions.end(request.cookies.get(SESSION_COOKIE))
         response = to_login()
         response.delete_cookie(SESSION_COOKIE, path="/")
@@ -440,13 +449,9 @@ def create_admin_app(settings: Settings) -> FastAPI:
 
     @app.post("/firmware/resume")
     async def resume_firmware(request: Request) -> Response:
-        session = page.sessions.find(request.cookies.get(SESSION_COOKIE))
-        form = await request.form()
-        if session is None:
-            return to_login()
-        if not _same(str(form.get("csrf", "")), session.csrf):
-            return page.html("error.html", 403, session=session, title="Refused",
-                             message="This request did not carry the page's token (CSRF); reload the page and try again.")
+        session, form, refused = await posted(request)
+        if refused is not None:
+            return refused
         model, kind = str(form.get("model", "")).strip(), str(form.get("kind", ""))
         if not model or kind not in _device.KIND_NAMES:
             return page.html("error.html", 400, session=session, title="Nothing to resume",
