@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..identity import InvalidDeviceName, normalize_mac, parse_device_name
-from ..inventory import InventoryError, age, database_url, parse_duration, when
+from ..inventory import InventoryError, age, database_url, parse_duration, table, when
 from ._schedule import ALL, device_target, model_target
 from ._store import BackupState, BackupStore, Version
 from ._text import decode, meaningful_lines, unified_diff
@@ -107,7 +107,7 @@ def listing(
              "first" if v.lines_changed is None else str(v.lines_changed)]
             for v in versions
         ]
-        out.append(_table(["VERSION", "STORED (UTC)", "BYTES", "LINES", "LINES CHANGED"], rows).rstrip("\n"))
+        out.append(table(["VERSION", "STORED (UTC)", "BYTES", "LINES", "LINES CHANGED"], rows).rstrip("\n"))
     out.extend(_facts_lines(facts))
     return "\n".join(out) + "\n"
 
@@ -144,7 +144,7 @@ def missing_table(found: Sequence[BackupState], now: float | None = None) -> str
          age(now - state.last_upload_at) if state.last_upload_at is not None else "-", when(state.last_seen)]
         for state in found
     ]
-    return _table(["HWID", "MAC", "MODEL", "LAST BACKUP (UTC)", "AGO", "LAST SEEN (UTC)"], rows)
+    return table(["HWID", "MAC", "MODEL", "LAST BACKUP (UTC)", "AGO", "LAST SEEN (UTC)"], rows)
 
 
 def diff_text(mac: str, label: str, old: tuple[int, bytes], new: tuple[int, bytes]) -> str:
@@ -181,12 +181,6 @@ def request_targets(names: Sequence[str], groups: Mapping[str, Sequence[str]], f
 
 
 # -- small text helpers -----------------------------------------------------------------------
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    cells = [header] + rows
-    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
-    return "".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + "\n" for row in cells)
 
 
 def _printable(value: Any) -> str:

@@ -19,6 +19,7 @@ from ._commands import (
     history_table,
     list_devices,
     migrate_database,
+    table,
     when,
     write_devices_json,
     write_devices_table,
@@ -40,6 +41,7 @@ from ._recorder import Inventory
 
 __all__ = [
     "age",
+    "table",
     "when",
     "SCHEMA_VERSION",
     "Device",

@@ -295,7 +295,7 @@ def history_table(polls: list[Poll]) -> str:
     ]
     header = ["TIME (UTC)", "STATUS", "REASON", "DECISION", "IP", "PATH", "TEMPLATE", "SCRIPT", "FIRMWARE", "MS",
               "LIKE THIS"]
-    return _table(header, rows)
+    return table(header, rows)
 
 
 _quoted = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # json.dumps's own, in C
@@ -325,7 +325,9 @@ def device_json_text(device: Device) -> str:
     )
 
 
-def _table(header: list[str], rows: list[list[str | None]]) -> str:
+def table(header: list[str], rows: list[list[str | None]]) -> str:
+    """Rows in aligned columns under `header`, as the commands print them; each cell printable
+    (control characters escaped, `-` for none, cut to the column limit)."""
     cells = [header] + [[_cell(value) for value in row] for row in rows]
     widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
     return "".join(_line(row, widths) for row in cells)
