@@ -12,7 +12,7 @@ For nginx and for Apache, side by side in one run (alternating, best of --rounds
 
 Clients: `openssl s_time -new`, one per lab device certificate, --clients at once, each making a
 fresh TLS handshake per request as a device does. Server CPU is read from /proc (the terminator's
-processes, and the app's) over the run. Printed: CPU per request, requests/s, and the ratios
+processes, and the app's) over the run. Printed: CPU per request (and the app's part of it), requests/s, and the ratios
 poll / static (targets: CPU at most 1.15x, requests/s at least 0.90x).
 
 Then keep-alive straight to the app's socket with nginx's header forms, the app's CPU per poll
@@ -187,13 +187,13 @@ def s_time(port: int, path: str, lab: TLSLab, clients: int, seconds: float) -> t
     return total, wall
 
 
-def measure(pids: list[int], port: int, path: str, lab: TLSLab, clients: int, seconds: float) -> tuple[float, float]:
-    """(server CPU seconds per request, requests per second)."""
+def measure(pids: list[int], port: int, path: str, lab: TLSLab, clients: int, seconds: float) -> tuple[float, float, float]:
+    """(server CPU seconds per request, requests per second, the last pid's share of that CPU)."""
     s_time(port, path, lab, clients, 2)   # warm-up: workers started, files and templates cached
-    before = sum(tree_cpu(pid) for pid in pids)
+    before = [tree_cpu(pid) for pid in pids]
     requests, wall = s_time(port, path, lab, clients, seconds)
-    used = sum(tree_cpu(pid) for pid in pids) - before
-    return used / requests, requests / wall
+    used = [tree_cpu(pid) - start for pid, start in zip(pids, before)]
+    return sum(used) / requests, requests / wall, used[-1] / requests
 
 
 async def _keep_alive(uds: Path, requests: list[bytes], n: int, connections: int) -> None:
@@ -248,7 +248,7 @@ def main() -> None:
         lab = make_lab(root, max(args.clients, 8))
         site = make_site(root)
         secret = new_proxy_secret()
-        results: dict[str, dict[str, tuple[float, float]]] = {}
+        results: dict[str, dict[str, tuple[float, float, float]]] = {}
         app = start_app("bench", root, site, lab, secret, uds=True)
         stop.append(app.server)
         app_pid = app.server.process.pid
@@ -258,15 +258,17 @@ def main() -> None:
             stop.append(proxied.server)
             static = start_static(kind, root, lab, secret)
             stop.append(static.server)
-            best: dict[str, tuple[float, float]] = {}
+            best: dict[str, tuple[float, float, float]] = {}
             for _ in range(args.rounds):   # alternate, keep the best of each: the machine is shared
                 for name, started, path, pids in (
                     ("static", static, "/static.txt", [static.server.process.pid]),
                     ("poll", proxied, "/init", [proxied.server.process.pid, app_pid]),
                 ):
-                    cpu, rate = measure(pids, started.port, path, lab, args.clients, args.seconds)
+                    cpu, rate, app_cpu = measure(pids, started.port, path, lab, args.clients, args.seconds)
                     old = best.get(name)
-                    best[name] = (min(cpu, old[0]) if old else cpu, max(rate, old[1]) if old else rate)
+                    if old is None or cpu < old[0]:
+                        old = (cpu, old[1] if old else 0.0, app_cpu)
+                    best[name] = (old[0], max(rate, old[1]), old[2])
             results[kind] = best
             for server in (proxied.server, static.server):
                 server.stop()
@@ -278,12 +280,12 @@ def main() -> None:
 
     print(f"\nfresh mutual-TLS handshake per request, openssl s_time -new, {args.clients} clients, "
           f"{args.seconds:g} s, best of {args.rounds}; server CPU from /proc")
-    print(f"  {'':28} {'CPU/request':>12} {'requests/s':>11} {'CPU ratio':>10} {'rate ratio':>11}")
+    print(f"  {'':28} {'CPU/request':>12} {'of it the app':>14} {'requests/s':>11} {'CPU ratio':>10} {'rate ratio':>11}")
     for kind, best in results.items():
-        static_cpu, static_rate = best["static"]
-        poll_cpu, poll_rate = best["poll"]
-        print(f"  {kind + ', static 1 KB file':28} {static_cpu * 1e6:9.0f} us {static_rate:11.0f}")
-        print(f"  {kind + ' -> configserver':28} {poll_cpu * 1e6:9.0f} us {poll_rate:11.0f} "
+        static_cpu, static_rate, _ = best["static"]
+        poll_cpu, poll_rate, app_cpu = best["poll"]
+        print(f"  {kind + ', static 1 KB file':28} {static_cpu * 1e6:9.0f} us {'':14} {static_rate:11.0f}")
+        print(f"  {kind + ' -> configserver':28} {poll_cpu * 1e6:9.0f} us {app_cpu * 1e6:11.0f} us {poll_rate:11.0f} "
               f"{poll_cpu / static_cpu:9.2f}x {poll_rate / static_rate:10.2f}x")
     print(f"\nkeep-alive straight to the app (unix socket, nginx's headers, 4 connections): "
           f"{keep_alive * 1e6:.0f} us of app CPU per poll")

@@ -11,8 +11,9 @@ buffers a head of any size). So each connection runs under `ListenerLimits`:
 - the TLS handshake must finish within `tls_handshake_timeout` (this module starts TLS itself,
   `loop.start_tls`, so that the timeout is ours and a connection is counted from its first byte);
 - each request head must be complete within `request_head_timeout` of the listener waiting for it
-  (after the handshake, or after the previous answer); between requests an idle connection is
-  closed after `keep_alive_timeout` (uvicorn's own keep-alive timer);
+  (after the handshake, or after the previous answer), checked by one timer per listener, so
+  with up to a quarter of the timeout (a second at most) of lateness; between requests an idle
+  connection is closed after `keep_alive_timeout` (uvicorn's own keep-alive timer);
 - a request head larger than `max_request_head_bytes` is answered `431 # request header too large`
   and the connection closed, before it is buffered: with httptools by counting what arrives, with
   h11 by its own incomplete-event limit, and for a head that arrives whole by its parsed size;
@@ -33,6 +34,7 @@ import os
 import socket
 import ssl
 import sys
+import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +53,7 @@ __all__ = [
     "GuardedHttpToolsProtocol",
     "Listener",
     "ListenerLimits",
+    "OneWrite",
     "head_size",
     "too_large_response",
 ]
@@ -152,10 +155,12 @@ class Connections:
     (the one idle longest), or the new one itself when every connection is busy.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
-        self._idle: dict[Any, None] = {}  # in the order they became idle: oldest first
+        self._clock = clock
+        self._idle: dict[Any, float] = {}  # since when, in the order they became idle: oldest first
         self._busy: set[Any] = set()
+        self.watched = False  # a sweep for heads that came too late is scheduled (_watch_heads)
 
     def __len__(self) -> int:
         return len(self._idle) + len(self._busy)
@@ -168,7 +173,7 @@ class Connections:
                 return connection
             dropped = next(iter(self._idle))
             self.discard(dropped)
-        self._idle[connection] = None
+        self._idle[connection] = self._clock()
         return dropped
 
     def busy(self, connection: Any) -> None:
@@ -179,11 +184,68 @@ class Connections:
     def idle(self, connection: Any) -> None:
         if connection in self._busy or connection in self._idle:
             self.discard(connection)
-            self._idle[connection] = None  # now the youngest idle one
+            self._idle[connection] = self._clock()  # now the youngest idle one
+
+    def idle_longer_than(self, seconds: float) -> list[Any]:
+        """The connections idle for more than `seconds`, oldest first."""
+        deadline = self._clock() - seconds
+        longer = []
+        for connection, since in self._idle.items():
+            if since > deadline:
+                break   # the rest became idle later still
+            longer.append(connection)
+        return longer
 
     def discard(self, connection: Any) -> None:
         self._idle.pop(connection, None)
         self._busy.discard(connection)
+
+
+class OneWrite:
+    """The transport as a request cycle writes to it: an answer's head is held until its body
+    follows, and both leave in one write.
+
+    uvicorn writes the head and the body of an answer separately: two system calls per poll, and
+    a terminator that reads the head, waits, and reads again. `send` of each request tells this
+    transport when a head is coming (`hold_next`) and when a message is done (`flush`): a head
+    without a body (HEAD, or an app that fails after the head) still leaves, alone.
+    """
+
+    __slots__ = ("transport", "_held", "_hold_next")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self._held: bytes | None = None
+        self._hold_next = False
+
+    def hold_next(self, hold: bool = True) -> None:
+        self._hold_next = hold
+
+    def write(self, data: bytes) -> None:
+        if not data:   # h11's end of a sized answer: nothing to send
+            return
+        if self._hold_next:
+            self._hold_next = False
+            self._held = data
+            return
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            self.transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:   # everything else a cycle may ask of its transport
+        return getattr(self.transport, name)
 
 
 # One Connections per uvicorn server (ServerState), so that servers in one process stay apart.
@@ -195,6 +257,22 @@ def _connections_of(server_state: Any, limit: int) -> Connections:
     if registry is None:
         registry = _registries[server_state] = Connections(limit)
     return registry
+
+
+def _watch_heads(registry: Connections, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    """Close the connections that have waited longer than `timeout` for a request head, now and
+    every quarter of `timeout` (at most every second) while the listener has connections.
+
+    One timer per listener instead of one per request: a head comes too late between `timeout`
+    and a quarter more (a second more at most) after the listener began to wait for it.
+    """
+    for connection in registry.idle_longer_than(timeout):
+        connection._head_timed_out()
+    if len(registry):
+        registry.watched = True
+        loop.call_later(min(timeout / 4, 1.0), _watch_heads, registry, loop, timeout)
+    else:
+        registry.watched = False
 
 
 # --- the protocol -------------------------------------------------------------------------------
@@ -229,7 +307,7 @@ class _Guarded:
         self._refused = False
         self._waiting_for_head = False
         self._head_bytes = 0
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._writer: OneWrite
 
     # -- from accept to ready
 
@@ -269,6 +347,7 @@ class _Guarded:
 
     def _become_ready(self, transport: asyncio.Transport) -> None:
         self._ready = True
+        self._writer = OneWrite(transport)
         super().connection_made(transport)  # type: ignore[misc]
         self.app = self._guarded_app(self.app, self._tls_extension(transport))
         self._await_head()
@@ -295,7 +374,22 @@ class _Guarded:
             if tls is not None and scope["type"] in ("http", "websocket"):
                 # the ASGI TLS extension (uvicorn does not fill it); a copy per request
                 scope.setdefault("extensions", {})["tls"] = dict(tls, client_cert_chain=list(tls["client_cert_chain"]))
-            return await app(scope, receive, send)
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            writer = self._writer
+
+            async def send_whole(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    writer.hold_next()
+                    try:
+                        await send(message)
+                    finally:
+                        writer.hold_next(False)   # written and held, or refused by uvicorn: hold no more
+                else:
+                    await send(message)
+                    writer.flush()
+
+            return await app(scope, receive, send_whole)
 
         return guarded_app
 
@@ -326,7 +420,6 @@ class _Guarded:
 
     def _refuse_head(self) -> None:
         self._refused = True
-        self._cancel_head_timer()
         if not self.transport.is_closing():
             self.transport.write(too_large_response(self.server_state.default_headers))
             self.transport.close()
@@ -335,26 +428,20 @@ class _Guarded:
         self._waiting_for_head = True
         self._head_bytes = 0
         self._registry.idle(self)
-        self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(self._limits.request_head_timeout, self._head_timed_out)
+        if not self._registry.watched:
+            _watch_heads(self._registry, self.loop, self._limits.request_head_timeout)
 
     def _head_arrived(self) -> None:
+        self.cycle.transport = self._writer   # the answer's head and body in one write
         self._waiting_for_head = False
-        self._cancel_head_timer()
         self._registry.busy(self)
         if self._shutting_down and self.cycle is not None:
             self.cycle.keep_alive = False  # the server is stopping: this answer, then close
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self._waiting_for_head and not self.transport.is_closing():
+        if self._ready and self._waiting_for_head and not self.transport.is_closing():
             log.debug("no complete request head within %ss: closing", self._limits.request_head_timeout)
             self.transport.abort()
-
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
@@ -394,7 +481,6 @@ class _Guarded:
             super().connection_lost(exc)  # type: ignore[misc]
 
     def _forget(self) -> None:
-        self._cancel_head_timer()
         self._registry.discard(self)
         self.connections.discard(self)
 

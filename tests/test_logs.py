@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from ports import free_port
 
@@ -46,6 +47,23 @@ def test_lines_are_json_and_written_in_batches():
     lines = stream.getvalue().splitlines()
     assert [json.loads(line)["n"] for line in lines] == list(range(50))
     handler.close()
+
+
+def test_a_line_holds_every_field_and_the_time_to_the_millisecond():
+    formatter = JSONFormatter()
+    earlier = record(logging.INFO, {"event": "poll", "hwid": "IP232-30-00-af", "duration_ms": 0.125,
+                                    "detail": "\u00e9t\u00e9 \"quoted\"\n", "path": Path("/init")})
+    earlier.created, earlier.msecs = 1796000000.5, 500.0
+    later = record(logging.INFO, {"event": "poll", "big": 2**70, 3: "key that is not text"})
+    later.created, later.msecs = 1796000061.007, 7.0
+    first, second = json.loads(formatter.format(earlier)), json.loads(formatter.format(later))
+    assert first == {"ts": "2026-11-30T00:53:20.500Z", "level": "info", "logger": "configserver.poll", "event": "poll",
+                     "hwid": "IP232-30-00-af", "duration_ms": 0.125, "detail": "\u00e9t\u00e9 \"quoted\"\n",
+                     "path": "/init"}   # what JSON cannot hold is written as its text
+    assert second["ts"] == "2026-11-30T00:54:21.007Z"   # the next minute: not the second kept from the line before
+    assert second["big"] == 2**70 and second["3"] == "key that is not text"
+    earlier.msecs = 999.0
+    assert json.loads(formatter.format(earlier))["ts"] == "2026-11-30T00:53:20.999Z"
 
 
 def test_warnings_and_errors_are_written_at_once():
