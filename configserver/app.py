@@ -36,7 +36,7 @@ from .content import ContentStore
 from .firmware._watch import FirmwareWatch
 from .forwarded import facts_from_headers, facts_from_tls, peer_ip
 from .inventory import Inventory, InventoryError
-from .logs import configure_logging
+from .logs import configure_logging, log_fields
 from .outcome import Outcome
 from .poll import INTERNAL_ERROR, Pipeline, PollRequest
 from .refusals import Refused
@@ -162,7 +162,7 @@ class ConfigServer:
         started = time.perf_counter()
         arrived = self.clock()
         client_ip = peer_ip(scope)
-        query = urllib.parse.parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        query = _query(scope)
         try:
             try:
                 facts = self._facts(scope)
@@ -188,7 +188,7 @@ class ConfigServer:
         assert self.backups is not None
         started, arrived = time.perf_counter(), self.clock()
         client_ip = peer_ip(scope)
-        query = urllib.parse.parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        query = _query(scope)
         device = facts = None
         try:
             facts = self._facts(scope)
@@ -223,8 +223,7 @@ class ConfigServer:
     def _finish(self, outcome: Outcome) -> None:
         level = logging.INFO if outcome.status < 500 else logging.ERROR
         if log.isEnabledFor(level):
-            # makeRecord + handle: the same record log.log() builds, without its stack walk
-            log.handle(log.makeRecord(log.name, level, "", 0, "poll", (), None, extra={"fields": outcome.log_fields()}))
+            log_fields(log, level, outcome.log_fields())
         key = (outcome.status, outcome.reason or "")
         counter = self._counters.get(key)
         if counter is None:
@@ -247,6 +246,12 @@ async def _send(send: Callable[..., Any], status: int, body: bytes, *, head: boo
         "headers": [(b"content-type", _PLAIN), (b"content-length", str(len(body)).encode()), _NO_STORE],
     })
     await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+def _query(scope: dict[str, Any]) -> dict[str, list[str]]:
+    """The request's query arguments, every value of each, as the device sent them."""
+    raw = scope["query_string"]
+    return urllib.parse.parse_qs(raw.decode("latin-1"), keep_blank_values=True) if raw else {}
 
 
 def _content_length(scope: dict[str, Any]) -> int | None:

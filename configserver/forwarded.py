@@ -24,6 +24,11 @@ PROXY_SECRET = b"x-configserver-proxy-secret"
 _FORWARDED_FOR = b"x-forwarded-for"
 _REAL_IP = b"x-real-ip"
 
+# The headers read, by what they hold.
+_IDENTITY, _SECRET, _CHAIN, _ADDRESS = "identity", "secret", "forwarded for", "real ip"
+_READ = {**dict.fromkeys(IDENTITY_HEADERS, _IDENTITY), PROXY_SECRET: _SECRET, _FORWARDED_FOR: _CHAIN,
+         _REAL_IP: _ADDRESS}
+
 # What terminators send for "nothing here": Apache `(null)`, HAProxy an empty value.
 _ABSENT = ("", "(null)")
 
@@ -109,18 +114,19 @@ def facts_from_headers(scope: dict[str, Any], trusted: TrustedProxies) -> Client
     forwarded_for: list[str] = []
     real_ip: str | None = None
     for name, value in scope["headers"]:
-        # ASGI servers give lower-case names; every name we care about starts with "x-"
-        if name[:2] != b"x-":
+        # ASGI servers give lower-case names; one lookup skips every header we do not read
+        kind = _READ.get(name)
+        if kind is None:
             continue
-        if name in IDENTITY_HEADERS:
+        if kind is _IDENTITY:
             if name in seen:
                 twice = twice or name
             seen[name] = value.decode("latin-1").strip()
-        elif name == PROXY_SECRET:
+        elif kind is _SECRET:
             secrets.append(value.strip())
-        elif name == _FORWARDED_FOR:
+        elif kind is _CHAIN:
             forwarded_for.extend(part.strip() for part in value.decode("latin-1").split(","))
-        elif name == _REAL_IP:
+        else:
             real_ip = value.decode("latin-1").strip()
     if trusted.secret is not None:
         if len(secrets) > 1:  # a terminator that appends instead of replacing: say so

@@ -56,6 +56,46 @@ class JSONFormatter(logging.Formatter):
         return text
 
 
+class FieldsRecord(logging.LogRecord):
+    """The record of one structured line (`fields`), built for the poll path.
+
+    What `Logger.makeRecord` works out per call (the caller's file and line, thread and process
+    names, the message's arguments) is the same for every line of one logger and level, so it is
+    copied from a template made once; only the time and the fields are per line. Every attribute
+    a formatter or filter may read is there, as in any LogRecord.
+    """
+
+    _templates: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def __init__(self, logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:  # noqa: D107
+        template = self._templates.get((logger.name, level))
+        if template is None:
+            model = logging.LogRecord(logger.name, level, "", 0, fields.get("event", ""), (), None)
+            template = self._templates[(logger.name, level)] = {
+                k: v for k, v in vars(model).items() if k not in _PER_LINE}
+        self.__dict__.update(template)
+        created = time.time()
+        self.created = created
+        self.msecs = int((created - int(created)) * 1000) + 0.0
+        self.relativeCreated = (created - _STARTED) * 1000
+        # off in the service (stderr_handler); a test's or a tool's own logging may want them
+        self.thread = threading.get_ident() if logging.logThreads else None
+        self.threadName = threading.current_thread().name if logging.logThreads else None
+        self.process = os.getpid() if logging.logProcesses else None
+        self.fields = fields
+
+
+def log_fields(logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:
+    """Log one structured line: what `logger.log(level, ..., extra={"fields": fields})` does,
+    for a fraction of its cost (no stack walk, no per-line lookups)."""
+    if logger.isEnabledFor(level):
+        logger.handle(FieldsRecord(logger, level, fields))
+
+
+_STARTED = time.time()
+_PER_LINE = ("created", "msecs", "relativeCreated", "thread", "threadName", "process")
+
+
 class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes lines into a buffer that is flushed every FLUSH_SECONDS, and at once for warnings
     and errors: one write(2) per batch of polls instead of one per poll line.

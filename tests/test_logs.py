@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ports import free_port
 
-from configserver.logs import FLUSH_SECONDS, BatchingHandler, JSONFormatter
+from configserver.logs import FLUSH_SECONDS, BatchingHandler, JSONFormatter, log_fields
 
 
 def handler_on(stream):
@@ -106,3 +106,18 @@ def test_sigterm_writes_out_every_line_before_the_service_ends(tmp_path):
     assert len(polls) == 1 and polls[0]["hwid"] == "IP232-30-00-af" and polls[0]["status"] == 200
     assert any(e.get("event", "").startswith("Finished server process") for e in events)
     assert server.returncode == -signal.SIGTERM
+
+
+def test_a_structured_line_is_the_record_logger_log_makes_without_the_caller(caplog):
+    logger = logging.getLogger("configserver.poll")
+    with caplog.at_level(logging.INFO, logger="configserver.poll"):
+        log_fields(logger, logging.INFO, {"event": "poll", "status": 200})
+        logger.info("poll", extra={"fields": {"event": "poll", "status": 200}})
+        log_fields(logger, logging.DEBUG, {"event": "poll", "status": 200})   # below the level: nothing
+    fast, usual = caplog.records
+    per_call = {"created", "msecs", "relativeCreated", "pathname", "filename", "module", "lineno", "funcName"}
+    assert set(vars(fast)) == set(vars(usual))
+    assert {k: v for k, v in vars(fast).items() if k not in per_call} == {
+        k: v for k, v in vars(usual).items() if k not in per_call}
+    assert abs(fast.created - usual.created) < 1 and fast.getMessage() == "poll"
+    assert json.loads(JSONFormatter().format(fast))["status"] == 200

@@ -36,6 +36,9 @@ _DROP_REPORT_SECONDS = 10.0
 # More polls than this from one device, alike, in one batch (half a second or less): a flood.
 # A device polls every few minutes; a flood is a loop, a script or someone holding its certificate.
 FLOOD = 8
+# One statement object for every batch: its cache key, by which SQLAlchemy finds the compiled
+# form, is then worked out once instead of per batch (so is the devices upsert's, see _rows).
+_INSERT_POLLS = sa.insert(polls)
 
 
 class Inventory:
@@ -372,7 +375,7 @@ class Inventory:
                 key = device["device"]
                 folded[key] = merge(folded[key], device) if key in folded else device
         async with self._engine.begin() as connection:
-            await connection.execute(sa.insert(polls), rows)
+            await connection.execute(_INSERT_POLLS, rows)
             if folded:
                 # One order for every writer, so two instances never wait on each other in a cycle.
                 await connection.execute(upsert(connection.dialect.name), [folded[key] for key in sorted(folded)])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import sqlalchemy as sa
@@ -191,6 +193,7 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 _INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 
 
+@functools.cache   # built once per dialect: SQLAlchemy then keeps its compiled form by the statement's cache key
 def upsert(dialect: str) -> Any:
     """INSERT ... ON CONFLICT for `devices` that keeps each column from the poll it belongs to.
 
