@@ -1,7 +1,16 @@
 """One bounded cache for every memo on the poll path, with one policy.
 
-A fleet polls its devices in turn, so recency says little about the next poll; what matters is
-that memory stays bounded whatever the fleet's size. When full, the entry stored first goes.
+A fleet polls its devices in turn: the device asked for next is the one asked for longest ago.
+Evicting the oldest entry (FIFO, LRU) to make room for each newcomer is therefore the worst
+policy there is for a cache smaller than the fleet: every entry goes just before it would have
+been used, and no poll is ever served from the cache. This cache keeps what it holds instead:
+while there is room every entry is kept; once full, one newcomer in ADMIT_ONE_IN takes the place
+of the entries stored first, and the others are returned but not kept. A fleet of N devices
+polling in turn through a cache of C entries then finds about C/N of its polls in the cache,
+round after round (FIFO and LRU find none), and an entry that is no longer used (a device that
+left the fleet) still goes in its turn: every newcomer kept replaces the entry stored first.
+This is "bimodal insertion" (Qureshi et al., "Adaptive insertion policies for high performance
+caching", ISCA 2007), with its 1/32.
 """
 
 from __future__ import annotations
@@ -12,16 +21,20 @@ from typing import Generic, TypeVar
 K = TypeVar("K")
 V = TypeVar("V")
 
+ADMIT_ONE_IN = 32   # when full: one newcomer in this many is kept (and the oldest entries go)
+
 
 class BoundedCache(Generic[K, V]):
     """A mapping of at most `size` entries, and, given `weigh`, of at most `max_bytes` by that
-    measure; storing one more drops the oldest stored until both bounds hold.
+    measure. A newcomer that finds it full is kept one time in ADMIT_ONE_IN, and then the
+    entries stored first go until both bounds hold; a value heavier than `max_bytes` alone is
+    never kept. Storing a key that is held replaces its value (the oldest others go if needed).
 
     `get` and `put` are plain dict operations, cheap enough for every poll. Not thread-safe:
     each cache is used from one thread (the event loop) or holds values that are cheap to redo.
     """
 
-    __slots__ = ("size", "max_bytes", "_weigh", "_bytes", "_entries")
+    __slots__ = ("size", "max_bytes", "_weigh", "_bytes", "_entries", "_turned_away")
 
     def __init__(self, size: int, *, max_bytes: int | None = None, weigh: Callable[[V], int] | None = None) -> None:
         if size < 1:
@@ -33,25 +46,43 @@ class BoundedCache(Generic[K, V]):
         self._weigh = weigh
         self._bytes = 0
         self._entries: dict[K, V] = {}
+        self._turned_away = 0   # newcomers not kept since the last one that was
 
     def get(self, key: K) -> V | None:
         return self._entries.get(key)
 
     def put(self, key: K, value: V) -> V:
+        """Keep `value` for `key` if the policy lets it in; returns `value` either way."""
         entries, weigh = self._entries, self._weigh
         if weigh is None:
             if key not in entries and len(entries) >= self.size:
-                del entries[next(iter(entries))]
+                if not self._admit():
+                    return value
+                while len(entries) >= self.size:
+                    del entries[next(iter(entries))]
             entries[key] = value
             return value
+        weight = weigh(value)
         old = entries.pop(key, None)
         if old is not None:
             self._bytes -= weigh(old)
-        self._bytes += weigh(value)
-        while entries and (len(entries) >= self.size or self._bytes > self.max_bytes):  # type: ignore[operator]
+        if weight > self.max_bytes:  # type: ignore[operator]
+            return value
+        if old is None and (len(entries) >= self.size or self._bytes + weight > self.max_bytes) and not self._admit():  # type: ignore[operator]
+            return value
+        while entries and (len(entries) >= self.size or self._bytes + weight > self.max_bytes):  # type: ignore[operator]
             self._bytes -= weigh(entries.pop(next(iter(entries))))
         entries[key] = value
+        self._bytes += weight
         return value
+
+    def _admit(self) -> bool:
+        """Whether a newcomer that finds the cache full is kept: one in ADMIT_ONE_IN."""
+        self._turned_away += 1
+        if self._turned_away < ADMIT_ONE_IN:
+            return False
+        self._turned_away = 0
+        return True
 
     @property
     def bytes(self) -> int:

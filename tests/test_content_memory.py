@@ -3,7 +3,7 @@ held once as text with an index, compiled templates bounded."""
 
 from __future__ import annotations
 
-from configserver.caches import BoundedCache
+from configserver.caches import ADMIT_ONE_IN, BoundedCache
 from configserver.content import ContentRules, Renderer, SourceFile, build_snapshot
 from configserver.content.variables import DeviceRows, parse_vars
 from configserver.identity import DeviceIdentity, parse_device_name
@@ -14,23 +14,56 @@ def device(cn: str) -> DeviceIdentity:
     return DeviceIdentity(hwid=name.hwid, model=name.model, mac=name.mac, cn=cn, issuer="test")
 
 
-def test_a_cache_bounded_by_bytes_drops_the_oldest_until_the_new_entry_fits():
+def test_a_cache_bounded_by_bytes_stays_within_its_bound_and_keeps_what_it_holds():
     cache: BoundedCache[str, bytes] = BoundedCache(100, max_bytes=10, weigh=len)
     cache.put("a", b"1234")
     cache.put("b", b"1234")
-    cache.put("c", b"1234")          # 12 bytes: "a" goes
-    assert list(cache) == ["b", "c"] and cache.bytes == 8
-    cache.put("b", b"1")             # replacing counts the new value only, and stores it anew
-    assert list(cache) == ["c", "b"] and cache.bytes == 5
-    cache.put("d", b"123456789")     # the oldest goes until the new one fits
-    assert list(cache) == ["b", "d"] and cache.bytes == 10
+    assert cache.put("c", b"1234") == b"1234"     # 12 bytes: full, the newcomer is not kept
+    assert list(cache) == ["a", "b"] and cache.bytes == 8
+    cache.put("b", b"1")                          # a held key is replaced, and stored anew
+    assert list(cache) == ["a", "b"] and cache.bytes == 5
+    cache.put("b", b"12345678")                   # heavier: the oldest others go until it fits
+    assert list(cache) == ["b"] and cache.bytes == 8
+    cache.put("x", b"12345678901")                # heavier than the bound alone: never kept
+    assert "x" not in cache and cache.bytes == 8
 
 
-def test_a_cache_bounded_by_count_keeps_the_newest():
+def test_a_full_cache_keeps_one_newcomer_in_32_in_place_of_the_oldest():
     cache: BoundedCache[int, int] = BoundedCache(3)
-    for n in range(5):
+    for n in range(3 + ADMIT_ONE_IN):
         cache[n] = n
-    assert list(cache) == [2, 3, 4] and cache[4] == 4 and cache.get(0) is None
+    assert list(cache) == [1, 2, 3 + ADMIT_ONE_IN - 1] and cache.get(0) is None and cache[2] == 2
+    weighed: BoundedCache[int, bytes] = BoundedCache(100, max_bytes=30, weigh=len)
+    for n in range(3 + ADMIT_ONE_IN):
+        weighed.put(n, b"0123456789")
+    assert list(weighed) == [1, 2, 3 + ADMIT_ONE_IN - 1] and weighed.bytes <= 30
+
+
+def test_a_fleet_larger_than_the_cache_polling_in_turn_finds_its_share_in_it():
+    # evicting the oldest entry would find none: the next device is always the one just gone
+    cache: BoundedCache[int, int] = BoundedCache(500)
+    hits = polls = 0
+    for round_ in range(20):
+        for device in range(1000):
+            found = cache.get(device)
+            if found is None:
+                cache.put(device, device)
+            elif round_ >= 10:
+                hits += 1
+            polls += round_ >= 10
+    assert 0.45 < hits / polls <= 0.5
+
+
+def test_the_devices_that_left_the_fleet_leave_a_full_cache_in_their_turn():
+    cache: BoundedCache[int, int] = BoundedCache(100)
+    for device in range(100):
+        cache.put(device, device)
+    for _ in range(40):       # devices 0-49 left; 50-249 poll in turn
+        for device in range(50, 250):
+            if cache.get(device) is None:
+                cache.put(device, device)
+    assert not any(device in cache for device in range(50))
+    assert len(cache) == 100
 
 
 def test_the_compiled_templates_are_bounded_by_the_one_cache_policy(tmp_path):
