@@ -36,8 +36,17 @@ from .refusals import (
 )
 from .revocation import Revocations
 
-_VERDICTS_KEPT = 65536
+# A whole fleet's verdicts, bounded by what they weigh: a device's verdict is about 350 bytes
+# (DN headers) or 750 (a forwarded certificate), so 100,000 devices fit, and a miss costs a DN
+# parse (~60 us) or a certificate check (~300 us). Past the bound, a fleet polling in turn still
+# finds its share of verdicts kept (caches.py's policy).
+_VERDICTS_BYTES = 48 * 1024 * 1024
+_VERDICTS_KEPT = 1_000_000
 _DETAIL_CHARS = 300
+# what one verdict costs beside its objects: the dict slot and the key (a SHA-256 digest)
+_VERDICT_OVERHEAD = 50 + sys.getsizeof(bytes(32))
+
+Verdict = DeviceIdentity | tuple[DeviceIdentity, dt.datetime] | Refused
 
 
 def _clip(text: str | None) -> str | None:
@@ -67,17 +76,17 @@ class Gate:
         require_client_cert: bool = False,
         fixes: Mapping[str, str] = BROKEN_MODEL_NAMES,
         revocations: Callable[[], Revocations] | None = None,
+        verdicts_bytes: int = _VERDICTS_BYTES,
     ) -> None:
         self._accepted = frozenset(parse_dn(dn) for dn in accepted_issuers)
         self._revocations = revocations
         self._verifier = verifier
         self._require_cert = require_client_cert
         self._fixes = fixes
-        # a whole fleet's verdicts: each is kept small (the device and the certificate's validity,
-        # not the parsed certificate), since a cache smaller than the fleet is of no use to polls
-        # that come round in turn
-        self._verdicts: BoundedCache[bytes, tuple[DeviceIdentity, dt.datetime | None] | Refused] = BoundedCache(
-            _VERDICTS_KEPT)
+        # a whole fleet's verdicts, each kept small: the device alone, or with the certificate's
+        # start of validity when a certificate was forwarded; never the parsed certificate
+        self._verdicts: BoundedCache[bytes, Verdict] = BoundedCache(
+            _VERDICTS_KEPT, max_bytes=verdicts_bytes, weigh=verdict_weight)
 
     def admit(self, facts: ClientFacts, query: Mapping[str, list[str]], now: dt.datetime) -> DeviceIdentity:
         """Run the checks in order; return the device, or raise Refused naming the failed check.
@@ -95,13 +104,17 @@ class Gate:
         verdict = self._verdicts.get(key)
         if verdict is None:
             try:
-                verdict = self._identify(facts)
+                device, not_before = self._identify(facts)
+                verdict = device if not_before is None else (device, not_before)
             except Refused as refusal:
                 verdict = Refused(refusal.reason, _clip(refusal.detail), device=refusal.device, claimed=refusal.claimed)
             self._verdicts.put(key, verdict)
-        if isinstance(verdict, Refused):
+        if type(verdict) is DeviceIdentity:
+            device, not_before = verdict, None
+        elif isinstance(verdict, Refused):
             raise Refused(verdict.reason, verdict.detail, device=verdict.device, claimed=verdict.claimed)
-        device, not_before = verdict
+        else:
+            device, not_before = verdict
         if not_before is not None and device.not_after is not None:
             problem = ("certificate not yet valid" if now < not_before
                        else "certificate expired" if now > device.not_after else None)
@@ -151,7 +164,7 @@ class Gate:
             hwid=name.hwid,
             model=name.model,
             mac=name.mac,
-            cn=cn,
+            cn=name.hwid if cn == name.hwid else cn,   # one string for both when they are alike
             issuer=sys.intern(str(issuer)),   # a fleet has two issuers: one string each
             fingerprint_sha256=checked.fingerprint_sha256 if checked else None,
             serial=checked.serial if checked else None,
@@ -177,6 +190,27 @@ class Gate:
             return parse_dn(text)
         except DNError as exc:
             raise Refused(reason, f"unreadable {what} DN: {exc}") from None
+
+
+def verdict_weight(verdict: Verdict) -> int:
+    """About what a kept verdict holds in memory, in bytes: its objects and strings, its key
+    and its slot (the model and issuer strings are shared by the fleet and not counted)."""
+    if isinstance(verdict, Refused):
+        return _VERDICT_OVERHEAD + sum(map(_size, (verdict, verdict.__dict__, verdict.args, *verdict.args, verdict.detail))) + (
+            device_weight(verdict.device) if verdict.device is not None else 0)
+    if isinstance(verdict, tuple):
+        return _VERDICT_OVERHEAD + _size(verdict) + _size(verdict[1]) + device_weight(verdict[0])
+    return _VERDICT_OVERHEAD + device_weight(verdict)
+
+
+def device_weight(device: DeviceIdentity) -> int:
+    """The bytes of a DeviceIdentity and of the strings it alone holds."""
+    return (_size(device) + _size(device.hwid) + _size(device.mac) + (_size(device.cn) if device.cn is not device.hwid else 0)
+            + _size(device.fingerprint_sha256) + _size(device.serial) + _size(device.not_after))
+
+
+def _size(value: object) -> int:
+    return 0 if value is None else sys.getsizeof(value)
 
 
 def check_revoked(device: DeviceIdentity, revocations: Revocations) -> None:

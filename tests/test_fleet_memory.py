@@ -1,0 +1,116 @@
+"""What a fleet larger than its caches gets: each device its own verdict and its own answer,
+from caches that stay within their bounds, with entries as small as they were meant to be."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import time
+import tracemalloc
+
+from configserver.admission import Gate, verdict_weight
+from configserver.certificates import CertificateVerifier
+from configserver.content import ContentStore
+from configserver.content.variables import DeviceRows
+from configserver.forwarded import ClientFacts
+from configserver.identity import DeviceIdentity, parse_device_name
+from configserver.poll import Pipeline, PollRequest
+from configserver.refusals import Refused
+
+ISSUER = "OU=innovaphone Device Certification Authority,O=innovaphone,C=DE"
+NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+
+
+def hwid(n: int) -> str:
+    return f"IP232-{n >> 16 & 255:02x}-{n >> 8 & 255:02x}-{n & 255:02x}"
+
+
+def facts(n: int) -> ClientFacts:
+    return ClientFacts("SUCCESS", f"CN={hwid(n)},O=innovaphone,C=DE", ISSUER, None, None)
+
+
+def device(n: int) -> DeviceIdentity:
+    name = parse_device_name(hwid(n))
+    return DeviceIdentity(hwid=name.hwid, model=name.model, mac=name.mac, cn=hwid(n), issuer=ISSUER)
+
+
+def test_a_fleet_larger_than_the_verdicts_kept_is_admitted_device_by_device_within_the_bound():
+    gate = Gate([ISSUER], CertificateVerifier(None), verdicts_bytes=40_000)
+    for _ in range(3):
+        for n in range(500):
+            admitted = gate.admit(facts(n), {}, NOW)
+            assert (admitted.hwid, admitted.mac) == (hwid(n), f"00-90-33-{hwid(n)[6:]}")
+    assert 0 < gate._verdicts.bytes <= 40_000
+    assert sum(map(verdict_weight, gate._verdicts.values())) == gate._verdicts.bytes
+
+
+def test_a_kept_refusal_is_weighed_too_and_still_refuses():
+    gate = Gate([ISSUER], CertificateVerifier(None), verdicts_bytes=40_000)
+    stranger = ClientFacts("SUCCESS", "CN=IP232-30-00-af,O=innovaphone,C=DE", "CN=someone else", None, None)
+    for _ in range(2):
+        try:
+            gate.admit(stranger, {}, NOW)
+        except Refused as refusal:
+            assert refusal.reason == "wrong CA"
+        else:
+            raise AssertionError("admitted by another CA")
+    assert gate._verdicts.bytes == sum(map(verdict_weight, gate._verdicts.values())) > 0
+
+
+def test_a_verdict_weighs_what_it_holds_in_memory():
+    gate = Gate([ISSUER], CertificateVerifier(None))
+    many = [facts(n) for n in range(2000)]
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for one in many:
+        gate.admit(one, {}, NOW)
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    # the weights add up to what the verdicts hold, give or take the dict's growth in steps
+    assert 0.7 < held / gate._verdicts.bytes < 1.3
+    assert gate._verdicts.bytes / 2000 < 400   # a device admitted by its DN headers: a few hundred bytes
+
+
+def test_a_device_whose_answer_was_not_kept_still_gets_its_own(tmp_path):
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    (tmp_path / "templates/default.j2").write_text("config change SIP0 /user {{ vars.user }} # {{ device.hwid }}\n")
+    (tmp_path / "vars/devices.csv").write_text("hwid,user\n" + "".join(f"{hwid(n)},user{n}\n" for n in range(60)))
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    store.settle()
+    pipeline = Pipeline(admission=None, store=store, answers_kept=8)  # type: ignore[arg-type]
+    for _ in range(3):   # 60 devices in turn through 8 kept answers
+        for n in range(60):
+            outcome = pipeline.serve(device(n), PollRequest("GET", "/", {}, None, None, time.time()), NOW)
+            assert outcome.status == 200
+            assert f"config change SIP0 /user user{n} # {hwid(n)}\r\n".encode() in outcome.body
+    assert len(pipeline._answers) == 8
+
+
+def test_the_devices_csv_index_costs_a_few_bytes_a_row():
+    text = "hwid,user\n" + "".join(f"{hwid(n)},user{n}\n" for n in range(20_000))
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    rows = DeviceRows(text)
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(rows) == 20_000 and rows.values(hwid(7).casefold()) == {"user": "user7"}
+    assert held / 20_000 < 24   # two 8-byte numbers a row; the text itself is the caller's
+
+
+class _HashedLike(str):
+    """A key whose hash is another key's: what two keys of one hash look like to the index."""
+
+    def __hash__(self) -> int:
+        return hash(hwid(1).casefold())
+
+
+def test_a_device_whose_key_hashes_like_another_never_gets_the_others_row():
+    rows = DeviceRows("hwid,password\n" + f"{hwid(1)},secret-of-1\n{hwid(2)},secret-of-2\n")
+    assert rows.row(hwid(1).casefold())[1] == {"password": "secret-of-1"}
+    assert rows.row(_HashedLike(hwid(2).casefold())) is None
+    assert rows.row(_HashedLike(hwid(1).casefold()))[1] == {"password": "secret-of-1"}
