@@ -8,6 +8,7 @@ that holds the version and goes with it. Start-up reads files; it parses no temp
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ import jinja2
 from jinja2 import nodes
 
 from ..apply_once import OptionsError, TemplateOptions, parse_options
+from ..caches import BoundedCache
 
 if TYPE_CHECKING:
     from .snapshot import SourceFile
@@ -26,6 +28,10 @@ _PARSER = jinja2.Environment(autoescape=False)
 _NO_OPTIONS = TemplateOptions()
 
 Facts = tuple[bool, tuple[str, ...]]   # (reads per-poll values?, templates it references)
+# A fleet's templates say the same few things (100,000 device templates that include default.j2):
+# equal facts are one tuple, kept by every version that has them
+_ALIKE: BoundedCache[Facts, Facts] = BoundedCache(4096)
+_PER_POLL: Facts = (True, ())
 
 
 def template_facts(source: str) -> Facts:
@@ -37,23 +43,24 @@ def template_facts(source: str) -> Facts:
     try:
         ast = _PARSER.parse(source)
     except Exception:  # a syntax error, or absurd nesting: the render will fail and say why
-        return True, ()
+        return _PER_POLL
     if any(node.name in _PER_POLL_NAMES for node in ast.find_all(nodes.Name)):
-        return True, ()
+        return _PER_POLL
     if any(node.name in _PER_POLL_FILTERS for node in ast.find_all(nodes.Filter)):
-        return True, ()
+        return _PER_POLL
     # a filter or test named by a string, as in map('random')
     if any(node.value in _PER_POLL_FILTERS for node in ast.find_all(nodes.Const) if isinstance(node.value, str)):
-        return True, ()
+        return _PER_POLL
     references: list[str] = []
     for node in ast.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
         target = node.template
         names = target.items if isinstance(target, (nodes.List, nodes.Tuple)) else [target]
         for item in names:
             if not (isinstance(item, nodes.Const) and isinstance(item.value, str)):
-                return True, ()
-            references.append(item.value)
-    return False, tuple(references)
+                return _PER_POLL
+            references.append(sys.intern(item.value))
+    found = (False, tuple(references))
+    return _ALIKE.get(found) or _ALIKE.put(found, found)
 
 
 def options_of(name: str, text: str) -> TemplateOptions | str:

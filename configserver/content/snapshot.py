@@ -235,11 +235,11 @@ class Snapshot:
             versions.append(source)
         rows = self.device_rows
         for key in (mac, hwid) if rows is not None else ():
-            line = rows.line(key)
-            if line is not None:
+            found = rows.row(key)
+            if found is not None:
                 used.append(DEVICES_CSV)
-                layers.append(rows.values(key))
-                versions.append((rows.columns, line))   # the header says what each cell sets
+                layers.append(found[1])
+                versions += (rows.columns, found[0])   # the header says what each cell sets
         depends = analysis.dependencies(template, self.templates) if template and not problem else None
         apply, final = self.template_options(template) if template else (self.rules.apply_once, self.rules.final_command)
         return Choice(

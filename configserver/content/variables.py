@@ -5,7 +5,7 @@ Pure functions on text and values.
 
 devices.csv is held once: its text, and an index from each device's key to where its row sits
 in that text. A row is parsed when a device needs its values, so a table of 100,000 rows costs
-its own size and a small index, not a dict per row.
+its own size and 1.6 MB of index, not a dict per row.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import tomllib
+from array import array
+from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -25,12 +27,18 @@ _NOT_VARIABLES = ("hwid", "mac")   # devices.csv's columns that name the device
 
 class DeviceRows:
     """The rows of devices.csv by device key (see naming.csv_row_device), read from its text on
-    demand. When several rows name one device, the last counts."""
+    demand. When several rows name one device, the last counts.
 
-    __slots__ = ("_text", "_columns", "_spans")
+    The index is two sorted arrays, 16 bytes a row (a dict of key strings costs about 150): the
+    hash of each device's key, and where its row sits in the text. A row found by its hash is
+    the device's own only if the row, parsed, names that key: two keys of one hash stay apart.
+    """
+
+    __slots__ = ("_text", "_columns", "_hashes", "_spans", "_fixes")
 
     def __init__(self, text: str, fixes: Mapping[str, str] = BROKEN_MODEL_NAMES) -> None:
         self._text = text
+        self._fixes = fixes
         lines = io.StringIO(text, newline="")
         starts = [0]   # where each line starts in the text
         def tracked() -> Any:
@@ -39,14 +47,16 @@ class DeviceRows:
                 yield line
         reader = csv.reader(tracked())
         self._columns: tuple[str, ...] = tuple(next(reader, ()))
-        self._spans: dict[str, int] = {}   # key -> start << 32 | end, in characters
+        spans: dict[str, int] = {}   # key -> start << 32 | end, in characters
         where = reader.line_num
         for values in reader:
             start, where = starts[where], reader.line_num
-            row = dict(zip(self._columns, values))
-            named = csv_row_device(row.get("hwid"), row.get("mac"), fixes)
-            if named.key is not None:
-                self._spans[named.key] = start << 32 | starts[where]
+            key = self._key(values)
+            if key is not None:
+                spans[key] = start << 32 | starts[where]
+        indexed = sorted((hash(key), span) for key, span in spans.items())
+        self._hashes = array("q", [hashed for hashed, _ in indexed])
+        self._spans = array("Q", [span for _, span in indexed])
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -54,28 +64,43 @@ class DeviceRows:
         return self._columns
 
     def __len__(self) -> int:
-        return len(self._spans)
+        return len(self._hashes)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._spans
+        return isinstance(key, str) and self.row(key) is not None
 
     def rows(self) -> Iterator[dict[str, str]]:
         """Every row as the file has it, column -> cell (for `check` and `render`, not for polls)."""
         return csv.DictReader(io.StringIO(self._text, newline=""))
 
+    def row(self, key: str) -> tuple[str, Mapping[str, str]] | None:
+        """The text of the row that names `key` (what a kept answer compares) and its variables
+        (empty cells left out), or None."""
+        hashes, hashed = self._hashes, hash(key)
+        at = bisect_left(hashes, hashed)
+        while at < len(hashes) and hashes[at] == hashed:
+            span = self._spans[at]
+            line = self._text[span >> 32: span & 0xFFFFFFFF]
+            values = next(csv.reader(io.StringIO(line, newline="")), [])
+            if self._key(values) == key:
+                return line, {column: value for column, value in zip(self._columns, values)
+                              if column and column not in _NOT_VARIABLES and value != ""}
+            at += 1
+        return None
+
     def line(self, key: str) -> str | None:
-        """The text of the row that names `key`, or None: what a kept answer compares."""
-        span = self._spans.get(key)
-        return None if span is None else self._text[span >> 32: span & 0xFFFFFFFF]
+        """The text of the row that names `key`, or None."""
+        found = self.row(key)
+        return None if found is None else found[0]
 
     def values(self, key: str) -> Mapping[str, str] | None:
         """The variables of the row that names `key` (empty cells left out), or None."""
-        line = self.line(key)
-        if line is None:
-            return None
-        values = next(csv.reader(io.StringIO(line, newline="")), [])
-        return {column: value for column, value in zip(self._columns, values)
-                if column and column not in _NOT_VARIABLES and value != ""}
+        found = self.row(key)
+        return None if found is None else found[1]
+
+    def _key(self, values: list[str]) -> str | None:
+        row = dict(zip(self._columns, values))
+        return csv_row_device(row.get("hwid"), row.get("mac"), self._fixes).key
 
 
 def parse_vars(name: str, text: str, fixes: Mapping[str, str] = BROKEN_MODEL_NAMES) -> tuple[Any, str | None]:
