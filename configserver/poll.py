@@ -37,10 +37,14 @@ from .outcome import Outcome
 from .refusals import Refused
 
 ANSWERS_KEPT = 100_000   # devices whose answers are kept
-# ... and what they may weigh together, whatever the fleet's size: past that bound the oldest
-# kept answer goes, and its device's answer is rendered again when it polls
-ANSWERS_BYTES = 48 * 1024 * 1024
-_ANSWER_OVERHEAD = 600   # bytes an entry holds beside its bodies (objects, digests, key)
+# ... and what they may weigh together, whatever the fleet's size. A kept answer is about 1.1 KB
+# (a 340-byte script), so 100,000 devices would need 110 MB: past the bound a fleet polling in
+# turn finds its share of answers kept (caches.py's policy), and the others are rendered again
+# (a compiled template: ~50 us; a device's own template compiled anew: ~300 us).
+ANSWERS_BYTES = 32 * 1024 * 1024
+# bytes an entry holds beside its bodies and sources: its tuple and dict slot, the Answers, the
+# bodies' headers, two SHA-256 and one digest in hex, the sources tuple's header
+_ANSWER_OVERHEAD = 560
 METHOD_NOT_ALLOWED = "method not allowed"
 NO_CONFIGURATION = "no configuration"
 CONFIGURATION_ERROR = "configuration error"
@@ -251,7 +255,10 @@ class Pipeline:
 
 
 def _weight(kept: tuple[tuple[object, ...], Answers]) -> int:
-    return len(kept[1].sent) + len(kept[1].unchanged) + _ANSWER_OVERHEAD
+    sources, answers = kept
+    # the file versions in `sources` are the snapshot's; a devices.csv row's text is the entry's own
+    return (len(answers.sent) + len(answers.unchanged) + _ANSWER_OVERHEAD + 8 * len(sources)
+            + sum(49 + len(source) for source in sources if type(source) is str))
 
 
 def script_hash(body: bytes, key: bytes | None) -> str:
