@@ -15,8 +15,11 @@ fresh TLS handshake per request as a device does. Server CPU is read from /proc 
 processes, and the app's) over the run. Printed: CPU per request (and the app's part of it), requests/s, and the ratios
 poll / static (targets: CPU at most 1.15x, requests/s at least 0.90x).
 
+* floor: the same sample forwarding to uvicorn alone (httptools, uvloop, unix socket) answering
+  a constant 1 KB: what the ASGI server costs before any work of ours.
+
 Then keep-alive straight to the app's socket with nginx's header forms, the app's CPU per poll
-(target: at most 80 us).
+(target: at most 80 us), and the same for the floor.
 
 Not a test: it prints figures. Needs nginx and apache2 (scripts/install-test-servers).
 """
@@ -34,6 +37,7 @@ import tempfile
 import time
 import urllib.parse
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "integration")]
@@ -47,6 +51,7 @@ _spec.loader.exec_module(lab_fixtures)
 DEPLOY, Started, need_terminator = lab_fixtures.DEPLOY, lab_fixtures.Started, lab_fixtures.need_terminator
 start_app, start_nginx, start_apache = lab_fixtures.start_app, lab_fixtures.start_nginx, lab_fixtures.start_apache
 _readable_dir, _start, _terminator_root = lab_fixtures._readable_dir, lab_fixtures._start, lab_fixtures._terminator_root
+_give_to_terminator_group = lab_fixtures._give_to_terminator_group
 
 from terminator_lab import (  # noqa: E402
     Credential,
@@ -142,6 +147,41 @@ def start_static(kind: str, root: Path, lab: TLSLab, secret: str) -> Started:
         command = ["apache2", "-d", str(folder), "-f", str(folder / "apache2.conf"), "-DFOREGROUND"]
         server = Server(f"{kind} static", command, [folder / "logs" / "error.log"], env)
     return Started(_start(server, folder, port), port, folder / "configserver.conf")
+
+
+CONSTANT_APP = f"""
+BODY = {STATIC.encode()!r}
+HEADERS = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(BODY)),
+           (b"cache-control", b"no-store")]
+
+async def app(scope, receive, send):
+    if scope["type"] == "http":
+        await send({{"type": "http.response.start", "status": 200, "headers": HEADERS}})
+        await send({{"type": "http.response.body", "body": BODY}})
+"""
+
+
+class Floor(NamedTuple):
+    """uvicorn alone, serving a constant answer the way the app is served: the ASGI server's
+    own cost, which no work of ours can remove."""
+
+    server: Server
+    uds: Path
+    port: int | None = None
+
+
+def start_floor(root: Path) -> Floor:
+    folder = _readable_dir(root / "floor", 0o750)
+    _give_to_terminator_group(folder)
+    (folder / "constant_app.py").write_text(CONSTANT_APP)
+    uds = folder / "app.sock"
+    command = [sys.executable, "-m", "uvicorn", "constant_app:app", "--app-dir", str(folder), "--uds", str(uds),
+               "--http", "httptools", "--loop", "uvloop", "--no-access-log", "--no-server-header",
+               "--log-level", "warning", "--timeout-keep-alive", "5"]
+    server = Server("uvicorn, constant app", command, [])
+    server.start(folder / "output.log")
+    server.wait_until(uds.exists, "its unix socket")
+    return Floor(server, uds)
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -252,10 +292,15 @@ def main() -> None:
         app = start_app("bench", root, site, lab, secret, uds=True)
         stop.append(app.server)
         app_pid = app.server.process.pid
+        floor = start_floor(root)
+        stop.append(floor.server)
+        floor_pid = floor.server.process.pid
         for kind in args.kinds.split(","):
             starter = {"nginx": start_nginx, "apache": start_apache}[kind]
             proxied = starter(kind, root, lab, app, secret)
             stop.append(proxied.server)
+            to_floor = starter(f"{kind}-floor", root, lab, floor, secret)
+            stop.append(to_floor.server)
             static = start_static(kind, root, lab, secret)
             stop.append(static.server)
             best: dict[str, tuple[float, float, float]] = {}
@@ -263,6 +308,7 @@ def main() -> None:
                 for name, started, path, pids in (
                     ("static", static, "/static.txt", [static.server.process.pid]),
                     ("poll", proxied, "/init", [proxied.server.process.pid, app_pid]),
+                    ("floor", to_floor, "/init", [to_floor.server.process.pid, floor_pid]),
                 ):
                     cpu, rate, app_cpu = measure(pids, started.port, path, lab, args.clients, args.seconds)
                     old = best.get(name)
@@ -270,9 +316,10 @@ def main() -> None:
                         old = (cpu, old[1] if old else 0.0, app_cpu)
                     best[name] = (old[0], max(rate, old[1]), old[2])
             results[kind] = best
-            for server in (proxied.server, static.server):
+            for server in (proxied.server, to_floor.server, static.server):
                 server.stop()
         keep_alive = keep_alive_cpu(app_pid, app.uds, lab, secret, args.keep_alive_polls)
+        keep_alive_floor = keep_alive_cpu(floor_pid, floor.uds, lab, secret, args.keep_alive_polls)
     finally:
         for server in stop:
             server.stop()
@@ -285,10 +332,12 @@ def main() -> None:
         static_cpu, static_rate, _ = best["static"]
         poll_cpu, poll_rate, app_cpu = best["poll"]
         print(f"  {kind + ', static 1 KB file':28} {static_cpu * 1e6:9.0f} us {'':14} {static_rate:11.0f}")
-        print(f"  {kind + ' -> configserver':28} {poll_cpu * 1e6:9.0f} us {app_cpu * 1e6:11.0f} us {poll_rate:11.0f} "
-              f"{poll_cpu / static_cpu:9.2f}x {poll_rate / static_rate:10.2f}x")
+        for name, label in (("poll", " -> configserver"), ("floor", " -> uvicorn, constant")):
+            cpu, rate, app_cpu = best[name]
+            print(f"  {kind + label:28} {cpu * 1e6:9.0f} us {app_cpu * 1e6:11.0f} us {rate:11.0f} "
+                  f"{cpu / static_cpu:9.2f}x {rate / static_rate:10.2f}x")
     print(f"\nkeep-alive straight to the app (unix socket, nginx's headers, 4 connections): "
-          f"{keep_alive * 1e6:.0f} us of app CPU per poll")
+          f"{keep_alive * 1e6:.0f} us of app CPU per poll; uvicorn with a constant app: {keep_alive_floor * 1e6:.0f} us")
 
 
 if __name__ == "__main__":
