@@ -178,6 +178,26 @@ async def test_newest_poll_wins_even_when_written_out_of_order(database: str) ->
 
 
 @pytest.mark.anyio
+async def test_a_device_identity_follows_its_newest_poll_and_only_that(database: str) -> None:
+    first = dataclasses.replace(poll(PHONE, T0), model="IP0", hwid="IP0-30-00-af")   # before a CN fix
+    fixed = poll(PHONE, T0 + 60)
+    late = dataclasses.replace(poll(PHONE, T0 + 30), model="IP999")                   # an older poll, written last
+    nameless = dataclasses.replace(poll(PHONE, T0 + 90), hwid=None, model=None)       # known by its MAC alone
+    async with running(database) as inventory:
+        for n, record in enumerate((first, fixed, late, nameless), start=1):
+            inventory.record(record)
+            await eventually(lambda n=n: inventory.stats()["written"] == n)   # one batch each, in this order
+        [phone] = await inventory.devices()
+        by_model = await inventory.devices(model="ip232")
+        by_old_model = await inventory.devices(model="IP0")
+        [newest, *_] = await inventory.history(PHONE)
+
+    assert (phone.hwid, phone.model, phone.mac) == (PHONE, "IP232", "00-90-33-30-00-af")
+    assert phone.last_seen == T0 + 90 and newest.time == T0 + 90
+    assert [d.hwid for d in by_model] == [PHONE] and by_old_model == []   # the model's index follows the row
+
+
+@pytest.mark.anyio
 async def test_template_and_firmware_survive_polls_that_do_not_report_them(database: str) -> None:
     async with running(database) as inventory:
         inventory.record(poll(PHONE, T0))
