@@ -24,17 +24,7 @@ from ._database import (
     schema_versions,
 )
 from ._queries import Device, Poll, select_devices, select_history, stream_devices
-from ._rows import (
-    Folded,
-    device_row,
-    fold_floods,
-    identity_params,
-    identity_refresh,
-    likeness,
-    merge,
-    poll_row,
-    upsert,
-)
+from ._rows import Folded, device_row, fold_floods, likeness, merge, poll_row, upsert
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -388,9 +378,7 @@ class Inventory:
             await connection.execute(_INSERT_POLLS, rows)
             if folded:
                 # One order for every writer, so two instances never wait on each other in a cycle.
-                ordered = [folded[key] for key in sorted(folded)]
-                await connection.execute(upsert(connection.dialect.name), ordered)
-                await connection.execute(identity_refresh(), [identity_params(row) for row in ordered])
+                await connection.execute(upsert(connection.dialect.name), [folded[key] for key in sorted(folded)])
 
     async def _store_one_by_one(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Store rows singly, rejecting those the database refuses; returns the unwritten rest

@@ -199,10 +199,6 @@ def upsert(dialect: str) -> Any:
 
     Safe with several writers: every column compares the incoming poll's time with the stored
     one, so a late batch from another instance never overwrites newer facts.
-
-    The identity columns (IDENTITY) are not among those it sets: a column set is a column whose
-    indexes are rewritten, and a device's identity hardly ever changes, while it polls every few
-    minutes. `identity_refresh` below sets them, for the rows where they did change.
     """
     stmt: Any = _INSERTS[dialect](devices)  # both dialects: on_conflict_do_update, excluded
     new, old = stmt.excluded, devices.c
@@ -212,6 +208,9 @@ def upsert(dialect: str) -> Any:
         "last_seen": sa.case((newer, new.last_seen), else_=old.last_seen),
     }
     values.update({name: sa.case((newer, new[name]), else_=old[name]) for name in LATEST})
+    values.update(
+        {name: sa.case((newer, sa.func.coalesce(new[name], old[name])), else_=old[name]) for name in IDENTITY}
+    )
     for stamp, names in (("served_at", SERVED), ("reported_at", REPORTED)):
         take = sa.and_(new[stamp].is_not(None), sa.or_(old[stamp].is_(None), new[stamp] >= old[stamp]))
         values[stamp] = sa.case((take, new[stamp]), else_=old[stamp])
@@ -219,31 +218,6 @@ def upsert(dialect: str) -> Any:
             {name: sa.case((take, sa.func.coalesce(new[name], old[name])), else_=old[name]) for name in names}
         )
     return stmt.on_conflict_do_update(index_elements=[devices.c.device], set_=values)
-
-
-@functools.cache
-def identity_refresh() -> Any:
-    """UPDATE of a device's identity (IDENTITY: each column to the newest poll's value, when it
-    has one), run after `upsert` in the same transaction with `identity_params` of each row.
-
-    It changes a row only where the newest poll's identity differs from the stored one: the
-    row's `last_seen` is then this poll's (the upsert kept the newest), and only then are the
-    identity columns, and their indexes, written.
-    """
-    stored = devices.c
-    taken = {name: sa.func.coalesce(sa.bindparam(f"new_{name}", type_=stored[name].type), stored[name])
-             for name in IDENTITY}
-    return (
-        sa.update(devices)
-        .where(stored.device == sa.bindparam("key"), stored.last_seen == sa.bindparam("seen", type_=stored.last_seen.type),
-               sa.or_(*(taken[name].is_distinct_from(stored[name]) for name in IDENTITY)))
-        .values(taken)
-    )
-
-
-def identity_params(row: dict[str, Any]) -> dict[str, Any]:
-    """The parameters of `identity_refresh` for one inventory row."""
-    return {"key": row["device"], "seen": row["last_seen"], **{f"new_{name}": row[name] for name in IDENTITY}}
 
 
 Folded = tuple[Outcome, int, "float | None"]  # a poll, how many more like it, the first one's time
