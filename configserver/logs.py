@@ -160,11 +160,18 @@ def stderr_handler() -> logging.Handler:
     Built before uvicorn takes over the signals, so that SIGTERM, which uvicorn raises again
     once it has shut down, reaches `_flush_then_die` instead of killing the process unflushed.
     """
-    # A line names no thread or process: a record need not look them up (once per poll)
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _flush_then_die)
-    return BatchingHandler(_buffered_stderr())
+    return lines_to(_buffered_stderr())
+
+
+def lines_to(stream: TextIO) -> BatchingHandler:
+    """The service's handler on `stream`: JSON lines, written in batches."""
+    # A line names no thread or process: a record need not look them up (once per poll)
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    handler = BatchingHandler(stream)
+    handler.setFormatter(JSONFormatter())
+    return handler
 
 
 def logging_config(level: str = "info") -> dict[str, Any]:
