@@ -127,7 +127,7 @@ def poll_row(record: Outcome, repeats: int = 0, repeats_since: float | None = No
         "decision": record.decision,
         "check_reported": record.check_reported,
         "check_digest": record.check_digest,
-        "firmware": reported_facts(query)["firmware"],
+        "firmware": clean_text(reported_build(query, "prot"), 128),   # as reported_facts has it
         "duration_ms": float(record.duration_ms or 0.0),
         "query": query,
         "claimed": record.claimed,
