@@ -1,16 +1,16 @@
 """One bounded cache for every memo on the poll path, with one policy.
 
 A fleet polls its devices in turn: the device asked for next is the one asked for longest ago.
-Evicting the oldest entry (FIFO, LRU) to make room for each newcomer is therefore the worst
-policy there is for a cache smaller than the fleet: every entry goes just before it would have
-been used, and no poll is ever served from the cache. This cache keeps what it holds instead:
-while there is room every entry is kept; once full, one newcomer in ADMIT_ONE_IN takes the place
-of the entries stored first, and the others are returned but not kept. A fleet of N devices
-polling in turn through a cache of C entries then finds about C/N of its polls in the cache,
-round after round (FIFO and LRU find none), and an entry that is no longer used (a device that
-left the fleet) still goes in its turn: every newcomer kept replaces the entry stored first.
-This is "bimodal insertion" (Qureshi et al., "Adaptive insertion policies for high performance
-caching", ISCA 2007), with its 1/32.
+Making room for every newcomer by evicting the entry used longest ago (LRU, or FIFO) is then the
+worst policy there is for a cache smaller than the fleet: every entry goes just before it would
+have been used, and no poll is ever served from the cache. This cache keeps what it holds
+instead: while there is room every entry is kept; once full, one newcomer in ADMIT_ONE_IN takes
+the place of the entries used longest ago, and the others are returned but not kept. A fleet
+of N devices polling in turn through a cache of C entries then finds about C/N of its polls in
+the cache, round after round; an entry used by every poll (default.j2's compiled template) is
+never the one that goes; an entry no longer used (a device that left the fleet) sinks to be the
+next to go. This is "bimodal insertion" on an LRU list (Qureshi et al., "Adaptive insertion
+policies for high performance caching", ISCA 2007), with its 1/32.
 """
 
 from __future__ import annotations
@@ -21,17 +21,18 @@ from typing import Generic, TypeVar
 K = TypeVar("K")
 V = TypeVar("V")
 
-ADMIT_ONE_IN = 32   # when full: one newcomer in this many is kept (and the oldest entries go)
+ADMIT_ONE_IN = 32   # when full: one newcomer in this many is kept (and the least used go)
 
 
 class BoundedCache(Generic[K, V]):
     """A mapping of at most `size` entries, and, given `weigh`, of at most `max_bytes` by that
     measure. A newcomer that finds it full is kept one time in ADMIT_ONE_IN, and then the
-    entries stored first go until both bounds hold; a value heavier than `max_bytes` alone is
-    never kept. Storing a key that is held replaces its value (the oldest others go if needed).
+    entries used longest ago go until both bounds hold; a value heavier than `max_bytes` alone
+    is never kept. Storing a key that is held replaces its value (others go if needed).
 
-    `get` and `put` are plain dict operations, cheap enough for every poll. Not thread-safe:
-    each cache is used from one thread (the event loop) or holds values that are cheap to redo.
+    `get` and `put` are plain dict operations (a hit moves its entry to the end of the dict's
+    order), cheap enough for every poll. Not thread-safe: each cache is used from one thread
+    (the event loop) or holds values that are cheap to redo.
     """
 
     __slots__ = ("size", "max_bytes", "_weigh", "_bytes", "_entries", "_turned_away")
@@ -49,7 +50,11 @@ class BoundedCache(Generic[K, V]):
         self._turned_away = 0   # newcomers not kept since the last one that was
 
     def get(self, key: K) -> V | None:
-        return self._entries.get(key)
+        entries = self._entries
+        value = entries.pop(key, None)
+        if value is not None:
+            entries[key] = value   # used now: the last to go
+        return value
 
     def put(self, key: K, value: V) -> V:
         """Keep `value` for `key` if the policy lets it in; returns `value` either way."""

@@ -39,6 +39,17 @@ def test_a_full_cache_keeps_one_newcomer_in_32_in_place_of_the_oldest():
     assert list(weighed) == [1, 2, 3 + ADMIT_ONE_IN - 1] and weighed.bytes <= 30
 
 
+def test_an_entry_used_by_every_poll_stays_while_a_larger_fleet_comes_round():
+    cache: BoundedCache[str, str] = BoundedCache(50)
+    cache.put("default.j2", "compiled once")
+    for _ in range(5):
+        for device in range(1000):
+            assert cache.get("default.j2") == "compiled once"
+            if cache.get(f"devices/{device}.j2") is None:
+                cache.put(f"devices/{device}.j2", "compiled")
+    assert len(cache) == 50
+
+
 def test_a_fleet_larger_than_the_cache_polling_in_turn_finds_its_share_in_it():
     # evicting the oldest entry would find none: the next device is always the one just gone
     cache: BoundedCache[int, int] = BoundedCache(500)
