@@ -208,7 +208,8 @@ def test_a_file_written_while_it_is_read_is_not_taken(store, monkeypatch):
 
     def fstat_after_a_write(fd):
         result = real_fstat(fd)
-        return os.stat_result((*result[:8], result[8] + 1, result[9]))  # mtime moved on
+        return os.stat_result((*result[:8], result[8] + 1, result[9]),   # mtime moved on
+                              {"st_mtime_ns": result.st_mtime_ns + 1_000_000_000})
 
     monkeypatch.setattr(os, "fstat", fstat_after_a_write)
     assert store.refresh() is False and store.pending

@@ -35,6 +35,8 @@ from .snapshot import (
     Stamp,
     empty_snapshot,
     read_text,
+    stamp_mtime_ns,
+    stamp_of,
 )
 from .variables import parse_vars
 
@@ -309,7 +311,7 @@ class ContentStore:
             if since is None or since[0] != stamp:
                 since = (stamp, now)
             unsettled[key] = since
-            age = now - stamp[0] / 1e9 if stamp is not None else -1.0
+            age = now - stamp_mtime_ns(stamp) / 1e9 if stamp is not None else -1.0
             old_on_disk = 0 <= age and age >= self.grace_seconds
             if not old_on_disk and now - since[1] < self.grace_seconds:
                 ready = False
@@ -344,7 +346,7 @@ def file_version(path: str, real_root: str) -> Version | None:
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
-    return target, (st.st_mtime_ns, st.st_size, st.st_ino)
+    return target, stamp_of(st)
 
 
 def list_files(root: Path) -> dict[str, Version]:
@@ -381,7 +383,7 @@ def list_files(root: Path) -> dict[str, Version]:
                 except OSError:
                     continue
                 if stat.S_ISREG(st.st_mode):
-                    found[entry.path[skip:]] = (None, (st.st_mtime_ns, st.st_size, st.st_ino))
+                    found[entry.path[skip:]] = (None, stamp_of(st))
                 elif stat.S_ISLNK(st.st_mode):
                     version = file_version(entry.path, real_root)
                     if version is not None:
