@@ -208,7 +208,9 @@ class OneWrite:
     uvicorn writes the head and the body of an answer separately: two system calls per poll, and
     a terminator that reads the head, waits, and reads again. `send` of each request tells this
     transport when a head is coming (`hold_next`) and when a message is done (`flush`): a head
-    without a body (HEAD, or an app that fails after the head) still leaves, alone.
+    without a body (HEAD, or an app that fails after the head) still leaves, alone. A streamed
+    answer's head leaves with its first part, so an app that sends its head and then waits
+    delays the head as long (none of ours does: every answer is whole when its head is sent).
     """
 
     __slots__ = ("transport", "_held", "_hold_next")
@@ -226,6 +228,7 @@ class OneWrite:
             return
         if self._hold_next:
             self._hold_next = False
+            self.flush()   # a head still held (none is, the way uvicorn writes) leaves first
             self._held = data
             return
         if self._held is not None:
@@ -266,13 +269,18 @@ def _watch_heads(registry: Connections, loop: asyncio.AbstractEventLoop, timeout
     One timer per listener instead of one per request: a head comes too late between `timeout`
     and a quarter more (a second more at most) after the listener began to wait for it.
     """
-    for connection in registry.idle_longer_than(timeout):
-        connection._head_timed_out()
-    if len(registry):
-        registry.watched = True
-        loop.call_later(min(timeout / 4, 1.0), _watch_heads, registry, loop, timeout)
-    else:
-        registry.watched = False
+    try:
+        for connection in registry.idle_longer_than(timeout):
+            try:
+                connection._head_timed_out()
+            except Exception:  # one connection's failure must not spare the others, nor stop the watch
+                log.exception("closing a connection whose request head came too late failed")
+    finally:
+        if len(registry):
+            registry.watched = True
+            loop.call_later(min(timeout / 4, 1.0), _watch_heads, registry, loop, timeout)
+        else:
+            registry.watched = False
 
 
 # --- the protocol -------------------------------------------------------------------------------
@@ -432,7 +440,7 @@ class _Guarded:
             _watch_heads(self._registry, self.loop, self._limits.request_head_timeout)
 
     def _head_arrived(self) -> None:
-        self.cycle.transport = self._writer   # the answer's head and body in one write
+        self._write_once()
         self._waiting_for_head = False
         self._registry.busy(self)
         if self._shutting_down and self.cycle is not None:
@@ -443,8 +451,16 @@ class _Guarded:
             log.debug("no complete request head within %ss: closing", self._limits.request_head_timeout)
             self.transport.abort()
 
+    def _write_once(self) -> None:
+        """The newest request cycle writes through the one-write transport. h11 makes one cycle at
+        a time (in data_received, or in on_response_complete for a pipelined request); httptools
+        may make several in one read, and hands each over as it makes it (on_headers_complete)."""
+        if self.cycle is not None:
+            self.cycle.transport = self._writer
+
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
+        self._write_once()   # h11 makes the next pipelined request's cycle only now
         if self.transport.is_closing():
             return
         if self.cycle is None or self.cycle.response_complete:  # no pipelined request already under way
@@ -531,3 +547,7 @@ else:
 
     class GuardedHttpToolsProtocol(_Guarded, HttpToolsProtocol):  # type: ignore[no-redef]
         """uvicorn's httptools protocol under the listener's limits."""
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            self._write_once()   # each cycle as it is made: pipelined ones are made in one read

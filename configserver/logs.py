@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -44,8 +45,8 @@ class JSONFormatter(logging.Formatter):
             out["exception"] = self.formatException(record.exc_info)
         try:
             return orjson.dumps(out, default=str).decode()
-        except TypeError:  # what orjson refuses (an integer over 64 bits, a key that is not text)
-            return json.dumps(out, default=str, separators=(",", ":"))
+        except TypeError:  # what orjson refuses: an integer over 64 bits, a key that is not text
+            return orjson.dumps(_storable(out), default=str).decode()
 
     def _timestamp(self, created: float) -> str:
         second = int(created)
@@ -56,13 +57,26 @@ class JSONFormatter(logging.Formatter):
         return text
 
 
+def _storable(value: Any) -> Any:
+    """`value` with what orjson refuses written as text: keys that are not text, integers over
+    64 bits; the same encoder then writes the line, so every other value keeps its form."""
+    if isinstance(value, dict):
+        return {key if isinstance(key, str) else str(key): _storable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_storable(item) for item in value]
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return str(value)
+    return value
+
+
 class FieldsRecord(logging.LogRecord):
     """The record of one structured line (`fields`), built for the poll path.
 
-    What `Logger.makeRecord` works out per call (the caller's file and line, thread and process
-    names, the message's arguments) is the same for every line of one logger and level, so it is
-    copied from a template made once; only the time and the fields are per line. Every attribute
-    a formatter or filter may read is there, as in any LogRecord.
+    What `Logger.makeRecord` works out per call and is the same for every line of one logger and
+    level (no caller's file and line: the line names its own event; the process's name) is
+    copied from a template made once; the message (the event), the time, and the thread, task
+    and process where logging is asked to name them are the line's own. Every attribute a
+    formatter or filter may read is there, as in any LogRecord.
     """
 
     _templates: dict[tuple[str, int], dict[str, Any]] = {}
@@ -70,30 +84,64 @@ class FieldsRecord(logging.LogRecord):
     def __init__(self, logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:  # noqa: D107
         template = self._templates.get((logger.name, level))
         if template is None:
-            model = logging.LogRecord(logger.name, level, "", 0, fields.get("event", ""), (), None)
+            model = logging.LogRecord(logger.name, level, "", 0, "", (), None)
             template = self._templates[(logger.name, level)] = {
                 k: v for k, v in vars(model).items() if k not in _PER_LINE}
         self.__dict__.update(template)
+        self.msg = fields.get("event", "")
         created = time.time()
         self.created = created
         self.msecs = int((created - int(created)) * 1000) + 0.0
         self.relativeCreated = (created - _STARTED) * 1000
-        # off in the service (stderr_handler); a test's or a tool's own logging may want them
+        # off in the service (lean_records); a test's or a tool's own logging may want them
         self.thread = threading.get_ident() if logging.logThreads else None
         self.threadName = threading.current_thread().name if logging.logThreads else None
         self.process = os.getpid() if logging.logProcesses else None
+        self.processName = _process_name() if logging.logMultiprocessing else None
+        if _TASK_NAMES:
+            self.taskName = _task_name() if getattr(logging, "logAsyncioTasks", False) else None
         self.fields = fields
 
 
 def log_fields(logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:
-    """Log one structured line: what `logger.log(level, ..., extra={"fields": fields})` does,
-    for a fraction of its cost (no stack walk, no per-line lookups)."""
+    """Log one structured line: what `logger.log(level, event, extra={"fields": fields})` does,
+    for a fraction of its cost (no stack walk, no per-line lookups). A record factory of someone
+    else's (`logging.setLogRecordFactory`) is honoured: the usual record is made then."""
     if logger.isEnabledFor(level):
-        logger.handle(FieldsRecord(logger, level, fields))
+        if logging.getLogRecordFactory() is logging.LogRecord:
+            record: logging.LogRecord = FieldsRecord(logger, level, fields)
+        else:
+            record = logger.makeRecord(logger.name, level, "", 0, fields.get("event", ""), (), None,
+                                       extra={"fields": fields})
+        logger.handle(record)
 
 
-_STARTED = time.time()
-_PER_LINE = ("created", "msecs", "relativeCreated", "thread", "threadName", "process")
+def lean_records() -> None:
+    """The service's lines name no thread or process: its records need not look them up (a
+    poll's line is the one logged most). Called by the service's handler, for its process."""
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    if hasattr(logging, "logAsyncioTasks"):   # Python 3.12 and later
+        logging.logAsyncioTasks = False
+
+
+def _process_name() -> str:
+    multiprocessing = sys.modules.get("multiprocessing")
+    return multiprocessing.current_process().name if multiprocessing is not None else "MainProcess"
+
+
+def _task_name() -> str | None:
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:   # no event loop running in this thread
+        return None
+    return task.get_name() if task is not None else None
+
+
+# as logging counts relativeCreated: from its own import
+_STARTED = getattr(logging, "_startTime", time.time())
+_PER_LINE = ("msg", "created", "msecs", "relativeCreated", "thread", "threadName", "process", "processName",
+             "taskName")
+_TASK_NAMES = sys.version_info >= (3, 12)   # records name their asyncio task from Python 3.12 on
 
 
 class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -166,9 +214,8 @@ def stderr_handler() -> logging.Handler:
 
 
 def lines_to(stream: TextIO) -> BatchingHandler:
-    """The service's handler on `stream`: JSON lines, written in batches."""
-    # A line names no thread or process: a record need not look them up (once per poll)
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    """The service's handler on `stream`: JSON lines, written in batches (lean records too)."""
+    lean_records()
     handler = BatchingHandler(stream)
     handler.setFormatter(JSONFormatter())
     return handler

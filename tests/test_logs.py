@@ -1,5 +1,7 @@
 """One JSON line per event, written in batches, and nothing lost when the service is stopped."""
 
+import asyncio
+import datetime
 import io
 import json
 import logging
@@ -7,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -51,17 +54,21 @@ def test_lines_are_json_and_written_in_batches():
 
 def test_a_line_holds_every_field_and_the_time_to_the_millisecond():
     formatter = JSONFormatter()
+    when = datetime.datetime(2026, 11, 29, 17, 3, 1, tzinfo=datetime.timezone.utc)
     earlier = record(logging.INFO, {"event": "poll", "hwid": "IP232-30-00-af", "duration_ms": 0.125,
-                                    "detail": "\u00e9t\u00e9 \"quoted\"\n", "path": Path("/init")})
+                                    "detail": "\u00e9t\u00e9 \"quoted\"\n", "path": Path("/init"), "at": when})
     earlier.created, earlier.msecs = 1796000000.5, 500.0
-    later = record(logging.INFO, {"event": "poll", "big": 2**70, 3: "key that is not text"})
+    later = record(logging.INFO, {"event": "poll", "big": 2**70, 3: "key that is not text", "at": when,
+                                  "nested": {"small": 2**40, 4: [2**65]}})
     later.created, later.msecs = 1796000061.007, 7.0
     first, second = json.loads(formatter.format(earlier)), json.loads(formatter.format(later))
     assert first == {"ts": "2026-11-30T00:53:20.500Z", "level": "info", "logger": "configserver.poll", "event": "poll",
                      "hwid": "IP232-30-00-af", "duration_ms": 0.125, "detail": "\u00e9t\u00e9 \"quoted\"\n",
-                     "path": "/init"}   # what JSON cannot hold is written as its text
+                     "path": "/init", "at": "2026-11-29T17:03:01+00:00"}   # what JSON has no form for: as text
     assert second["ts"] == "2026-11-30T00:54:21.007Z"   # the next minute: not the second kept from the line before
-    assert second["big"] == 2**70 and second["3"] == "key that is not text"
+    # what the fast encoder refuses is written as text, and everything else in that line as always
+    assert second["big"] == str(2**70) and second["3"] == "key that is not text" and second["at"] == first["at"]
+    assert second["nested"] == {"small": 2**40, "4": [str(2**65)]}
     earlier.msecs = 999.0
     assert json.loads(formatter.format(earlier))["ts"] == "2026-11-30T00:53:20.999Z"
 
@@ -108,16 +115,48 @@ def test_sigterm_writes_out_every_line_before_the_service_ends(tmp_path):
     assert server.returncode == -signal.SIGTERM
 
 
-def test_a_structured_line_is_the_record_logger_log_makes_without_the_caller(caplog):
+def test_a_structured_line_is_the_record_logger_log_makes_without_the_caller(caplog, monkeypatch):
     logger = logging.getLogger("configserver.poll")
-    with caplog.at_level(logging.INFO, logger="configserver.poll"):
+    for flag in ("logThreads", "logProcesses", "logMultiprocessing"):   # as logging has them unless told
+        monkeypatch.setattr(logging, flag, True)
+
+    async def in_a_task():
+        log_fields(logger, logging.INFO, {"event": "upload", "status": 200})
         log_fields(logger, logging.INFO, {"event": "poll", "status": 200})
         logger.info("poll", extra={"fields": {"event": "poll", "status": 200}})
+
+    with caplog.at_level(logging.INFO, logger="configserver.poll"):
+        asyncio.run(in_a_task())
+        elsewhere = threading.Thread(target=log_fields, name="elsewhere",
+                                     args=(logger, logging.INFO, {"event": "poll", "status": 304}))
+        elsewhere.start()
+        elsewhere.join()
         log_fields(logger, logging.DEBUG, {"event": "poll", "status": 200})   # below the level: nothing
-    fast, usual = caplog.records
+    upload, fast, usual, other = caplog.records
     per_call = {"created", "msecs", "relativeCreated", "pathname", "filename", "module", "lineno", "funcName"}
     assert set(vars(fast)) == set(vars(usual))
     assert {k: v for k, v in vars(fast).items() if k not in per_call} == {
         k: v for k, v in vars(usual).items() if k not in per_call}
-    assert abs(fast.created - usual.created) < 1 and fast.getMessage() == "poll"
+    assert abs(fast.created - usual.created) < 1 and abs(fast.relativeCreated - usual.relativeCreated) < 1000
+    assert upload.getMessage() == "upload" and fast.getMessage() == "poll"   # each line its own event
+    assert other.threadName == "elsewhere" and fast.threadName == threading.current_thread().name
     assert json.loads(JSONFormatter().format(fast))["status"] == 200
+
+
+def test_a_record_factory_of_someone_else_is_honoured(caplog):
+    made = []
+
+    def factory(*args, **kwargs):
+        made.append(args[0])
+        record = logging.LogRecord(*args, **kwargs)
+        record.trace_id = "4bf92f35"
+        return record
+
+    logging.setLogRecordFactory(factory)
+    try:
+        with caplog.at_level(logging.INFO, logger="configserver.poll"):
+            log_fields(logging.getLogger("configserver.poll"), logging.INFO, {"event": "poll", "status": 200})
+    finally:
+        logging.setLogRecordFactory(logging.LogRecord)
+    [line] = caplog.records
+    assert made == ["configserver.poll"] and line.trace_id == "4bf92f35" and line.fields["status"] == 200

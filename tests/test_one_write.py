@@ -6,8 +6,8 @@ import socket
 from typing import Any
 
 import pytest
-from test_listener_limits import PATIENCE, SHORT, by_protocol, files  # noqa: F401  (the fixture)
-from test_tls import Files, listening
+from test_listener_limits import PATIENCE, SHORT, by_protocol, files, tls_connection  # noqa: F401  (the fixture)
+from test_tls import Files, LabPKI, listening
 
 from configserver import limits
 from configserver.limits import Connections, OneWrite
@@ -88,27 +88,33 @@ class Answers:
         await send({"type": "http.response.body", "body": body})
 
 
+def received(sock: socket.socket) -> bytes:
+    chunk = sock.recv(65536)
+    if not chunk:
+        raise ConnectionError("the server closed the connection before the whole answer")
+    return chunk
+
+
 def read_answer(sock: socket.socket, *, head_only: bool = False) -> bytes:
+    """One answer (the tests using it ask for the next one only once they have read it)."""
     data = b""
     while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
+        data += received(sock)
     head, _, body = data.partition(b"\r\n\r\n")
     if head_only:
         return head + b"\r\n\r\n"
     if b"chunked" in head.lower():
         while not body.endswith(b"0\r\n\r\n"):
-            body += sock.recv(65536)
+            body += received(sock)
     else:
         length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
         while len(body) < length:
-            body += sock.recv(65536)
+            body += received(sock)
     return head + b"\r\n\r\n" + body
 
 
-@by_protocol
-def test_each_answer_on_a_keep_alive_connection_is_one_write(
-    files: Files, protocol: str, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
-) -> None:
+def spy_on_writes(monkeypatch: pytest.MonkeyPatch) -> list[Recording]:
+    """The writes each connection's one-write transport passes on, a list per connection."""
     wires: list[Recording] = []
 
     class Spied(OneWrite):
@@ -117,8 +123,19 @@ def test_each_answer_on_a_keep_alive_connection_is_one_write(
             super().__init__(wires[-1])  # type: ignore[arg-type]
 
     monkeypatch.setattr(limits, "OneWrite", Spied)
-    with listening(Answers(), **files.listener(protocol, tls=False, **SHORT, max_request_head_bytes=8192)) as port:
-        with socket.create_connection(("127.0.0.1", port), timeout=PATIENCE) as sock:
+    return wires
+
+
+@by_protocol
+@pytest.mark.parametrize("tls", [False, True], ids=["header path", "built-in TLS"])
+def test_each_answer_on_a_keep_alive_connection_is_one_write(
+    files: Files, pki: LabPKI, protocol: str, tls: bool, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+) -> None:
+    wires = spy_on_writes(monkeypatch)
+    with listening(Answers(), **files.listener(protocol, tls=tls, **SHORT, max_request_head_bytes=8192)) as port:
+        connection = tls_connection(files, pki, port) if tls else socket.create_connection(("127.0.0.1", port),
+                                                                                        timeout=PATIENCE)
+        with connection as sock:
             answers = []
             for request in (b"GET /init", b"HEAD /init", b"GET /stream", b"GET /init"):
                 sock.sendall(request + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -131,6 +148,23 @@ def test_each_answer_on_a_keep_alive_connection_is_one_write(
     # the two whole answers and the HEAD: one write each; the streamed one: its head with its first part
     assert wire.writes[0] == get and wire.writes[1] == head and wire.writes[-1] == again
     assert wire.writes[2].endswith(b"\r\n\r\n4\r\none \r\n") and b"".join(wire.writes[2:-1]) == stream
+
+
+@by_protocol
+def test_pipelined_requests_are_answered_in_order_one_write_each(
+    files: Files, protocol: str, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+) -> None:
+    wires = spy_on_writes(monkeypatch)
+    with listening(Answers(), **files.listener(protocol, tls=False, **SHORT, max_request_head_bytes=8192)) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=PATIENCE) as sock:
+            sock.sendall(b"GET /init HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 3)   # three requests in one go
+            data = b""
+            while data.count(b"# the script\n") < 3:
+                data += received(sock)
+    [wire] = wires
+    answers = [answer + b"# the script\n" for answer in data.split(b"# the script\n")[:3]]
+    assert all(answer.startswith(b"HTTP/1.1 200 ") for answer in answers) and b"".join(answers) == data
+    assert wire.writes == answers   # each answer one write, in the order asked
 
 
 def test_a_connection_waiting_for_its_head_counts_from_when_it_began_to_wait() -> None:
