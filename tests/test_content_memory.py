@@ -28,7 +28,7 @@ def test_a_cache_bounded_by_bytes_stays_within_its_bound_and_keeps_what_it_holds
     assert "x" not in cache and cache.bytes == 8
 
 
-def test_a_full_cache_keeps_one_newcomer_in_32_in_place_of_the_oldest():
+def test_a_full_cache_keeps_one_newcomer_in_32_in_place_of_the_one_stored_longest_ago():
     cache: BoundedCache[int, int] = BoundedCache(3)
     for n in range(3 + ADMIT_ONE_IN):
         cache[n] = n
@@ -40,7 +40,7 @@ def test_a_full_cache_keeps_one_newcomer_in_32_in_place_of_the_oldest():
 
 
 def test_an_entry_used_by_every_poll_stays_while_a_larger_fleet_comes_round():
-    cache: BoundedCache[str, str] = BoundedCache(50)
+    cache: BoundedCache[str, str] = BoundedCache(50, promote_hits=True)   # as the compiled templates are kept
     cache.put("default.j2", "compiled once")
     for _ in range(5):
         for device in range(1000):
@@ -63,6 +63,24 @@ def test_a_fleet_larger_than_the_cache_polling_in_turn_finds_its_share_in_it():
                 hits += 1
             polls += round_ >= 10
     assert 0.45 < hits / polls <= 0.5
+
+
+def test_a_cache_keyed_by_device_finds_more_without_promoting_its_hits():
+    # a fleet ten times the cache, polling in turn: promoting hits makes each newcomer kept push
+    # out the entry used longest ago, the next device to poll
+    found_share = {}
+    for promote_hits in (False, True):
+        cache: BoundedCache[int, int] = BoundedCache(1000, promote_hits=promote_hits)
+        hits = polls = 0
+        for round_ in range(12):
+            for device in range(10_000):
+                if cache.get(device) is None:
+                    cache.put(device, device)
+                elif round_ >= 6:
+                    hits += 1
+                polls += round_ >= 6
+        found_share[promote_hits] = hits / polls
+    assert found_share[False] >= 0.085 and found_share[True] <= found_share[False] - 0.01, found_share
 
 
 def test_the_devices_that_left_the_fleet_leave_a_full_cache_in_their_turn():

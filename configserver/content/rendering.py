@@ -91,8 +91,9 @@ class Renderer:
             keep_trailing_newline=True,
             auto_reload=True,
         )
-        # Jinja reads its cache with get() and fills it with [key] = template
-        self.environment.cache = BoundedCache(_COMPILED_KEPT)  # type: ignore[assignment]
+        # Jinja reads its cache with get() and fills it with [key] = template; hits promoted, so
+        # that default.j2 and the includes, used by every poll, stay among the device templates
+        self.environment.cache = BoundedCache(_COMPILED_KEPT, promote_hits=True)  # type: ignore[assignment]
 
     def render(self, snapshot: Snapshot, template: str, context: Mapping[str, Any]) -> str:
         """Render `template` of `snapshot` with `context` into a complete script with CRLF line ends.
