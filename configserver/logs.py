@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import logging
 import logging.config
 import os
@@ -81,7 +80,7 @@ class FieldsRecord(logging.LogRecord):
 
     _templates: dict[tuple[str, int], dict[str, Any]] = {}
 
-    def __init__(self, logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:  # noqa: D107
+    def __init__(self, logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:
         template = self._templates.get((logger.name, level))
         if template is None:
             model = logging.LogRecord(logger.name, level, "", 0, "", (), None)

@@ -13,7 +13,6 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-
 # A device that was asked and did not upload (an old firmware, a terminator that refuses the
 # upload) is asked again after this long, not on every poll.
 ASK_AGAIN_SECONDS = 3600.0
