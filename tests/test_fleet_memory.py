@@ -114,3 +114,14 @@ def test_a_device_whose_key_hashes_like_another_never_gets_the_others_row():
     assert rows.row(hwid(1).casefold())[1] == {"password": "secret-of-1"}
     assert rows.row(_HashedLike(hwid(2).casefold())) is None
     assert rows.row(_HashedLike(hwid(1).casefold()))[1] == {"password": "secret-of-1"}
+
+
+def test_devices_whose_keys_all_hash_alike_each_get_their_own_row(monkeypatch):
+    # every key one hash: the index must step past the rows of the others to find a device's own
+    import configserver.content.variables as variables
+
+    monkeypatch.setattr(variables, "hash", lambda key: 0, raising=False)
+    rows = DeviceRows("hwid,password\n" + "".join(f"{hwid(n)},secret-of-{n}\n" for n in range(1, 6)))
+    for n in range(1, 6):
+        assert rows.values(hwid(n).casefold()) == {"password": f"secret-of-{n}"}
+    assert rows.row(hwid(9).casefold()) is None   # not in the file: none of the five
