@@ -498,19 +498,8 @@ def _fleet_filter(args: Any) -> tuple[_fleet.FleetFilter, str, list[str]]:
         except ValueError:
             problems.append(f"status {args['status']!r} is not an HTTP status; showing every status")
     stale_text = args.get("stale", "").strip()
-    stale: float | None = None
-    if stale_text:
-        try:
-            stale = parse_duration(stale_text)
-        except InventoryError as exc:
-            problems.append(str(exc))
-    no_backup_text = args.get("nobackup", "").strip()
-    no_backup: float | None = None
-    if no_backup_text:
-        try:
-            no_backup = parse_duration(no_backup_text)
-        except InventoryError as exc:
-            problems.append(str(exc))
+    stale = _asked_duration(stale_text, problems)
+    no_backup = _asked_duration(args.get("nobackup", "").strip(), problems)
     sort = args.get("sort", "last_seen")
     if sort not in _fleet.SORTS:
         sort = "last_seen"
@@ -519,6 +508,18 @@ def _fleet_filter(args: Any) -> tuple[_fleet.FleetFilter, str, list[str]]:
         model=args.get("model", "").strip() or None, status=status, stale=stale, no_backup=no_backup,
         text=args.get("q", "").strip()[:100] or None, sort=sort, descending=descending,  # type: ignore[arg-type]
     ), stale_text, problems
+
+
+def _asked_duration(text: str, problems: list[str]) -> float | None:
+    """Seconds of a duration the query string gave (`7d`), None when it gave none; what cannot
+    be read goes into `problems`, to be said on the page."""
+    if not text:
+        return None
+    try:
+        return parse_duration(text)
+    except InventoryError as exc:
+        problems.append(str(exc))
+        return None
 
 
 def _link(args: Any, **changes: Any) -> str:
