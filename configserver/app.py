@@ -19,8 +19,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -50,10 +48,15 @@ SERVICE_PATHS = frozenset({"/healthz", "/metrics"})
 
 _PLAIN = b"text/plain; charset=utf-8"
 _NO_STORE = (b"cache-control", b"no-store")
+_METRICS = CONTENT_TYPE_LATEST.encode()
 
 
 class ConfigServer:
-    """The ASGI application: polls are answered here, service routes by a small FastAPI app."""
+    """The ASGI application: polls, backup uploads, and the service's own two routes.
+
+    The service routes are two constant handlers, answered here rather than by a web framework:
+    a worker then imports none (FastAPI and Starlette would weigh about 8 MB in every worker).
+    """
 
     def __init__(self, settings: Settings, service: Service | None = None) -> None:
         self.settings = settings
@@ -88,7 +91,6 @@ class ConfigServer:
         # firmware: this node's sends, the rollout halts all nodes share, the failure watch
         self.firmware = FirmwareWatch(settings.database, self.pipeline.firmware, lambda: self.store.snapshot,
                                       registry=self.registry, clock=lambda: self.clock())
-        self.api = self._service_routes()
 
     @property
     def store(self) -> ContentStore:
@@ -96,20 +98,17 @@ class ConfigServer:
 
     # -- the service's own routes and lifecycle ---------------------------------------------
 
-    def _service_routes(self) -> FastAPI:
-        api = FastAPI(lifespan=self._lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-
-        @api.get("/healthz", response_class=PlainTextResponse)
-        def healthz() -> str:
-            return "ok\n"
-
-        @api.get("/metrics")
-        def metrics() -> Response:
+    async def _service(self, scope: dict[str, Any], send: Callable[..., Any]) -> None:
+        """GET (or HEAD) /healthz and /metrics; any other method is not allowed."""
+        head = scope["method"] == "HEAD"
+        if scope["method"] not in ("GET", "HEAD"):
+            await _send(send, 405, b"# method not allowed\n", head=False, allow=b"GET, HEAD")
+        elif scope["path"] == "/healthz":
+            await _send(send, 200, b"ok\n", head=head)
+        else:
             for state, value in self.inventory.stats().items():
                 self._audit.labels(state).set(value)
-            return Response(generate_latest(self._exposed()), media_type=CONTENT_TYPE_LATEST)
-
-        return api
+            await _send(send, 200, generate_latest(self._exposed()), head=head, content_type=_METRICS)
 
     def _exposed(self) -> CollectorRegistry:
         """This worker's metrics, or, under `serve --workers N`, every worker's added up (the
@@ -120,8 +119,30 @@ class ConfigServer:
         MultiProcessCollector(registry)
         return registry
 
+    async def _lifespan_protocol(self, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        """ASGI's lifespan messages: start the background work on startup, stop it on shutdown.
+        A start-up that fails is reported to the server (which then stops) with its cause."""
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        running = self._lifespan()
+        try:
+            await running.__aenter__()
+        except Exception as exc:
+            log.exception("start-up failed", extra={"fields": {"event": "startup_failed"}})
+            await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        message = await receive()
+        try:
+            await running.__aexit__(None, None, None)
+        except Exception as exc:
+            log.exception("shutdown failed", extra={"fields": {"event": "shutdown_failed"}})
+            await send({"type": "lifespan.shutdown.failed", "message": f"{type(exc).__name__}: {exc}"})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
+
     @contextlib.asynccontextmanager
-    async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+    async def _lifespan(self, _: object = None) -> AsyncIterator[None]:
         await asyncio.to_thread(self.store.settle)
         reloader = asyncio.create_task(self._reload_forever())
         await self.inventory.start()  # returns at once; a database that is away is retried
@@ -154,8 +175,12 @@ class ConfigServer:
         elif scope["type"] == "http" and scope["path"] == "/metrics" and self._from_a_device(scope):
             # for whoever scrapes the app directly, not for devices
             await _send(send, 404, b"# not found\n", head=False)
-        else:
-            await self.api(scope, receive, send)
+        elif scope["type"] == "http":
+            await self._service(scope, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan_protocol(receive, send)
+        elif scope["type"] == "websocket":   # the listeners speak no WebSocket; should one ask, no
+            await send({"type": "websocket.close", "code": 1003})
 
     async def poll(self, scope: dict[str, Any], send: Callable[..., Any]) -> None:
         """Answer one update poll with what the pipeline decides; log, count and record it."""
@@ -172,7 +197,7 @@ class ConfigServer:
             else:
                 request = PollRequest(scope["method"], scope["path"], query, facts,
                                       facts.client_ip or client_ip, arrived, started)
-                outcome = self.pipeline.answer(request, dt.datetime.fromtimestamp(arrived, dt.timezone.utc))
+                outcome = self.pipeline.answer(request, dt.datetime.fromtimestamp(arrived, dt.UTC))
         except Exception:  # a bug must cost one answer, never the script of another device
             log.exception("poll failed", extra={"fields": {"event": "poll_failed", "path": scope["path"]}})
             outcome = Outcome(arrived, client_ip, scope["path"], 500, INTERNAL_ERROR, body=b"# internal error\n",
@@ -193,7 +218,7 @@ class ConfigServer:
         try:
             facts = self._facts(scope)
             client_ip = facts.client_ip or client_ip
-            device = self.pipeline.admission.admit(facts, query, dt.datetime.fromtimestamp(arrived, dt.timezone.utc))
+            device = self.pipeline.admission.admit(facts, query, dt.datetime.fromtimestamp(arrived, dt.UTC))
         except Refused as refusal:
             device = refusal.device
             outcome = UploadOutcome(403, refusal.reason, refusal.detail)
@@ -239,12 +264,12 @@ class ConfigServer:
             recorder(outcome)
 
 
-async def _send(send: Callable[..., Any], status: int, body: bytes, *, head: bool) -> None:
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", _PLAIN), (b"content-length", str(len(body)).encode()), _NO_STORE],
-    })
+async def _send(send: Callable[..., Any], status: int, body: bytes, *, head: bool,
+                content_type: bytes = _PLAIN, allow: bytes | None = None) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), _NO_STORE]
+    if allow is not None:
+        headers.append((b"allow", allow))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else body})
 
 

@@ -5,6 +5,7 @@ import logging
 
 import pytest
 from driving import call, terminator_headers
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from configserver.apply_once import digest
 
@@ -305,6 +306,15 @@ def test_healthz_is_the_service_own(app):
     assert answer.status == 200 and answer.text == "ok\n"
 
 
+def test_service_routes_answer_get_and_head_and_refuse_other_methods(app):
+    head = call(app, "/healthz", method="HEAD")
+    assert (head.status, head.body, head.headers["content-length"]) == (200, b"", "3")
+    assert call(app, "/metrics").headers["content-type"] == CONTENT_TYPE_LATEST   # what Prometheus reads
+    for path in ("/healthz", "/metrics"):
+        refused = call(app, path, method="POST")
+        assert (refused.status, refused.headers["allow"]) == (405, "GET, HEAD")
+
+
 # -- what is kept between polls ----------------------------------------------------------
 
 def count_renders(app, monkeypatch):
@@ -440,6 +450,30 @@ def test_the_app_answers_the_lifespan_protocol(site):
     import asyncio
     asyncio.run(run())
     assert messages == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+def test_a_failed_start_up_is_reported_to_the_server_with_its_cause(site):
+    app = site.app()
+
+    async def broken() -> None:
+        raise RuntimeError("the templates folder vanished")
+
+    app.inventory.start = broken
+    messages = []
+
+    async def run():
+        async def receive():
+            return {"type": "lifespan.startup"}
+
+        async def send(message):
+            messages.append(message)
+
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+
+    import asyncio
+    asyncio.run(run())
+    assert messages == [{"type": "lifespan.startup.failed",
+                         "message": "RuntimeError: the templates folder vanished"}]
 
 
 def test_what_is_remembered_about_clients_stays_small(app, pki):
