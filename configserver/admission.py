@@ -36,12 +36,12 @@ from .refusals import (
 )
 from .revocation import Revocations
 
-# A whole fleet's verdicts, bounded by what they weigh: a device's verdict is about 350 bytes
-# (DN headers) or 750 (a forwarded certificate), so about 140,000 devices fit, or 65,000 when
-# the terminator forwards the certificate (as every sample in deploy/ does); a miss costs a DN
-# parse (~60 us) or a certificate check (~300 us). Past the bound, a fleet polling in turn still
-# finds its share of verdicts kept (caches.py's policy).
-_VERDICTS_BYTES = 48 * 1024 * 1024
+# A fleet's verdicts, bounded by what they weigh (half of `poll_cache_mb`): a device's verdict is
+# about 350 bytes (DN headers) or 750 (a forwarded certificate), so 12 MB hold about 36,000
+# devices, or 17,000 when the terminator forwards the certificate (as every sample in deploy/
+# does); a miss costs a DN parse (~60 us) or a certificate check (~300 us). Past the bound, a
+# fleet polling in turn still finds its share of verdicts kept (caches.py's policy).
+_VERDICTS_BYTES = 12 * 1024 * 1024
 _VERDICTS_KEPT = 1_000_000
 _DETAIL_CHARS = 300
 # what one verdict costs beside its objects: the dict slot and the key (a SHA-256 digest)

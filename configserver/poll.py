@@ -37,11 +37,12 @@ from .outcome import Outcome
 from .refusals import Refused
 
 ANSWERS_KEPT = 100_000   # devices whose answers are kept
-# ... and what they may weigh together, whatever the fleet's size. A kept answer is about 1.1 KB
-# (a 340-byte script), so 100,000 devices would need 110 MB: past the bound a fleet polling in
-# turn finds its share of answers kept (caches.py's policy), and the others are rendered again
-# (a compiled template: ~50 us; a device's own template compiled anew: ~300 us).
-ANSWERS_BYTES = 32 * 1024 * 1024
+# ... and what they may weigh together, whatever the fleet's size (half of `poll_cache_mb`). A
+# kept answer is about 1.1 KB (a 340-byte script), so 12 MB hold about 11,000 devices' answers:
+# past the bound a fleet polling in turn finds its share of answers kept (caches.py's policy),
+# and the others are rendered again (a compiled template: ~50 us; a device's own template
+# compiled anew: ~300 us).
+ANSWERS_BYTES = 12 * 1024 * 1024
 # bytes an entry holds beside its bodies and sources: its tuple and dict slot, the Answers, the
 # bodies' headers, two SHA-256 and one digest in hex, the sources tuple's header
 _ANSWER_OVERHEAD = 560
@@ -117,7 +118,7 @@ class Pipeline:
     def __init__(
         self, admission: Admission, store: ContentStore, renderer: Renderer | None = None,
         *, digest_key: bytes | None = None, answers_kept: int = ANSWERS_KEPT,
-        firmware: FirmwareStage | None = None, backups: AskForUploads | None = None,
+        answers_bytes: int = ANSWERS_BYTES, firmware: FirmwareStage | None = None, backups: AskForUploads | None = None,
     ) -> None:
         self.admission = admission
         self.store = store
@@ -126,7 +127,7 @@ class Pipeline:
         # device -> (what its answer was rendered from: Choice.sources, the answer). Kept across
         # snapshots: an edit re-renders only the devices whose sources it changed.
         self._answers: BoundedCache[DeviceIdentity, tuple[tuple[object, ...], Answers]] = BoundedCache(
-            answers_kept, max_bytes=ANSWERS_BYTES, weigh=_weight)
+            answers_kept, max_bytes=answers_bytes, weigh=_weight)
         self.firmware = firmware or FirmwareStage()   # the web layer's watch gives it the rollout state
         self.backups = backups                        # None unless backup_url is set
 

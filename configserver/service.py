@@ -69,10 +69,12 @@ class Service:
             require_client_cert=settings.require_client_cert,
             fixes=fixes,
             revocations=revoked.current,
+            verdicts_bytes=settings.poll_cache_mb * 1024 * 1024 // 2,
         )
         trusted = TrustedProxies(
             settings.trusted_proxies, settings.proxy_secret.get_secret_value() if settings.proxy_secret else None,
         )
         store = content_store(settings, grace_seconds=grace_seconds)
         digest_key = settings.digest_key.get_secret_value().encode() if settings.digest_key else None
-        return cls(settings, fixes, gate, trusted, store, Pipeline(gate, store, digest_key=digest_key, backups=backups), revoked)
+        return cls(settings, fixes, gate, trusted, store, Pipeline(gate, store, digest_key=digest_key, backups=backups,
+                                                                    answers_bytes=settings.poll_cache_mb * 1024 * 1024 // 2), revoked)

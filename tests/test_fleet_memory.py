@@ -125,3 +125,9 @@ def test_devices_whose_keys_all_hash_alike_each_get_their_own_row(monkeypatch):
     for n in range(1, 6):
         assert rows.values(hwid(n).casefold()) == {"password": f"secret-of-{n}"}
     assert rows.row(hwid(9).casefold()) is None   # not in the file: none of the five
+
+
+def test_poll_cache_mb_bounds_the_verdicts_and_the_answers_half_each(site):
+    app = site.app(poll_cache_mb=3, database=f"sqlite:///{site.root}/audit.db")
+    assert app.pipeline.admission._verdicts.max_bytes == 3 * 1024 * 1024 // 2
+    assert app.pipeline._answers.max_bytes == 3 * 1024 * 1024 // 2
