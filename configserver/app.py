@@ -122,34 +122,29 @@ class ConfigServer:
     async def _lifespan_protocol(self, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         """ASGI's lifespan messages: start the background work on startup, stop it on shutdown.
         A start-up that fails is reported to the server (which then stops) with its cause."""
-        message = await receive()
-        assert message["type"] == "lifespan.startup"
-        running = self._lifespan()
+        await receive()   # lifespan.startup
+        started = False
         try:
-            await running.__aenter__()
+            async with self._lifespan():
+                await send({"type": "lifespan.startup.complete"})
+                started = True
+                await receive()   # lifespan.shutdown
         except Exception as exc:
-            log.exception("start-up failed", extra={"fields": {"event": "startup_failed"}})
-            await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
-            return
-        await send({"type": "lifespan.startup.complete"})
-        message = await receive()
-        try:
-            await running.__aexit__(None, None, None)
-        except Exception as exc:
-            log.exception("shutdown failed", extra={"fields": {"event": "shutdown_failed"}})
-            await send({"type": "lifespan.shutdown.failed", "message": f"{type(exc).__name__}: {exc}"})
-            return
-        await send({"type": "lifespan.shutdown.complete"})
+            stage = "shutdown" if started else "startup"
+            log.exception(f"{stage} failed", extra={"fields": {"event": f"{stage}_failed"}})
+            await send({"type": f"lifespan.{stage}.failed", "message": f"{type(exc).__name__}: {exc}"})
+        else:
+            await send({"type": "lifespan.shutdown.complete"})
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _: object = None) -> AsyncIterator[None]:
         await asyncio.to_thread(self.store.settle)
         reloader = asyncio.create_task(self._reload_forever())
-        await self.inventory.start()  # returns at once; a database that is away is retried
-        if self.backups is not None:
-            await self.backups.start()  # returns at once, as the inventory does
-        await self.firmware.start()  # returns at once, as the inventory does
-        try:
+        try:   # what started is stopped again, also when a later start fails
+            await self.inventory.start()  # returns at once; a database that is away is retried
+            if self.backups is not None:
+                await self.backups.start()  # returns at once, as the inventory does
+            await self.firmware.start()  # returns at once, as the inventory does
             yield
         finally:
             await self.firmware.close()
@@ -179,8 +174,8 @@ class ConfigServer:
             await self._service(scope, send)
         elif scope["type"] == "lifespan":
             await self._lifespan_protocol(receive, send)
-        elif scope["type"] == "websocket":   # the listeners speak no WebSocket; should one ask, no
-            await send({"type": "websocket.close", "code": 1003})
+        else:   # the listeners speak no WebSocket (tls.py: ws "none"); ASGI says: raise
+            raise RuntimeError(f"unsupported ASGI scope type {scope['type']!r}")
 
     async def poll(self, scope: dict[str, Any], send: Callable[..., Any]) -> None:
         """Answer one update poll with what the pipeline decides; log, count and record it."""

@@ -1,5 +1,6 @@
 """A device polls through a terminator and gets its own script; nothing else gets anything."""
 
+import asyncio
 import json
 import logging
 
@@ -432,48 +433,44 @@ def test_with_a_digest_key_serials_and_hashes_are_keyed(site, pki):
     )
 
 
+def lifespan_messages(app) -> list[dict]:
+    """What the app tells the server over one start-up and shutdown."""
+    inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    messages: list[dict] = []
+
+    async def receive():
+        return inbox.pop(0)
+
+    async def send(message):
+        messages.append(message)
+
+    asyncio.run(app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+    return messages
+
+
+async def broken() -> None:
+    raise RuntimeError("the database file is not writable")
+
+
 def test_the_app_answers_the_lifespan_protocol(site):
-    app = site.app()
-    messages = []
-
-    async def run():
-        inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
-
-        async def receive():
-            return inbox.pop(0)
-
-        async def send(message):
-            messages.append(message["type"])
-
-        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
-
-    import asyncio
-    asyncio.run(run())
-    assert messages == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert lifespan_messages(site.app()) == [{"type": "lifespan.startup.complete"},
+                                             {"type": "lifespan.shutdown.complete"}]
 
 
 def test_a_failed_start_up_is_reported_to_the_server_with_its_cause(site):
     app = site.app()
+    app.firmware.start = broken
+    assert lifespan_messages(app) == [{"type": "lifespan.startup.failed",
+                                       "message": "RuntimeError: the database file is not writable"}]
+    assert app.inventory._closed   # what had started is stopped again
 
-    async def broken() -> None:
-        raise RuntimeError("the templates folder vanished")
 
-    app.inventory.start = broken
-    messages = []
-
-    async def run():
-        async def receive():
-            return {"type": "lifespan.startup"}
-
-        async def send(message):
-            messages.append(message)
-
-        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
-
-    import asyncio
-    asyncio.run(run())
-    assert messages == [{"type": "lifespan.startup.failed",
-                         "message": "RuntimeError: the templates folder vanished"}]
+def test_a_failed_shutdown_is_reported_to_the_server_with_its_cause(site):
+    app = site.app()
+    app.firmware.close = broken
+    assert lifespan_messages(app) == [{"type": "lifespan.startup.complete"},
+                                      {"type": "lifespan.shutdown.failed",
+                                       "message": "RuntimeError: the database file is not writable"}]
 
 
 def test_what_is_remembered_about_clients_stays_small(app, pki):
