@@ -12,7 +12,7 @@ import hashlib
 import sys
 from collections.abc import Callable, Iterable, Mapping
 
-from .caches import BoundedCache
+from .caches import POLL_CACHE_MB, BoundedCache
 from .certificates import CertificateError, CertificateVerifier, CheckedCert
 from .forwarded import ClientFacts
 from .identity import (
@@ -36,13 +36,12 @@ from .refusals import (
 )
 from .revocation import Revocations
 
-# A fleet's verdicts, bounded by what they weigh (half of `poll_cache_mb`): a device's verdict is
+# A fleet's verdicts, bounded by what they weigh (half of poll_cache_mb): a device's verdict is
 # about 350 bytes (DN headers) or 750 (a forwarded certificate), so 12 MB hold about 36,000
 # devices, or 17,000 when the terminator forwards the certificate (as every sample in deploy/
 # does); a miss costs a DN parse (~60 us) or a certificate check (~300 us). Past the bound, a
 # fleet polling in turn still finds its share of verdicts kept (caches.py's policy).
-_VERDICTS_BYTES = 12 * 1024 * 1024
-_VERDICTS_KEPT = 1_000_000
+_VERDICTS_BYTES = POLL_CACHE_MB * 1024 * 1024 // 2
 _DETAIL_CHARS = 300
 # what one verdict costs beside its objects: the dict slot and the key (a SHA-256 digest)
 _VERDICT_OVERHEAD = 50 + sys.getsizeof(bytes(32))
@@ -84,10 +83,11 @@ class Gate:
         self._verifier = verifier
         self._require_cert = require_client_cert
         self._fixes = fixes
-        # a whole fleet's verdicts, each kept small: the device alone, or with the certificate's
-        # start of validity when a certificate was forwarded; never the parsed certificate
+        # a fleet's verdicts, each kept small: the device alone, or with the certificate's start
+        # of validity when a certificate was forwarded; never the parsed certificate. Bounded by
+        # what they weigh alone (no verdict weighs less than its overhead).
         self._verdicts: BoundedCache[bytes, Verdict] = BoundedCache(
-            _VERDICTS_KEPT, max_bytes=verdicts_bytes, weigh=verdict_weight)
+            max(1, verdicts_bytes // _VERDICT_OVERHEAD), max_bytes=verdicts_bytes, weigh=verdict_weight)
 
     def admit(self, facts: ClientFacts, query: Mapping[str, list[str]], now: dt.datetime) -> DeviceIdentity:
         """Run the checks in order; return the device, or raise Refused naming the failed check.

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .apply_once import SENT, UNCHANGED, apply_once
-from .caches import BoundedCache
+from .caches import POLL_CACHE_MB, BoundedCache
 from .content import Choice, ConfigurationError, ContentStore, Renderer, Snapshot
 from .firmware import FirmwareError, FirmwareStage
 from .forwarded import ClientFacts
@@ -36,13 +36,12 @@ from .identity import DeviceIdentity
 from .outcome import Outcome
 from .refusals import Refused
 
-ANSWERS_KEPT = 100_000   # devices whose answers are kept
-# ... and what they may weigh together, whatever the fleet's size (half of `poll_cache_mb`). A
+# What kept answers may weigh together, whatever the fleet's size (half of poll_cache_mb). A
 # kept answer is about 1.1 KB (a 340-byte script), so 12 MB hold about 11,000 devices' answers:
 # past the bound a fleet polling in turn finds its share of answers kept (caches.py's policy),
 # and the others are rendered again (a compiled template: ~50 us; a device's own template
 # compiled anew: ~300 us).
-ANSWERS_BYTES = 12 * 1024 * 1024
+ANSWERS_BYTES = POLL_CACHE_MB * 1024 * 1024 // 2
 # bytes an entry holds beside its bodies and sources: its tuple and dict slot, the Answers, the
 # bodies' headers, two SHA-256 and one digest in hex, the sources tuple's header
 _ANSWER_OVERHEAD = 560
@@ -117,7 +116,7 @@ class Pipeline:
 
     def __init__(
         self, admission: Admission, store: ContentStore, renderer: Renderer | None = None,
-        *, digest_key: bytes | None = None, answers_kept: int = ANSWERS_KEPT,
+        *, digest_key: bytes | None = None, answers_kept: int | None = None,
         answers_bytes: int = ANSWERS_BYTES, firmware: FirmwareStage | None = None, backups: AskForUploads | None = None,
     ) -> None:
         self.admission = admission
@@ -125,9 +124,11 @@ class Pipeline:
         self.renderer = renderer or Renderer(store.templates_dir)
         self._digest_key = digest_key
         # device -> (what its answer was rendered from: Choice.sources, the answer). Kept across
-        # snapshots: an edit re-renders only the devices whose sources it changed.
+        # snapshots: an edit re-renders only the devices whose sources it changed. Bounded by what
+        # the answers weigh, unless `answers_kept` also bounds how many (no entry weighs less
+        # than its overhead).
         self._answers: BoundedCache[DeviceIdentity, tuple[tuple[object, ...], Answers]] = BoundedCache(
-            answers_kept, max_bytes=answers_bytes, weigh=_weight)
+            answers_kept or max(1, answers_bytes // _ANSWER_OVERHEAD), max_bytes=answers_bytes, weigh=_weight)
         self.firmware = firmware or FirmwareStage()   # the web layer's watch gives it the rollout state
         self.backups = backups                        # None unless backup_url is set
 

@@ -63,13 +63,14 @@ class Service:
             revoked = RevocationFile(settings.revoked, fixes)
         except RevocationError as exc:
             raise SettingsError(f"setting 'revoked': {exc}") from None
+        half_of_the_caches = settings.poll_cache_mb * 1024 * 1024 // 2   # verdicts, then answers
         gate = Gate(
             settings.accepted_issuers,
             CertificateVerifier(settings.ca_certificates),
             require_client_cert=settings.require_client_cert,
             fixes=fixes,
             revocations=revoked.current,
-            verdicts_bytes=settings.poll_cache_mb * 1024 * 1024 // 2,
+            verdicts_bytes=half_of_the_caches,
         )
         trusted = TrustedProxies(
             settings.trusted_proxies, settings.proxy_secret.get_secret_value() if settings.proxy_secret else None,
@@ -77,4 +78,4 @@ class Service:
         store = content_store(settings, grace_seconds=grace_seconds)
         digest_key = settings.digest_key.get_secret_value().encode() if settings.digest_key else None
         return cls(settings, fixes, gate, trusted, store, Pipeline(gate, store, digest_key=digest_key, backups=backups,
-                                                                    answers_bytes=settings.poll_cache_mb * 1024 * 1024 // 2), revoked)
+                                                                    answers_bytes=half_of_the_caches), revoked)

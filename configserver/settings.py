@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 
 from .apply_once import FinalCommand
+from .caches import POLL_CACHE_MB
 from .certificates import CABundleError, load_ca_bundle
 from .errors import ConfigserverError
 from .innovaphone import DEVICE_CA_DNS, model_fixes
@@ -123,10 +124,10 @@ class Settings(BaseSettings):
     audit_retention_days: int = Field(90, ge=1)
     audit_queue_size: int = Field(10000, ge=100)
 
-    # What a worker keeps between a device's polls (certificate verdicts and rendered answers,
-    # half each), in MB: a fleet that fits is answered from memory; a larger one costs more CPU
-    # per poll (poll.py, admission.py), not more memory
-    poll_cache_mb: int = Field(24, ge=1, le=65536)
+    # Memory: what a worker keeps between a device's polls (certificate verdicts and rendered
+    # answers, half each), in MB. A fleet that fits is answered from memory; a larger one costs
+    # more CPU per poll (poll.py, admission.py), not more memory
+    poll_cache_mb: int = Field(POLL_CACHE_MB, ge=1, le=65536)
 
     # --- Configuration backups (README "Configuration backups"); added fields only ---
     # the https:// URL the devices upload to, through the terminator; unset: no device is asked
