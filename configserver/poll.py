@@ -132,10 +132,11 @@ class Pipeline:
         self.firmware = firmware or FirmwareStage()   # the web layer's watch gives it the rollout state
         self.backups = backups                        # None unless backup_url is set
 
-    def with_admission(self, admission: Admission) -> "Pipeline":
-        """The same content, renderer and stages, another first stage (for `render`)."""
+    def with_admission(self, admission: Admission, firmware: FirmwareStage | None = None) -> "Pipeline":
+        """The same content, renderer and stages, another first stage (for `render`), and
+        another firmware stage when given one (a preview's, which knows the halts)."""
         return Pipeline(admission, self.store, self.renderer, digest_key=self._digest_key, answers_kept=1,
-                        firmware=self.firmware, backups=self.backups)
+                        firmware=firmware or self.firmware, backups=self.backups)
 
     # -- the stages -------------------------------------------------------------------------
 

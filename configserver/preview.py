@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .admission import NamedDevice
@@ -23,6 +23,7 @@ from .content import (
     csv_row_device,
 )
 from .errors import ConfigserverError
+from .firmware import FirmwareStage, KnownHalts
 from .identity import (
     DeviceIdentity,
     InvalidDeviceName,
@@ -154,10 +155,13 @@ def resolve_device(name: str, snapshot: Snapshot, fixes: Mapping[str, str]) -> t
 
 def preview(
     service: Service, name: str, path: str = "/", query: Iterable[tuple[str, str]] = (), now: dt.datetime | None = None,
+    halts: Callable[[], frozenset[tuple[str, str, str]]] | None = None,
 ) -> Preview:
     """What the device `name` would get now when polling `path` with `query` added.
 
-    `path` may carry a query of its own (`/update?type=IP232`). Raises UnresolvedDevice.
+    `path` may carry a query of its own (`/update?type=IP232`). `halts` reads the halted
+    firmware targets (as RolloutState.refresh() does), whose files a poll is not sent; called
+    only when the device has a firmware target. None: the pipeline's own firmware stage decides. Raises UnresolvedDevice.
     """
     now = now or dt.datetime.now(dt.timezone.utc)
     snapshot = service.store.snapshot
@@ -168,5 +172,6 @@ def preview(
         args.setdefault(key, []).append(value)
     request = PollRequest("GET", path or "/", args, None, None, now.timestamp(), time.perf_counter())
     admission = NamedDevice(device, service.fixes, service.revoked.current())
-    outcome = service.pipeline.with_admission(admission).answer(request, now)
+    firmware = FirmwareStage(KnownHalts(halts)) if halts is not None else None
+    outcome = service.pipeline.with_admission(admission, firmware).answer(request, now)
     return Preview(device, snapshot.choose(device), outcome, note)

@@ -175,3 +175,33 @@ def test_render_previews_the_firmware_lines_above_the_script(tree, capsysbinary)
         "iresetn",
         "config change SIP0 /user IP232-30-00-af",
     ]
+
+
+def test_render_leaves_out_the_firmware_of_a_halted_rollout(tree, capsysbinary):
+    render = ["--config", "configserver.toml", "render", "IP232-30-00-af",
+              "--query", "PROT=13.4000", "--query", "BOOT=13.4000", "--query", "CHECK=abc"]
+    assert main(["--config", "configserver.toml", "migrate"]) == 0
+    assert main(["--config", "configserver.toml", "firmware", "halt", "IP232", "--kind", "prot"]) == 0
+    capsysbinary.readouterr()
+    assert main(render) == 0
+    lines = capsysbinary.readouterr().out.decode().splitlines()
+    assert not any(" prot " in line for line in lines)   # halted: no device is sent it, nor shown it
+    assert any(line.startswith("mod cmd UP0 boot http://fw.example.com/firmware/13.4711/boot232.bin") for line in lines)
+
+
+def test_render_says_when_it_cannot_know_the_halts(tree, capsysbinary):
+    tree.write("configserver.toml", 'templates = "templates"\nvars = "vars"\n'
+               'database = "postgresql://configserver@127.0.0.1:1/configserver"\n')
+    assert main(["--config", "configserver.toml", "render", "IP232-30-00-af", "--query", "PROT=13.4000"]) == 0
+    captured = capsysbinary.readouterr()
+    assert "firmware halts not known: the database does not answer" in captured.err.decode()
+    assert "mod cmd UP0 prot http://fw.example.com/firmware/13.4711/ip232.bin" in captured.out.decode()
+
+
+def test_render_of_a_device_without_firmware_never_looks_at_the_database(tree, capsysbinary):
+    tree.write("vars/default.toml", "")
+    tree.write("vars/devices/IP232-30-00-af.toml", "")
+    tree.write("configserver.toml", 'templates = "templates"\nvars = "vars"\n'
+               'database = "postgresql://configserver@127.0.0.1:1/configserver"\n')
+    assert main(["--config", "configserver.toml", "render", "IP232-30-00-af"]) == 0
+    assert "halts" not in capsysbinary.readouterr().err.decode()

@@ -41,7 +41,7 @@ from ._declaration import (
     resolve,
 )
 from ._rollout import AT_ONCE, FIRST, Placement, place, position
-from ._stage import FirmwareStage, Ledger, Send, firmware_layers, model_declaration
+from ._stage import FirmwareStage, KnownHalts, Ledger, Send, firmware_layers, model_declaration
 
 __all__ = [
     "AT_ONCE",
@@ -62,6 +62,7 @@ __all__ = [
     "FirmwareError",
     "FirmwareProblem",
     "FirmwareStage",
+    "KnownHalts",
     "Ledger",
     "Placement",
     "Rollout",

@@ -45,6 +45,25 @@ class Ledger(Protocol):
     def halted(self, model: str, kind: str, build: str) -> bool: ...
 
 
+class KnownHalts:
+    """The ledger of a preview (`configserver render`): the halts as read from the database
+    (firmware/_state.py), and no send noted, since a preview sends nothing. `read` is called
+    once, when a target is first looked at: a device with no firmware declared needs no database.
+    It returns (casefolded model, kind, build) triples, as RolloutState.refresh() does."""
+
+    def __init__(self, read: Callable[[], frozenset[tuple[str, str, str]]]) -> None:
+        self._read = read
+        self._halts: frozenset[tuple[str, str, str]] | None = None
+
+    def note(self, send: Send) -> None:
+        pass
+
+    def halted(self, model: str, kind: str, build: str) -> bool:
+        if self._halts is None:
+            self._halts = self._read()
+        return (model.casefold(), kind, build) in self._halts
+
+
 class _Source(Protocol):
     data: Any
 
