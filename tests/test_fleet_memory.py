@@ -89,6 +89,31 @@ def test_a_device_whose_answer_was_not_kept_still_gets_its_own(tmp_path):
     assert len(pipeline._answers) == 8
 
 
+def test_a_kept_answer_weighs_what_it_holds_in_memory(tmp_path):
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    (tmp_path / "templates/default.j2").write_text(
+        "# {{ device.hwid }}\nmod cmd UP1 times /allow 0,1,2,3,4 /initial 10\n"
+        "config change SIP0 /server pbx.example.com /user {{ vars.user }} /pwd secret-{{ device.hwid }}\n")
+    (tmp_path / "vars/devices.csv").write_text("hwid,user\n" + "".join(f"{hwid(n)},user{n}\n" for n in range(1000)))
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    store.settle()
+    pipeline = Pipeline(admission=None, store=store)  # type: ignore[arg-type]
+    devices = [device(n) for n in range(1000)]
+    gc.collect()
+    tracemalloc.start()
+    for one in devices:
+        pipeline.serve(one, PollRequest("GET", "/", {}, None, None, time.time()), NOW)
+    gc.collect()
+    weighed, before = pipeline._answers.bytes, tracemalloc.get_traced_memory()[0]
+    pipeline._answers.clear()   # what goes with the answers is what they held
+    gc.collect()
+    held = before - tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    # poll_cache_mb means what it says: the weights add up to the memory, give or take the dict
+    assert 0.7 < held / weighed < 1.3
+
+
 def test_the_devices_csv_index_costs_a_few_bytes_a_row():
     text = "hwid,user\n" + "".join(f"{hwid(n)},user{n}\n" for n in range(20_000))
     gc.collect()
