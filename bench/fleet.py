@@ -11,11 +11,13 @@ run with the sizes interleaved (10, 1,000, ... for one kind, then the other):
   safety-net rescan's share (one full rescan, timed in the worker's own terms, over rescan_seconds);
 * an edit until a device sees it: one device's template (or devices.csv row) rewritten, the
   device polled every 20 ms until the new text comes back; worst of --edits, grace_seconds = 1;
-* RSS of the worker after every device of the fleet has polled once (read once the audit queue
-  is written, as it is in a fleet polling over minutes rather than in this burst), and CPU per
-  poll meanwhile; then a second round, every device polled again in the same order: what a
-  fleet polling in turn costs once the caches hold what they can (at 100,000 devices not
-  every answer is kept: see configserver/caches.py).
+* RSS of the worker after every device of the fleet has polled once, and CPU per poll
+  meanwhile, audit included; then a second round, every device polled again in the same order:
+  what a fleet polling in turn costs once the caches hold what they can (at 100,000 devices not
+  every answer is kept: see configserver/caches.py). The devices poll in groups of CHUNK, each
+  group once the audit has written the one before: as fast as the worker goes, but as a fleet
+  polling over minutes does, never ahead of its audit. (Polls that outrun the audit wait in
+  its queue, bounded by `audit_queue_size`; the memory a burst took stays with the worker.)
 
 Not a test: it prints figures. Building the 100,000-file site takes a minute the first time.
 """
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configserver.content import ContentStore  # noqa: E402
 
 GRACE = 1.0
+CHUNK = 2000   # devices polled before the audit must catch up
 SUBJECT = "CN={hwid},O=innovaphone,C=DE"
 ISSUER = "OU=innovaphone Device Certification Authority,O=innovaphone,C=DE"
 DEFAULT = """# {{ device.hwid }} ({{ device.model }}), configured by configserver
@@ -71,7 +74,7 @@ def build_site(root: Path, kind: str, size: int) -> Path:
     config = root / "configserver.toml"
     config.write_text(
         f'templates = "{root / "templates"}"\nvars = "{root / "vars"}"\nuds = "{root / "app.sock"}"\n'
-        f'database = "sqlite:///{root / "audit.db"}"\ngrace_seconds = {GRACE}\naudit_queue_size = 100000\n'
+        f'database = "sqlite:///{root / "audit.db"}"\ngrace_seconds = {GRACE}\n'
         f'log_level = "info"\n'
     )
     return config
@@ -195,21 +198,25 @@ def measure(root: Path, config: Path, kind: str, size: int, idle: float, edits: 
             time.sleep(GRACE + 0.5)
         client.close()
 
-        cpu0 = cpu_seconds(server.pid)
-        asyncio.run(_poll_range(sock, range(size), 4))
-        per_poll = (cpu_seconds(server.pid) - cpu0) / size
-        audit_written(sock)
+        per_poll = poll_fleet(server.pid, sock, size)
         rss = rss_mb(server.pid)
-        cpu0 = cpu_seconds(server.pid)
-        asyncio.run(_poll_range(sock, range(size), 4))
-        per_poll_again = (cpu_seconds(server.pid) - cpu0) / size
-        audit_written(sock)
+        per_poll_again = poll_fleet(server.pid, sock, size)
         rss_again = rss_mb(server.pid)
     finally:
         server.terminate()
         server.wait(20)
     return {"startup": startup, "idle": idle_pct, "edit": worst, "rss": rss, "poll_us": per_poll * 1e6,
             "rss_again": rss_again, "poll_again_us": per_poll_again * 1e6}
+
+
+def poll_fleet(pid: int, sock: Path, size: int) -> float:
+    """Every device polled once, in groups of CHUNK, each once the audit has caught up; the
+    worker's CPU per poll, its audit included."""
+    cpu0 = cpu_seconds(pid)
+    for start in range(0, size, CHUNK):
+        asyncio.run(_poll_range(sock, range(start, min(size, start + CHUNK)), 4))
+        audit_written(sock)
+    return (cpu_seconds(pid) - cpu0) / size
 
 
 def audit_written(sock: Path, timeout: float = 120.0) -> None:
@@ -250,8 +257,8 @@ def main() -> None:
                     config = build_site(root, kind, size)
                 else:
                     text = config.read_text()
-                    config.write_text("\n".join(line for line in text.splitlines()
-                                                if not line.startswith("rescan_seconds")) + "\n")
+                    config.write_text("\n".join(line for line in text.splitlines()   # settings of older runs go
+                                                if not line.startswith(("rescan_seconds", "audit_queue_size"))) + "\n")
                 config.write_text(config.read_text() + f"rescan_seconds = {args.rescan_seconds}\n")
                 sites[kind, size] = (root, config)
         results = {}
