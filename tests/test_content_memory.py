@@ -1,12 +1,29 @@
 """What a large fleet's content costs in memory: bounded caches with one policy, devices.csv
-held once as text with an index, compiled templates bounded."""
+held once as text with an index, compiled templates bounded, template texts not held, the
+lookup index 16 bytes a file."""
 
 from __future__ import annotations
 
+import gc
+import os
+import time
+import types
+
+import pytest
+from driving import call, terminator_headers
+
 from configserver.caches import ADMIT_ONE_IN, BoundedCache
-from configserver.content import ContentRules, Renderer, SourceFile, build_snapshot
+from configserver.content import (
+    TEMPLATE_SUFFIX,
+    ContentRules,
+    Renderer,
+    SourceFile,
+    build_snapshot,
+)
+from configserver.content.lookup import KeyIndex
 from configserver.content.variables import DeviceRows, parse_vars
 from configserver.identity import DeviceIdentity, parse_device_name
+from configserver.innovaphone import BROKEN_MODEL_NAMES
 
 
 def device(cn: str) -> DeviceIdentity:
@@ -141,3 +158,68 @@ def test_an_unchanged_devices_csv_row_keeps_a_kept_answer_valid_when_other_rows_
     assert before.choose(device("IP232-30-00-af")).sources == after.choose(device("IP232-30-00-af")).sources
     assert before.choose(device("IP232-30-00-b0")).sources != after.choose(device("IP232-30-00-b0")).sources
     assert after.choose(device("IP232-30-00-b0")).variables["user"] == "carol"
+
+
+def strings_reachable(root: object, longer_than: int) -> list[str]:
+    """Every string longer than `longer_than` that `root` holds, however deep (modules, classes
+    and functions left out: they lead to everything)."""
+    seen: set[int] = set()
+    pending, found = [root], []
+    while pending:
+        obj = pending.pop()
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType, types.FunctionType)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, str):
+            found.extend([obj] if len(obj) > longer_than else [])
+        else:
+            pending.extend(gc.get_referents(obj))
+    return found
+
+
+@pytest.mark.parametrize("listed", ["read ahead", "in bulk"])
+def test_a_devices_template_text_is_not_held_once_its_answer_is_rendered(site, pki, monkeypatch, listed):
+    if listed == "in bulk":   # as a fleet of more than READ_AT_ONCE templates is listed: read on first use
+        monkeypatch.setattr("configserver.content.watcher.READ_AT_ONCE", 0)
+    lines = "".join(f"config change PHONE /key{n} /type line /label {n}\n" for n in range(5000))
+    big = site.write("templates/devices/IP232-30-00-af.j2", "{% include 'default.j2' %}\n" + lines)
+    site.write("templates/default.j2", "# {{ device.hwid }}\n")
+    for path in (big, site.templates / "default.j2"):
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    app = site.app()
+    answer = call(app, "/", terminator_headers(pki.phone))
+    assert answer.status == 200 and "/key4999 /type line /label 4999\r\n" in answer.text
+    snapshot = app.store.snapshot
+    assert not [text for text in strings_reachable(snapshot, 10_000) if "/key4999 " in text]
+    # what the text says is kept: it includes default.j2 and reads nothing per poll (its answer may be kept)
+    own = snapshot.templates["devices/IP232-30-00-af.j2"]
+    assert snapshot.choose(device("IP232-30-00-af")).sources[:2] == (own, snapshot.templates["default.j2"])
+    app.pipeline.renderer.environment.cache.clear()   # compiled again, as in a fleet larger than the cache
+    script = app.pipeline.renderer.render(snapshot, own.name, {"device": device("IP232-30-00-af")})
+    assert script.startswith("# IP232-30-00-af\r\n") and script in answer.text
+
+
+def test_the_lookup_index_finds_each_file_by_its_key_and_follows_changes():
+    def name(n: int) -> str:
+        return f"devices/IP232-30-00-{n:02x}.j2"
+
+    index = KeyIndex(TEMPLATE_SUFFIX, BROKEN_MODEL_NAMES, [(f"devices/ip232-30-00-{n:02x}", name(n)) for n in range(100)])
+    index = index.changed({"default": "default.j2"})                      # a few: made in place
+    assert len(index) == 101 and index["devices/ip232-30-00-07"] == name(7) and index.get("default") == "default.j2"
+    assert "devices/ip232-30-00-ff" not in index and index.get("devices/ip232-30-00-ff") is None
+    fewer = index.changed({f"devices/ip232-30-00-{n:02x}": None for n in range(0, 100, 2)})   # many: sorted anew
+    assert len(fewer) == 51 and "devices/ip232-30-00-02" not in fewer and fewer["devices/ip232-30-00-03"] == name(3)
+    assert index["devices/ip232-30-00-02"] == name(2)                    # the index it came from is unchanged
+    assert set(fewer.values()) == {"default.j2", *(name(n) for n in range(1, 100, 2))}
+    assert dict(fewer) == {"default": "default.j2", **{f"devices/ip232-30-00-{n:02x}": name(n) for n in range(1, 100, 2)}}
+
+
+def test_keys_that_all_hash_alike_each_find_their_own_file(monkeypatch):
+    # every key one hash: a file found by the hash is a key's only if its own key is that key
+    from configserver.content import lookup
+
+    monkeypatch.setattr(lookup, "hash", lambda key: 0, raising=False)
+    keys = {f"devices/ip232-30-00-{n:02x}": f"devices/IP232-30-00-{n:02x}.j2" for n in range(1, 6)}
+    index = KeyIndex(TEMPLATE_SUFFIX, BROKEN_MODEL_NAMES, keys.items()).changed({"devices/ip232-30-00-03": None})
+    assert {key: index.get(key) for key in keys} == {**keys, "devices/ip232-30-00-03": None}
+    assert "devices/ip232-30-00-09" not in index

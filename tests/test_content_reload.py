@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from driving import call, terminator_headers
 
-from configserver.content import ContentStore
+from configserver.content import ContentStore, analysis
 
 
 def settled(path: Path) -> None:
@@ -143,10 +143,11 @@ def test_of_two_files_for_one_device_the_first_name_wins_and_the_other_takes_ove
 def test_start_up_reads_every_file_but_parses_a_template_only_once_a_device_is_given_it(fleet, pki):
     app = fleet.app()
     own = app.store.snapshot.templates["devices/IP232-30-00-af.j2"]
-    assert own.text and own.facts is None
+    assert own.content == "# own\n{% include 'part.j2' %}\n" and own.learned is None
     call(app, "/", terminator_headers(pki.phone))
-    assert own.facts == (False, ("part.j2",))
-    assert app.store.snapshot.templates["default.j2"].facts is None   # nobody polled for it yet
+    assert analysis.facts(own) == (False, ("part.j2",))
+    assert own.content is None   # what the text says is kept, the text is not
+    assert app.store.snapshot.templates["default.j2"].learned is None   # nobody polled for it yet
 
 
 # -- file events ------------------------------------------------------------------------------
@@ -296,3 +297,33 @@ def test_a_templates_folder_moved_away_and_back_is_watched_again(tmp_path, monke
         return seen
 
     assert asyncio.run(scenario()) == [True, True, True]
+
+
+def test_an_edit_in_the_grace_window_never_mixes_into_the_version_listed(site, pki):
+    # the device's template holds no text: compiled again (a fleet larger than the compiled
+    # templates kept), it is read in the version its snapshot lists, or not at all
+    own = site.write("templates/devices/IP232-30-00-af.j2",
+                     "{# configserver: apply_once=false #}\n# own at {{ now.year }}\n{% include 'part.j2' %}\n")
+    part = site.write("templates/part.j2", "config change NTP0 /server one.example.com\n")
+    settled(own)
+    settled(part)
+    app = site.app(grace_seconds=60)
+    outcomes: list = []
+    app.recorders.append(outcomes.append)
+    compiled = app.pipeline.renderer.environment.cache
+    first = call(app, "/", terminator_headers(pki.phone))
+    assert first.status == 200 and "\r\n# own at " in first.text and "/server one.example.com\r\n" in first.text
+
+    part.write_text("config change NTP0 /server two.example.com\n")   # the snapshot still lists the first
+    assert app.store.refresh() is False                                # within the grace window
+    compiled.clear()
+    during = call(app, "/", terminator_headers(pki.phone))
+    assert during.status == 500 and "two.example.com" not in during.text
+    assert "part.j2: changed on disk since the folder was listed" in outcomes[-1].detail
+    compiled.clear()
+    assert call(app, "/", terminator_headers(pki.phone)).status == 500   # that version's error until it is published
+
+    settled(part)
+    assert app.store.refresh() is True
+    after = call(app, "/", terminator_headers(pki.phone))
+    assert after.status == 200 and "/server two.example.com\r\n" in after.text and "one.example" not in after.text

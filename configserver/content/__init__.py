@@ -3,6 +3,7 @@
     naming.py     file names and devices.csv rows -> lookup keys (one rule for all)
     variables.py  reading and layering vars files
     analysis.py   what a template's text says before rendering (options, per-poll reads)
+    lookup.py     the lookup index of a folder: key -> file, 16 bytes a file
     snapshot.py   one immutable view of both folders, and the choice for a device
     watcher.py    scanning the folders into snapshots, with the grace window
     rendering.py  rendering a template of one snapshot, CRLF line ends

@@ -1,16 +1,18 @@
 """What a template's own text says before it is rendered: its options, and which files its
 output depends on (or that it reads what changes from poll to poll).
 
-Worked out lazily, the first time a device is given the template, and once per version of a
-file: the result lives on that version (SourceFile) itself, so it is shared by every snapshot
-that holds the version and goes with it. Start-up reads files; it parses no template.
+Worked out from one reading of the text, the first time a device is given the template, and
+once per version of a file: the result lives on that version (SourceFile) itself, so it is
+shared by every snapshot that holds the version and goes with it. The text itself is not kept
+(SourceFile.read): a fleet of 100,000 device templates would otherwise hold all of them, each
+its own size, once every device has polled. Start-up reads files; it parses no template.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jinja2
 from jinja2 import nodes
@@ -28,10 +30,20 @@ _PARSER = jinja2.Environment(autoescape=False)
 _NO_OPTIONS = TemplateOptions()
 
 Facts = tuple[bool, tuple[str, ...]]   # (reads per-poll values?, templates it references)
-# A fleet's templates say the same few things (100,000 device templates that include default.j2):
-# equal facts are one tuple, kept by every version that has them
-_ALIKE: BoundedCache[Facts, Facts] = BoundedCache(4096)
 _PER_POLL: Facts = (True, ())
+
+
+class Learned(NamedTuple):
+    """What one version of a template says: all that is kept of its text."""
+
+    per_poll: bool                     # reads what changes from poll to poll
+    references: tuple[str, ...]        # the templates it includes, imports or extends
+    options: TemplateOptions | str     # its apply-once options, or the problem with them
+
+
+# A fleet's templates say the same few things (100,000 device templates that include default.j2):
+# equal findings are one tuple, kept by every version that has them
+_ALIKE: BoundedCache[Learned, Learned] = BoundedCache(4096)
 
 
 def template_facts(source: str) -> Facts:
@@ -59,8 +71,7 @@ def template_facts(source: str) -> Facts:
             if not (isinstance(item, nodes.Const) and isinstance(item.value, str)):
                 return _PER_POLL
             references.append(sys.intern(item.value))
-    found = (False, tuple(references))
-    return _ALIKE.get(found) or _ALIKE.put(found, found)
+    return False, tuple(references)
 
 
 def options_of(name: str, text: str) -> TemplateOptions | str:
@@ -71,22 +82,32 @@ def options_of(name: str, text: str) -> TemplateOptions | str:
         return f"{name}:{error.line}: {error.message}"
 
 
-def facts(source: SourceFile) -> Facts:
-    """`template_facts` of one version of a template file, worked out once."""
-    found = source.facts
+def learn(name: str, text: str) -> Learned:
+    """`template_facts` and `options_of` the text of the template `name`, from one reading."""
+    per_poll, references = template_facts(text)
+    options = options_of(name, text) if "configserver:" in text else _NO_OPTIONS
+    found = Learned(per_poll, references, options)
+    return _ALIKE.get(found) or _ALIKE.put(found, found)
+
+
+def learned(source: SourceFile) -> Learned:
+    """What one version of a template file says, worked out once (from its text, which is not kept)."""
+    found = source.learned
     if found is None:
-        found = template_facts(source.text)
-        object.__setattr__(source, "facts", found)   # a memo of the frozen version, not a change
+        found = learn(source.name, source.read()[0])   # a file that cannot be read: its render says why
+        object.__setattr__(source, "learned", found)   # a memo of the frozen version, not a change
     return found
+
+
+def facts(source: SourceFile) -> Facts:
+    """`template_facts` of one version of a template file."""
+    found = learned(source)
+    return found.per_poll, found.references
 
 
 def options(source: SourceFile) -> TemplateOptions | str:
-    """`options_of` one version of a template file, worked out once."""
-    found = source.options
-    if found is None:
-        found = options_of(source.name, source.text) if "configserver:" in source.text else _NO_OPTIONS
-        object.__setattr__(source, "options", found)
-    return found
+    """`options_of` one version of a template file."""
+    return learned(source).options
 
 
 def dependencies(name: str, templates: Mapping[str, SourceFile]) -> tuple[SourceFile, ...] | None:

@@ -1,7 +1,8 @@
 """Rendering a template of one snapshot into a script with CRLF line ends.
 
-Templates are loaded from the snapshot the poll chose, never from the disk and never from a
-snapshot published meanwhile: a poll that races a reload still renders one consistent view.
+Templates are loaded from the snapshot the poll chose, never from a snapshot published
+meanwhile, and a file is read only in the version that snapshot holds: a poll that races a
+reload or an edit still renders one consistent view (or fails, until the edit is published).
 Compiled templates are shared across snapshots while their file's version is unchanged, and
 at most _COMPILED_KEPT of them are kept (caches.py's one policy): a per-device template is
 compiled again when its device's answer has to be rendered again.
@@ -41,25 +42,29 @@ class ConfigurationError(ConfigserverError):
 
 
 class _SnapshotLoader(jinja2.BaseLoader):
-    """Serves template sources from the snapshot being rendered: no file system access while
-    rendering, and no name that is not a file below the templates folder can ever be loaded."""
+    """Serves template sources from the snapshot being rendered: a file is read only in the
+    version that snapshot holds (SourceFile.read), and no name that is not a file below the
+    templates folder can ever be loaded."""
 
     def __init__(self, templates_dir: Path) -> None:
-        self._dir = templates_dir
+        self._root = f"{templates_dir}{os.sep}"
 
     def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Callable[[], bool]]:
         snapshot = _rendering.get()
         source = snapshot.templates.get(template) if snapshot is not None else None
         if source is None:
             raise jinja2.TemplateNotFound(template)
-        if source.error:
-            raise jinja2.TemplateError(f"{template}: {source.error}")
+        text, problem = source.read()
+        if problem:
+            raise jinja2.TemplateError(f"{template}: {problem}")
 
         def uptodate() -> bool:
             current = _rendering.get()
             return current is not None and current.templates.get(template) is source
 
-        return source.text, str(self._dir / template), uptodate
+        # the file name for tracebacks, joined as a string: a Path would be parsed (and its
+        # parts interned) once per compile
+        return text, self._root + template, uptodate
 
     def list_templates(self) -> list[str]:
         snapshot = _rendering.get()

@@ -28,6 +28,7 @@ from ..caches import BoundedCache
 from ..identity import DeviceIdentity
 from ..innovaphone import BROKEN_MODEL_NAMES
 from . import analysis
+from .lookup import KeyIndex
 from .naming import DEVICES_CSV, TEMPLATE_SUFFIX, VARS_SUFFIX, lookup_key
 from .variables import DeviceRows, freeze, merge
 
@@ -38,24 +39,27 @@ log = logging.getLogger("configserver.content")
 _CHOICES_KEPT = 10_000
 
 # A file's version: its modification time, size and inode packed into one number (a different
-# stamp is a different version). One int of 52 bytes where a tuple of three cost 130, for each
-# of 100,000 device templates.
+# stamp is a different version). One int where a tuple of three cost 130 bytes, for each of
+# 100,000 device templates; of 48 bytes while it fits in 180 bits (Python's ints grow by 30
+# bits), so the size has 52: a file larger than 4 PB counts as that large (it is refused anyway).
 Stamp = int
 _MTIME_BIAS = 1 << 63   # modification times before 1970 are negative
-_FIELD = (1 << 64) - 1
+_INODE_BITS, _SIZE_BITS = 64, 52
+_LARGEST = (1 << _SIZE_BITS) - 1
 
 
 def stamp_of(st: os.stat_result) -> Stamp:
     """The stamp of a file as `os.stat` (or `lstat`, `fstat`) saw it."""
-    return (st.st_mtime_ns + _MTIME_BIAS) << 128 | st.st_size << 64 | st.st_ino
+    size = min(st.st_size, _LARGEST)
+    return (st.st_mtime_ns + _MTIME_BIAS) << (_SIZE_BITS + _INODE_BITS) | size << _INODE_BITS | st.st_ino
 
 
 def stamp_mtime_ns(stamp: Stamp) -> int:
-    return (stamp >> 128) - _MTIME_BIAS
+    return (stamp >> (_SIZE_BITS + _INODE_BITS)) - _MTIME_BIAS
 
 
 def stamp_size(stamp: Stamp) -> int:
-    return stamp >> 64 & _FIELD
+    return stamp >> _INODE_BITS & _LARGEST
 
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
@@ -64,42 +68,56 @@ _CHANGED = "changed on disk since the folder was listed: the next snapshot, a mo
 
 @dataclass(frozen=True, slots=True)
 class SourceFile:
-    """One file as read at one moment: its text (or parsed data) and what identifies that version.
+    """One file as read at one moment: what identifies that version, and its text or parsed data.
 
-    A template listed in bulk (start-up, a checkout of the whole fleet) may be read only when a
-    device first needs it: it then carries the `folder` to read it from, and is read once, for
-    the version its stamp names; a file found changed by then is this version's error until the
-    next snapshot brings the new one. `facts` and `options` are filled in by analysis.py the
-    first time they are needed. Versions compare by name, stamp and data."""
+    A vars file keeps its text and parsed data. A template in its folder keeps neither: what
+    its text says (`learned`: options, includes, per-poll reads) is worked out once by
+    analysis.py, and the text is read again, in the version its stamp names, when Jinja
+    compiles it (`read`); a template read ahead holds its text until it is first used. A
+    file found changed since it was listed is this version's error until the next snapshot
+    brings the new one, so a snapshot never serves two texts for one version. Versions
+    compare by name, stamp and data."""
 
     name: str            # path relative to its folder, with '/'
     stamp: Stamp
-    content: str | None = field(default=None, compare=False)   # None: not read yet
+    content: str | None = field(default=None, compare=False)   # the text, while it is held
     data: Any = None     # parsed TOML (dict), or devices.csv's rows (variables.DeviceRows)
     problem: str | None = field(default=None, compare=False)
-    folder: str | None = field(default=None, compare=False, repr=False)   # shared by the folder's files
-    facts: Any = field(default=None, compare=False, repr=False)
-    options: Any = field(default=None, compare=False, repr=False)
+    folder: str | None = field(default=None, compare=False, repr=False)   # a template's, read from there
+    learned: Any = field(default=None, compare=False, repr=False)   # analysis.Learned, once worked out
 
     @property
     def text(self) -> str:
-        if self.content is None:
-            self._read()
-        return self.content  # type: ignore[return-value]
+        """The text of this version ("" when it cannot be read: see `error`)."""
+        return self.read()[0]
 
     @property
     def error(self) -> str | None:
-        if self.content is None:
-            self._read()
+        """Why this version cannot be used, if it cannot; a template not read yet is read now."""
+        if self.problem is None and self.content is None and self.learned is None and self.folder is not None:
+            analysis.learned(self)
         return self.problem
 
-    def _read(self) -> None:
-        text, problem = ("", "not read") if self.folder is None else read_text(f"{self.folder}/{self.name}", self.stamp)
-        if text is None:
-            text, problem = "", _CHANGED
-        # memos of this frozen version, not changes to it
-        object.__setattr__(self, "problem", problem)
-        object.__setattr__(self, "content", text)
+    def read(self) -> tuple[str, str | None]:
+        """The text and why this version cannot be used, if it cannot: the text held, or read
+        again from the folder in this version ("" when it cannot be read). A file no longer
+        this version stays this version's error, so the new text is never served under the
+        old version's name."""
+        content, problem = self.content, self.problem
+        if content is not None or problem is not None:
+            if content is not None and self.folder is not None:
+                object.__setattr__(self, "content", None)   # handed over once: read again next time
+            return content or "", problem
+        if self.folder is None:
+            problem = "not read"
+        else:
+            content, problem = read_text(f"{self.folder}/{self.name}", self.stamp)
+            if content is None:
+                problem = _CHANGED
+        if problem is not None:
+            object.__setattr__(self, "problem", problem)   # a memo of this frozen version, not a change
+            return "", problem
+        return content or "", None
 
 
 def read_text(path: str, stamp: Stamp) -> tuple[str | None, str | None]:
@@ -165,8 +183,8 @@ class Snapshot:
     templates: Mapping[str, SourceFile]
     vars: Mapping[str, SourceFile]
     rules: ContentRules
-    lookup: Mapping[str, str]          # "devices/<key>", "models/<model>", "groups/<g>", "default" -> file
-    vars_lookup: Mapping[str, str]
+    lookup: KeyIndex          # "devices/<key>", "models/<model>", "groups/<g>", "default" -> file
+    vars_lookup: KeyIndex
     groups: Mapping[str, tuple[str, ...]]       # group -> models, table order
     model_groups: Mapping[str, tuple[str, ...]]  # casefolded model -> its groups
     groups_problem: str | None
@@ -277,17 +295,19 @@ def build_snapshot(
 def empty_snapshot(rules: ContentRules) -> Snapshot:
     """The snapshot before the first scan: no device gets a template."""
     groups, model_groups, problem = _groups(rules, None)
-    return Snapshot(templates={}, vars={}, rules=rules, lookup={}, vars_lookup={},
+    return Snapshot(templates={}, vars={}, rules=rules, lookup=KeyIndex(TEMPLATE_SUFFIX, rules.fixes),
+                    vars_lookup=KeyIndex(VARS_SUFFIX, rules.fixes),
                     groups=groups, model_groups=model_groups, groups_problem=problem)
 
 
 def _reindexed(
-    files: Mapping[str, SourceFile], lookup: Mapping[str, str], shadowed: Mapping[str, tuple[str, ...]],
+    files: Mapping[str, SourceFile], lookup: KeyIndex, shadowed: Mapping[str, tuple[str, ...]],
     changes: Mapping[str, SourceFile | None], suffix: str, fixes: Mapping[str, str], *, warn: bool,
-) -> tuple[dict[str, SourceFile], dict[str, str], dict[str, tuple[str, ...]]]:
+) -> tuple[dict[str, SourceFile], KeyIndex, dict[str, tuple[str, ...]]]:
     """`files` with `changes` applied, and the lookup index redone for the names that came or
     went only. Of several files for one key the first name in sorted order is used."""
-    files, lookup, shadowed = dict(files), dict(lookup), dict(shadowed)
+    files, shadowed = dict(files), dict(shadowed)
+    used: dict[str, str | None] = {}   # key -> the file now used for it (None: none), where that changed
     for name, source in changes.items():
         came, went = source is not None and name not in files, source is None and name in files
         if source is None:
@@ -299,16 +319,14 @@ def _reindexed(
         key = lookup_key(name, suffix, fixes)
         if key is None:
             continue
-        names = {*shadowed.get(key, ()), *((lookup[key],) if key in lookup else ())}
+        current = used[key] if key in used else lookup.get(key)
+        names = {*shadowed.get(key, ()), *((current,) if current else ())}
         if came:
             names.add(name)
         else:
             names.discard(name)
         ordered = sorted(names)
-        if ordered:
-            lookup[key] = ordered[0]
-        else:
-            lookup.pop(key, None)
+        used[key] = ordered[0] if ordered else None
         if len(ordered) > 1:
             shadowed[key] = tuple(ordered[1:])
             if warn and came:
@@ -316,7 +334,7 @@ def _reindexed(
                     "event": "template_conflict", "key": key, "used": ordered[0], "ignored": ", ".join(ordered[1:])}})
         else:
             shadowed.pop(key, None)
-    return files, lookup, shadowed
+    return files, lookup.changed(used), shadowed
 
 def _groups(
     rules: ContentRules, default: SourceFile | None,

@@ -69,6 +69,7 @@ class ContentStore:
     ) -> None:
         self.templates_dir = Path(templates_dir).absolute()
         self.vars_dir = Path(vars_dir).absolute()
+        self._templates_folder = str(self.templates_dir)   # one string, kept by every template
         self.rules = rules or ContentRules()
         self.grace_seconds = grace_seconds
         # files that may differ from the snapshot, not yet published: key -> (the version seen,
@@ -108,19 +109,17 @@ class ContentStore:
             variables: dict[str, SourceFile | None] = {}
             # a few changed files are read now, so a file written while it is read is waited
             # for; a bulk of templates is read when a device first needs each (SourceFile)
-            folder = str(self.templates_dir)
             for key, seen in differing.items():
                 kind, name = key
                 source = None
                 if seen is not None:
                     target, stamp = seen
                     if bulk and kind == "templates" and target is None:
-                        source = SourceFile(name, stamp, folder=folder)
+                        source = SourceFile(name, stamp, folder=self._templates_folder)
                     elif (early := self._early.get(key)) is not None and early.stamp == stamp:
                         source = early
                     else:
-                        path = target or str(self._folder(kind) / name)
-                        source = read_file(path, name, stamp, self._parse_vars if kind == "vars" else _no_parse)
+                        source = self._read(key, seen)
                     if source is None:  # written to while we read it: wait for it to settle
                         self._unsettled[key] = (None, now)
                         return False
@@ -142,9 +141,7 @@ class ContentStore:
         for key, seen in differing.items():
             if seen is None or ((early := self._early.get(key)) is not None and early.stamp == seen[1]):
                 continue
-            kind, name = key
-            source = read_file(seen[0] or str(self._folder(kind) / name), name, seen[1],
-                               self._parse_vars if kind == "vars" else _no_parse)
+            source = self._read(key, seen)
             if source is not None:
                 self._early[key] = source
 
@@ -239,6 +236,18 @@ class ContentStore:
         return tuple(found)
 
     # -- what is on disk ----------------------------------------------------------------------
+
+    def _read(self, key: Key, seen: Version) -> SourceFile | None:
+        """The file `key` in the version `seen`, or None if it changed while it was read. A
+        template that is no symlink is read again from its folder when it is compiled: it
+        holds its text only until analysis.py has worked out what the text says."""
+        kind, name = key
+        target, stamp = seen
+        if kind == "vars":
+            return read_file(target or str(self.vars_dir / name), name, stamp, self._parse_vars)
+        folder = self._templates_folder
+        return read_file(target or f"{folder}/{name}", name, stamp, _no_parse,
+                         folder=folder if target is None else None)
 
     def _parse_vars(self, name: str, text: str) -> tuple[Any, str | None]:
         return parse_vars(name, text, self.rules.fixes)
@@ -393,13 +402,15 @@ def list_files(root: Path) -> dict[str, Version]:
 
 def read_file(
     path: str | Path, name: str, stamp: Stamp, parse: Callable[[str, str], tuple[Any, str | None]],
+    folder: str | None = None,
 ) -> SourceFile | None:
     """The file's text and parsed data, an error the admin must fix, or None when the file
-    changed while it was read (then it is still being written)."""
+    changed while it was read (then it is still being written). With `folder`, a template
+    that may be read again from there (SourceFile.read)."""
     text, problem = read_text(str(path), stamp)
     if text is None:
         return None
     if problem:
         return SourceFile(name, stamp, "", None, problem)
     data, error = parse(name, text)
-    return SourceFile(name, stamp, text, data, error)
+    return SourceFile(name, stamp, text, data, error, folder)
