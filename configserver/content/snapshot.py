@@ -15,7 +15,6 @@ was learned of it) and re-indexes only the names that came or went.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -149,7 +148,7 @@ class ContentRules:
     final_command: str = "iresetn"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Choice:
     """What a device gets: the template to render, the variables, and where they came from."""
 
@@ -167,9 +166,11 @@ class Choice:
     # the devices.csv row. An answer kept for an equal tuple is still the answer.
     sources: tuple[object, ...] = ()
 
-    @functools.cached_property
+    @property
     def variables(self) -> Mapping[str, Any]:
-        """The layers merged (later ones win, tables key by key), read-only."""
+        """The layers merged (later ones win, tables key by key), read-only. Merged anew each
+        time (some microseconds, for a script about to be rendered): the choices a snapshot
+        keeps, one per device, do not hold a merged copy each."""
         merged: dict[str, Any] = {}
         for layer in self.layers:
             merged = merge(merged, layer)
