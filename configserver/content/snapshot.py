@@ -19,7 +19,6 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..apply_once import TemplateOptions
@@ -121,21 +120,34 @@ class SourceFile:
 
 def read_text(path: str, stamp: Stamp) -> tuple[str | None, str | None]:
     """(text, None), ("", the error the admin must fix), or (None, None) when the file is no
-    longer the version `stamp` names (it changed while, or before, it was read)."""
+    longer the version `stamp` names (it changed or went while, or before, it was read).
+
+    A template is read again each time it is compiled, so this stays lean: no Path, no buffer."""
+    size = stamp_size(stamp)
+    if size > MAX_FILE_BYTES:
+        return "", f"cannot read: larger than {MAX_FILE_BYTES} bytes"
     try:
-        with Path(path).open("rb") as file:
-            size = stamp_size(stamp)
-            if size > MAX_FILE_BYTES:
-                raise ValueError(f"larger than {MAX_FILE_BYTES} bytes")
-            data = file.read(size + 1)   # one more byte than the version had: growth shows
-            after = os.fstat(file.fileno())
-        if stamp_of(after) != stamp:
-            return None, None
-        return data.decode("utf-8-sig"), None  # a byte order mark (Excel's "CSV UTF-8") is no content
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return "", f"cannot read: {exc}"
+    try:
+        chunks, wanted = [], size + 1   # one more byte than the version had: growth shows
+        while wanted > 0 and (chunk := os.read(fd, wanted)):
+            chunks.append(chunk)
+            wanted -= len(chunk)
+        after = os.fstat(fd)
+    except OSError as exc:
+        return "", f"cannot read: {exc}"
+    finally:
+        os.close(fd)
+    if stamp_of(after) != stamp:
+        return None, None
+    try:
+        return b"".join(chunks).decode("utf-8-sig"), None  # a byte order mark (Excel's "CSV UTF-8") is no content
     except UnicodeDecodeError as exc:
         return "", f"not UTF-8 text (byte {exc.start}): save it as UTF-8"
-    except (OSError, ValueError) as exc:
-        return "", f"cannot read: {exc}"
 
 
 @dataclass(frozen=True, slots=True)
