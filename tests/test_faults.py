@@ -58,14 +58,14 @@ def test_an_unreadable_template_costs_only_the_devices_that_use_it(fleet, pki, m
     own = fleet.templates / "devices" / "IP232-30-00-af.j2"
     own.write_text("# own, edited\nconfig change SIP0 /pwd {{ vars.pwd }}\n")
     settled(own)
-    real_open = Path.open
+    real_open = os.open
 
-    def refuse(self, *args, **kwargs):
-        if self == own:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_open(self, *args, **kwargs)
+    def refuse(path, *args, **kwargs):
+        if path == str(own):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "open", refuse)
+    monkeypatch.setattr(os, "open", refuse)
     app.store.refresh()
     assert script(app, pki.phone) == (500, "# configuration error\n")
     assert script(app, pki.gateway) == gateway

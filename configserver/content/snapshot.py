@@ -71,7 +71,7 @@ class SourceFile:
     A vars file keeps its text and parsed data. A template in its folder keeps neither: what
     its text says (`learned`: options, includes, per-poll reads) is worked out once by
     analysis.py, and the text is read again, in the version its stamp names, when Jinja
-    compiles it (`read`); a template read ahead holds its text until it is first used. A
+    compiles it (`read`); a template read ahead holds its text until it is first compiled. A
     file found changed since it was listed is this version's error until the next snapshot
     brings the new one, so a snapshot never serves two texts for one version. Versions
     compare by name, stamp and data."""
@@ -96,15 +96,16 @@ class SourceFile:
             analysis.learned(self)
         return self.problem
 
-    def read(self) -> tuple[str, str | None]:
+    def read(self, *, let_go: bool = False) -> tuple[str, str | None]:
         """The text and why this version cannot be used, if it cannot: the text held, or read
         again from the folder in this version ("" when it cannot be read). A file no longer
         this version stays this version's error, so the new text is never served under the
-        old version's name."""
+        old version's name. With `let_go` (Jinja compiling it) a template's text held is let
+        go: it is read from the folder again when it is compiled again."""
         content, problem = self.content, self.problem
         if content is not None or problem is not None:
-            if content is not None and self.folder is not None:
-                object.__setattr__(self, "content", None)   # handed over once: read again next time
+            if let_go and content is not None and self.folder is not None:
+                object.__setattr__(self, "content", None)
             return content or "", problem
         if self.folder is None:
             problem = "not read"
