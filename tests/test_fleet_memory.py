@@ -127,6 +127,27 @@ def test_the_devices_csv_index_costs_a_few_bytes_a_row():
     assert held / 20_000 < 24   # two 8-byte numbers a row; the text itself is the caller's
 
 
+def test_reading_devices_csv_leaves_no_peak_of_memory_behind():
+    # a table is read at start-up and again after every edit: what its reading took at its peak
+    # stays with the worker, so the peak must stay near the index itself
+    text = "hwid,user\n" + "".join(f"{hwid(n)},user{n}\n" for n in range(20_000))
+    gc.collect()
+    tracemalloc.start()
+    DeviceRows(text)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak / 20_000 < 100   # bytes a row, at the peak (a dict of the keys took 390)
+
+
+def test_devices_csv_rows_are_found_whatever_their_line_ends_and_the_last_row_counts():
+    rows = DeviceRows('hwid,user,note\r\n' + f'{hwid(1)},first,"two\r\nlines"\r\n'
+                      f'{hwid(2)},second,x\r{hwid(1).upper()},again,y\n{hwid(3)},third,z')
+    assert len(rows) == 3
+    assert rows.values(hwid(1).casefold()) == {"user": "again", "note": "y"}
+    assert rows.values(hwid(2).casefold()) == {"user": "second", "note": "x"}
+    assert rows.values(hwid(3).casefold()) == {"user": "third", "note": "z"}
+
+
 class _HashedLike(str):
     """A key whose hash is another key's: what two keys of one hash look like to the index."""
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
+import re
 import tomllib
 from array import array
 from bisect import bisect_left
@@ -23,6 +25,11 @@ from ..innovaphone import BROKEN_MODEL_NAMES
 from .naming import DEVICES_CSV, csv_row_device
 
 _NOT_VARIABLES = ("hwid", "mac")   # devices.csv's columns that name the device
+# A row's place in the index, packed into one int that sorts as (key hash, row further down first)
+_HASH_BIAS = 1 << 63
+_ROW_BITS = 32
+_LAST_ROW = (1 << _ROW_BITS) - 1
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")   # a line and its end, as csv reads them
 
 
 class DeviceRows:
@@ -39,24 +46,35 @@ class DeviceRows:
     def __init__(self, text: str, fixes: Mapping[str, str] = BROKEN_MODEL_NAMES) -> None:
         self._text = text
         self._fixes = fixes
-        lines = io.StringIO(text, newline="")
-        starts = [0]   # where each line starts in the text
-        def tracked() -> Any:
-            for line in lines:
-                starts.append(starts[-1] + len(line))
-                yield line
+        # Built without a Python object per row that outlives the row: a table read at start-up
+        # or after an edit must not leave the worker a peak of memory (a dict of keys cost 39 MB
+        # for 100,000 rows, which stayed with the worker once freed)
+        starts = array("Q", [0])   # where each line starts in the text
+        def tracked() -> Any:   # the lines as io.StringIO(text, newline="") gives them, uncopied
+            for line in _LINE.finditer(text):
+                starts.append(line.end())
+                yield line.group()
         reader = csv.reader(tracked())
         self._columns: tuple[str, ...] = tuple(next(reader, ()))
-        spans: dict[str, int] = {}   # key -> start << 32 | end, in characters
+        spans = array("Q")   # per row naming a device: start << 32 | end, in characters
+        order: list[int] = []   # per such row: its key's hash and its number, packed to sort
         where = reader.line_num
         for values in reader:
             start, where = starts[where], reader.line_num
             key = self._key(values)
             if key is not None:
-                spans[key] = start << 32 | starts[where]
-        indexed = sorted((hash(key), span) for key, span in spans.items())
-        self._hashes = array("q", [hashed for hashed, _ in indexed])
-        self._spans = array("Q", [span for _, span in indexed])
+                order.append((hash(key) + _HASH_BIAS) << _ROW_BITS | (_LAST_ROW - len(spans)))
+                spans.append(start << 32 | starts[where])
+        del starts
+        order.sort()   # by hash; of one hash, the row further down first: the last row counts
+        self._hashes, self._spans = array("q"), array("Q")
+        for hashed, packed in itertools.groupby(order, key=lambda packed: packed >> _ROW_BITS):
+            rows = [spans[_LAST_ROW - (one & _LAST_ROW)] for one in packed]
+            if len(rows) > 1:   # one device named twice (the last row counts), or keys of one hash
+                rows = self._one_per_device(rows)
+            for span in rows:
+                self._hashes.append(hashed - _HASH_BIAS)
+                self._spans.append(span)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -79,14 +97,29 @@ class DeviceRows:
         hashes, hashed = self._hashes, hash(key)
         at = bisect_left(hashes, hashed)
         while at < len(hashes) and hashes[at] == hashed:
-            span = self._spans[at]
-            line = self._text[span >> 32: span & 0xFFFFFFFF]
-            values = next(csv.reader(io.StringIO(line, newline="")), [])
-            if self._key(values) == key:
+            line, values, named = self._parse(self._spans[at])
+            if named == key:
                 return line, {column: value for column, value in zip(self._columns, values)
                               if column and column not in _NOT_VARIABLES and value != ""}
             at += 1
         return None
+
+    def _one_per_device(self, spans: list[int]) -> list[int]:
+        """Of rows whose keys hash alike (the last in the file first), the first that names each device."""
+        seen: set[str | None] = set()
+        kept = []
+        for span in spans:
+            key = self._parse(span)[2]
+            if key not in seen:
+                seen.add(key)
+                kept.append(span)
+        return kept
+
+    def _parse(self, span: int) -> tuple[str, list[str], str | None]:
+        """The row at `span` of the text: its line, its cells, and the key of the device it names."""
+        line = self._text[span >> 32: span & 0xFFFFFFFF]
+        values = next(csv.reader(io.StringIO(line, newline="")), [])
+        return line, values, self._key(values)
 
     def line(self, key: str) -> str | None:
         """The text of the row that names `key`, or None."""
