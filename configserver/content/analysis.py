@@ -91,11 +91,13 @@ def learn(name: str, text: str) -> Learned:
 
 
 def learned(source: SourceFile) -> Learned:
-    """What one version of a template file says, worked out once (from its text, which is not kept)."""
+    """What one version of a template file says, worked out once."""
     found = source.learned
     if found is None:
-        found = learn(source.name, source.read()[0])   # a file that cannot be read: its render says why
-        object.__setattr__(source, "learned", found)   # a memo of the frozen version, not a change
+        text, problem = source.read()   # a file that cannot be read: its render says why
+        found = learn(source.name, text)
+        if problem is None or source.problem is not None:   # not from a read that failed only for now
+            object.__setattr__(source, "learned", found)   # a memo of the frozen version, not a change
     return found
 
 

@@ -54,7 +54,7 @@ class _SnapshotLoader(jinja2.BaseLoader):
         source = snapshot.templates.get(template) if snapshot is not None else None
         if source is None:
             raise jinja2.TemplateNotFound(template)
-        text, problem = source.read(let_go=True)   # the compiled template is what is kept
+        text, problem = source.read()   # the version the snapshot lists, or its error
         if problem:
             raise jinja2.TemplateError(f"{template}: {problem}")
 

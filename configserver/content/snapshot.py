@@ -68,12 +68,12 @@ _CHANGED = "changed on disk since the folder was listed: the next snapshot, a mo
 class SourceFile:
     """One file as read at one moment: what identifies that version, and its text or parsed data.
 
-    A vars file keeps its text and parsed data. A template in its folder keeps neither: what
-    its text says (`learned`: options, includes, per-poll reads) is worked out once by
-    analysis.py, and the text is read again, in the version its stamp names, when Jinja
-    compiles it (`read`); a template read ahead holds its text until it is first compiled. A
-    file found changed since it was listed is this version's error until the next snapshot
-    brings the new one, so a snapshot never serves two texts for one version. Versions
+    A vars file keeps its text and parsed data. A template listed in bulk (start-up, a
+    checkout of the whole fleet) is read when a device first needs it, in the version its stamp
+    names, and keeps its text from then on: a snapshot serves one text per version, and serves
+    it while an edit waits out its grace window. What its text says (`learned`: options,
+    includes, per-poll reads) is worked out once by analysis.py. A file found changed since it
+    was listed is this version's error until the next snapshot brings the new one. Versions
     compare by name, stamp and data."""
 
     name: str            # path relative to its folder, with '/'
@@ -96,43 +96,50 @@ class SourceFile:
             analysis.learned(self)
         return self.problem
 
-    def read(self, *, let_go: bool = False) -> tuple[str, str | None]:
-        """The text and why this version cannot be used, if it cannot: the text held, or read
-        again from the folder in this version ("" when it cannot be read). A file no longer
-        this version stays this version's error, so the new text is never served under the
-        old version's name. With `let_go` (Jinja compiling it) a template's text held is let
-        go: it is read from the folder again when it is compiled again."""
+    def read(self) -> tuple[str, str | None]:
+        """The text and why this version cannot be used, if it cannot ("" then): the text held,
+        or read from the folder in this version and held from then on. A file no longer this
+        version stays this version's error, so the new text is never served under the old
+        version's name. A read that failed for a passing cause (a file it may not open now, no
+        file descriptor left) is this read's error only: the next one tries again."""
         content, problem = self.content, self.problem
         if content is not None or problem is not None:
-            if let_go and content is not None and self.folder is not None:
-                object.__setattr__(self, "content", None)
             return content or "", problem
         if self.folder is None:
-            problem = "not read"
+            content, problem, lasting = None, "not read", True
         else:
-            content, problem = read_text(f"{self.folder}/{self.name}", self.stamp)
-            if content is None:
-                problem = _CHANGED
-        if problem is not None:
-            object.__setattr__(self, "problem", problem)   # a memo of this frozen version, not a change
-            return "", problem
-        return content or "", None
+            content, problem, lasting = read_version(f"{self.folder}/{self.name}", self.stamp)
+        # memos of this frozen version, not changes to it
+        if problem is None and content is not None:
+            object.__setattr__(self, "content", content)
+            return content, None
+        if lasting:
+            object.__setattr__(self, "problem", problem)
+        return "", problem
 
 
 def read_text(path: str, stamp: Stamp) -> tuple[str | None, str | None]:
     """(text, None), ("", the error the admin must fix), or (None, None) when the file is no
-    longer the version `stamp` names (it changed or went while, or before, it was read).
+    longer the version `stamp` names (it changed or went while, or before, it was read)."""
+    text, problem, _ = read_version(path, stamp)
+    return (None, None) if problem == _CHANGED else (text if problem is None else "", problem)
 
-    A template is read again each time it is compiled, so this stays lean: no Path, no buffer."""
+
+def read_version(path: str, stamp: Stamp) -> tuple[str | None, str | None, bool]:
+    """(text, None, True), or (None, the error the admin must fix, whether it is the version's
+    for good): _CHANGED when the file is no longer the version `stamp` names (it changed or
+    went while, or before, it was read), too large or not UTF-8 for good; a file that cannot be
+    opened or read now (permissions, no file descriptor left) may be read once that passes.
+    Lean (no Path, no buffer): a fleet's templates are read on their first poll."""
     size = stamp_size(stamp)
     if size > MAX_FILE_BYTES:
-        return "", f"cannot read: larger than {MAX_FILE_BYTES} bytes"
+        return None, f"cannot read: larger than {MAX_FILE_BYTES} bytes", True
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)   # a FIFO put there never blocks a poll
     except FileNotFoundError:
-        return None, None
+        return None, _CHANGED, True
     except OSError as exc:
-        return "", f"cannot read: {exc}"
+        return None, f"cannot read: {exc}", False
     try:
         chunks, wanted = [], size + 1   # one more byte than the version had: growth shows
         while wanted > 0 and (chunk := os.read(fd, wanted)):
@@ -140,15 +147,15 @@ def read_text(path: str, stamp: Stamp) -> tuple[str | None, str | None]:
             wanted -= len(chunk)
         after = os.fstat(fd)
     except OSError as exc:
-        return "", f"cannot read: {exc}"
+        return None, f"cannot read: {exc}", False
     finally:
         os.close(fd)
     if stamp_of(after) != stamp:
-        return None, None
+        return None, _CHANGED, True
     try:
-        return b"".join(chunks).decode("utf-8-sig"), None  # a byte order mark (Excel's "CSV UTF-8") is no content
+        return b"".join(chunks).decode("utf-8-sig"), None, True  # a byte order mark (Excel's "CSV UTF-8") is no content
     except UnicodeDecodeError as exc:
-        return "", f"not UTF-8 text (byte {exc.start}): save it as UTF-8"
+        return None, f"not UTF-8 text (byte {exc.start}): save it as UTF-8", True
 
 
 @dataclass(frozen=True, slots=True)

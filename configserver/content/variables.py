@@ -65,7 +65,6 @@ class DeviceRows:
             if key is not None:
                 order.append((hash(key) + _HASH_BIAS) << _ROW_BITS | (_LAST_ROW - len(spans)))
                 spans.append(start << 32 | starts[where])
-        del starts
         order.sort()   # by hash; of one hash, the row further down first: the last row counts
         self._hashes, self._spans = array("q"), array("Q")
         for hashed, packed in itertools.groupby(order, key=lambda packed: packed >> _ROW_BITS):
