@@ -213,8 +213,9 @@ class AdminPage:
         except ConfigserverError as exc:
             return {"error": str(exc)}
         record, choice = answer.record, answer.choice
+        variables = choice.variables   # merged when asked: once for both uses
         masked = _script.mask(answer.body.decode("utf-8", "replace").replace("\r\n", "\n"),
-                              choice.variables, self.settings.admin_secret_vars, reveal=reveal)
+                              variables, self.settings.admin_secret_vars, reveal=reveal)
         return {
             "error": None, "status": record.status, "reason": record.reason, "detail": record.detail,
             "template": choice.template, "vars_files": choice.vars_files, "groups": choice.groups,
@@ -222,7 +223,7 @@ class AdminPage:
                 None if record.check_digest is None else reported == record.check_digest),
             "script": masked.script, "variables": masked.variables, "secrets": masked.secrets, "reveal": reveal,
             "firmware": firmware, "secret_values": [] if reveal else _script.secret_values(
-                choice.variables, self.settings.admin_secret_vars),
+                variables, self.settings.admin_secret_vars),
         }
 
     def _firmware_now(self, answer: Any, reported: Mapping[str, str | None]) -> dict[str, Any]:
