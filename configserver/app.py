@@ -137,7 +137,7 @@ class ConfigServer:
             await send({"type": "lifespan.shutdown.complete"})
 
     @contextlib.asynccontextmanager
-    async def _lifespan(self, _: object = None) -> AsyncIterator[None]:
+    async def _lifespan(self) -> AsyncIterator[None]:
         await asyncio.to_thread(self.store.settle)
         reloader = asyncio.create_task(self._reload_forever())
         try:   # what started is stopped again, also when a later start fails

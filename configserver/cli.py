@@ -7,8 +7,8 @@ import os
 import shutil
 import sys
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .settings import Settings, SettingsError, load_settings
@@ -277,28 +277,16 @@ def _cmd_firmware(args: argparse.Namespace) -> int:
 def _firmware_halts(settings: Settings) -> Callable[[], frozenset[tuple[str, str, str]]]:
     """Let `render` leave out the firmware a halted rollout would not send: how to read the
     halts in the database (when the device has a firmware target). Without the database it says
-    so, and shows the lines as if none were halted. An inventory not created yet halts nothing."""
-    import asyncio
-
-    from .firmware import RolloutState
-    from .inventory import database_url, open_engine
-
-    async def learn() -> frozenset[tuple[str, str, str]]:
-        url = database_url(settings.database)
-        if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
-            return frozenset()   # no inventory yet (and none made by looking)
-        engine = open_engine(url)
-        try:
-            return await RolloutState(engine).refresh()
-        finally:
-            await engine.dispose()
+    so, and shows the lines as if none were halted."""
+    from .firmware import _report
+    from .inventory import InventoryError
 
     def read() -> frozenset[tuple[str, str, str]]:
         try:
-            return asyncio.run(learn())
-        except Exception as exc:  # noqa: BLE001 - the database is away, unusable, or holds no rollouts yet
-            print(f"note: firmware halts not known: the database does not answer ({type(exc).__name__}); "
-                  "the firmware lines are shown as if no rollout were halted", file=sys.stderr)
+            return _report.halts(settings)
+        except InventoryError as exc:
+            print(f"note: firmware halts not known: the database does not answer ({exc}); the firmware "
+                  "lines are shown as if no rollout were halted", file=sys.stderr)
             return frozenset()
 
     return read

@@ -161,7 +161,8 @@ def preview(
 
     `path` may carry a query of its own (`/update?type=IP232`). `halts` reads the halted
     firmware targets (as RolloutState.refresh() does), whose files a poll is not sent; called
-    only when the device has a firmware target. None: the pipeline's own firmware stage decides. Raises UnresolvedDevice.
+    only when the device has a firmware target. None: the pipeline's own firmware stage
+    decides. Raises UnresolvedDevice.
     """
     now = now or dt.datetime.now(dt.timezone.utc)
     snapshot = service.store.snapshot

@@ -3,9 +3,8 @@ output depends on (or that it reads what changes from poll to poll).
 
 Worked out from one reading of the text, the first time a device is given the template, and
 once per version of a file: the result lives on that version (SourceFile) itself, so it is
-shared by every snapshot that holds the version and goes with it. The text itself is not kept
-(SourceFile.read): a fleet of 100,000 device templates would otherwise hold all of them, each
-its own size, once every device has polled. Start-up reads files; it parses no template.
+shared by every snapshot that holds the version and goes with it. Start-up reads files; it
+parses no template.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ is that key, so two keys of one hash stay apart. Immutable: a change makes a new
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping, ValuesView
 
 from .naming import lookup_key
@@ -18,6 +18,12 @@ from .naming import lookup_key
 # Up to this many keys changed at once, a new index is the old one copied with each change
 # made in place; more (a checkout, start-up) and it is sorted anew
 _EDITS_IN_PLACE = 64
+
+
+def same_hash(hashes: array, hashed: int) -> range:
+    """Where `hashed` sits in the sorted array `hashes`: every entry of that hash (a key's own
+    among them, if it is there at all; which one is the caller's to check)."""
+    return range(bisect_left(hashes, hashed), bisect_right(hashes, hashed))
 
 
 class KeyIndex(Mapping[str, str]):
@@ -64,12 +70,9 @@ class KeyIndex(Mapping[str, str]):
 
     def _find(self, key: str) -> int:
         """Where `key`'s file sits, or -1."""
-        hashes, hashed = self._hashes, hash(key)
-        at = bisect_left(hashes, hashed)
-        while at < len(hashes) and hashes[at] == hashed:
+        for at in same_hash(self._hashes, hash(key)):
             if lookup_key(self._names[at], self._suffix, self._fixes) == key:
                 return at
-            at += 1
         return -1
 
     def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]

@@ -78,7 +78,7 @@ class SourceFile:
 
     name: str            # path relative to its folder, with '/'
     stamp: Stamp
-    content: str | None = field(default=None, compare=False)   # the text, while it is held
+    content: str | None = field(default=None, compare=False)   # the text; None: not read yet
     data: Any = None     # parsed TOML (dict), or devices.csv's rows (variables.DeviceRows)
     problem: str | None = field(default=None, compare=False)
     folder: str | None = field(default=None, compare=False, repr=False)   # a template's, read from there

@@ -16,12 +16,12 @@ import itertools
 import re
 import tomllib
 from array import array
-from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
 from ..innovaphone import BROKEN_MODEL_NAMES
+from .lookup import same_hash
 from .naming import DEVICES_CSV, csv_row_device
 
 _NOT_VARIABLES = ("hwid", "mac")   # devices.csv's columns that name the device
@@ -93,14 +93,11 @@ class DeviceRows:
     def row(self, key: str) -> tuple[str, Mapping[str, str]] | None:
         """The text of the row that names `key` (what a kept answer compares) and its variables
         (empty cells left out), or None."""
-        hashes, hashed = self._hashes, hash(key)
-        at = bisect_left(hashes, hashed)
-        while at < len(hashes) and hashes[at] == hashed:
+        for at in same_hash(self._hashes, hash(key)):
             line, values, named = self._parse(self._spans[at])
             if named == key:
                 return line, {column: value for column, value in zip(self._columns, values)
                               if column and column not in _NOT_VARIABLES and value != ""}
-            at += 1
         return None
 
     def _one_per_device(self, spans: list[int]) -> list[int]:

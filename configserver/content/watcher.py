@@ -238,16 +238,12 @@ class ContentStore:
     # -- what is on disk ----------------------------------------------------------------------
 
     def _read(self, key: Key, seen: Version) -> SourceFile | None:
-        """The file `key` in the version `seen`, or None if it changed while it was read. A
-        template that is no symlink is read again from its folder when it is compiled: it
-        holds its text only until analysis.py has worked out what the text says."""
+        """The file `key` in the version `seen`, or None if it changed while it was read."""
         kind, name = key
         target, stamp = seen
         if kind == "vars":
             return read_file(target or str(self.vars_dir / name), name, stamp, self._parse_vars)
-        folder = self._templates_folder
-        return read_file(target or f"{folder}/{name}", name, stamp, _no_parse,
-                         folder=folder if target is None else None)
+        return read_file(target or f"{self._templates_folder}/{name}", name, stamp, _no_parse)
 
     def _parse_vars(self, name: str, text: str) -> tuple[Any, str | None]:
         return parse_vars(name, text, self.rules.fixes)
@@ -402,15 +398,13 @@ def list_files(root: Path) -> dict[str, Version]:
 
 def read_file(
     path: str | Path, name: str, stamp: Stamp, parse: Callable[[str, str], tuple[Any, str | None]],
-    folder: str | None = None,
 ) -> SourceFile | None:
     """The file's text and parsed data, an error the admin must fix, or None when the file
-    changed while it was read (then it is still being written). With `folder`, a template
-    that may be read again from there (SourceFile.read)."""
+    changed while it was read (then it is still being written)."""
     text, problem = read_text(str(path), stamp)
     if text is None:
         return None
     if problem:
         return SourceFile(name, stamp, "", None, problem)
     data, error = parse(name, text)
-    return SourceFile(name, stamp, text, data, error, folder)
+    return SourceFile(name, stamp, text, data, error)

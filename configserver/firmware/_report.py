@@ -136,11 +136,25 @@ def halt_current(settings: Settings, model: str, kinds: Iterable[str], now: floa
     return chosen
 
 
+def halts(settings: Settings) -> frozenset[tuple[str, str, str]]:
+    """The halted targets as every node reads them ((casefolded model, kind, build)), for
+    `render`; none while there is no inventory yet. Raises InventoryError when the database
+    cannot be used."""
+    try:
+        return _with_state(settings, RolloutState.refresh)
+    except NoInventory:
+        return frozenset()
+
+
+class NoInventory(InventoryError):
+    """The SQLite inventory the settings name has not been created yet."""
+
+
 def _with_state(settings: Settings, action):  # type: ignore[no-untyped-def]
     url = database_url(settings.database)
     if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
-        raise InventoryError(f"no inventory database at {url.database} (setting 'database'); "
-                             "configserver serve creates it when it starts, or run configserver migrate")
+        raise NoInventory(f"no inventory database at {url.database} (setting 'database'); "
+                          "configserver serve creates it when it starts, or run configserver migrate")
 
     async def run():  # type: ignore[no-untyped-def]
         engine = open_engine(url)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-
 from typing import Any
 
 import sqlalchemy as sa
@@ -61,12 +60,18 @@ def reported_facts(query: dict[str, str]) -> dict[str, str | None]:
     """
     lowered = {key.lower(): value for key, value in query.items()}
     version = lowered.get("ver") or None
-    return {   # the builds as the firmware rollout reads them too (innovaphone.reported_build)
-        "firmware": clean_text(reported_build(query, "prot"), 128),
-        "boot": clean_text(reported_build(query, "boot"), 128),
+    return {
+        "firmware": stored_build(query, "prot"),
+        "boot": stored_build(query, "boot"),
         "version": clean_text(version, 256),
         "local_ip": clean_text(lowered.get("ip") or None, 64),
     }
+
+
+def stored_build(query: dict[str, str], kind: str) -> str | None:
+    """The firmware (`prot`) or boot code (`boot`) build the device reported, as stored: read as
+    the firmware rollout reads it too (innovaphone.reported_build), bounded."""
+    return clean_text(reported_build(query, kind), 128)
 
 
 def inventory_key(hwid: str | None, mac: str | None) -> str | None:
@@ -127,7 +132,7 @@ def poll_row(record: Outcome, repeats: int = 0, repeats_since: float | None = No
         "decision": record.decision,
         "check_reported": record.check_reported,
         "check_digest": record.check_digest,
-        "firmware": clean_text(reported_build(query, "prot"), 128),   # as reported_facts has it
+        "firmware": stored_build(query, "prot"),
         "duration_ms": float(record.duration_ms or 0.0),
         "query": query,
         "claimed": record.claimed,
