@@ -36,7 +36,7 @@ from .forwarded import facts_from_headers, facts_from_tls, peer_ip
 from .inventory import Inventory, InventoryError
 from .logs import configure_logging, log_fields
 from .outcome import Outcome
-from .poll import INTERNAL_ERROR, Pipeline, PollRequest
+from .poll import CONFIGURATION_CHANGING, INTERNAL_ERROR, Pipeline, PollRequest
 from .refusals import Refused
 from .service import Service
 from .settings import Settings, SettingsError, load_settings
@@ -45,6 +45,10 @@ from .tls import is_device_listener
 log = logging.getLogger("configserver.poll")
 
 SERVICE_PATHS = frozenset({"/healthz", "/metrics"})
+# How long a poll whose template changed on disk (its text no longer held) waits for the
+# snapshot that has the new version: the grace window, the watcher's look and read, and at most
+# CHANGE_WAIT_MAX_SECONDS in all (terminators give up on an upstream after 60 s)
+CHANGE_WAIT_SECONDS, CHANGE_WAIT_MAX_SECONDS = 2.0, 30.0
 
 _PLAIN = b"text/plain; charset=utf-8"
 _NO_STORE = (b"cache-control", b"no-store")
@@ -192,7 +196,12 @@ class ConfigServer:
             else:
                 request = PollRequest(scope["method"], scope["path"], query, facts,
                                       facts.client_ip or client_ip, arrived, started)
-                outcome = self.pipeline.answer(request, dt.datetime.fromtimestamp(arrived, dt.UTC))
+                now = dt.datetime.fromtimestamp(arrived, dt.UTC)
+                listed = self.store.snapshot
+                outcome = self.pipeline.answer(request, now)
+                if outcome.reason == CONFIGURATION_CHANGING and await self.store.newer_than(
+                        listed, min(self.settings.grace_seconds + CHANGE_WAIT_SECONDS, CHANGE_WAIT_MAX_SECONDS)):
+                    outcome = self.pipeline.answer(request, now)
         except Exception:  # a bug must cost one answer, never the script of another device
             log.exception("poll failed", extra={"fields": {"event": "poll_failed", "path": scope["path"]}})
             outcome = Outcome(arrived, client_ip, scope["path"], 500, INTERNAL_ERROR, body=b"# internal error\n",

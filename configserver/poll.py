@@ -25,11 +25,11 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .apply_once import SENT, UNCHANGED, apply_once
 from .caches import POLL_CACHE_MB, BoundedCache
-from .content import Choice, ConfigurationError, ContentStore, Renderer, Snapshot
+from .content import Choice, ConfigurationError, ContentChanged, ContentStore, Renderer, Snapshot
 from .firmware import FirmwareError, FirmwareStage
 from .forwarded import ClientFacts
 from .identity import DeviceIdentity
@@ -48,6 +48,9 @@ _ANSWER_OVERHEAD = 560
 METHOD_NOT_ALLOWED = "method not allowed"
 NO_CONFIGURATION = "no configuration"
 CONFIGURATION_ERROR = "configuration error"
+# a template the poll needs changed on disk since the snapshot in use listed it, and its text
+# in that version is no longer held: the web layer waits for the next snapshot and asks again
+CONFIGURATION_CHANGING = "configuration changing"
 INTERNAL_ERROR = "internal error"
 
 # What a device sends may never start a line of its script: control characters are dropped
@@ -163,6 +166,8 @@ class Pipeline:
         query = request.first_values()
         reported = query.get("CHECK")
         if choice.problem:
+            if (changed := self._changed(snapshot, choice)) is not None:
+                return self._changing(request, changed, query=query, device=device, choice=choice, reported=reported)
             return self._outcome(request, 500, CONFIGURATION_ERROR, b"# configuration error\n", query=query,
                                  detail=choice.problem, device=device, choice=choice, reported=reported)
         if choice.template is None:
@@ -175,6 +180,9 @@ class Pipeline:
                 if not choice.per_poll:
                     self._answers.put(device, (choice.sources, answers))
             above = self.above_script(snapshot, choice, device, query, request.time, now)
+        except ContentChanged as changed:
+            return self._changing(request, changed.template, query=query, device=device, choice=choice,
+                                  reported=reported)
         except (ConfigurationError, FirmwareError) as error:
             return self._outcome(request, 500, CONFIGURATION_ERROR, b"# configuration error\n", query=query,
                                  detail=str(error), device=device, choice=choice, reported=reported)
@@ -232,6 +240,20 @@ class Pipeline:
         return Answers(sent_body, script_hash(sent_body, key), sent.digest, unchanged_body, script_hash(unchanged_body, key))
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _changing(self, request: PollRequest, template: str, **fields: Any) -> Outcome:
+        """`503 # configuration changing`: `template` changed on disk since the snapshot in use
+        listed it. The watcher is told to look at it now; the web layer asks again once the
+        next snapshot is published."""
+        self.store.look_again(template)
+        return self._outcome(request, 503, CONFIGURATION_CHANGING, b"# configuration changing\n",
+                             detail=f"{template}: changed on disk since the folder was listed", **fields)
+
+    @staticmethod
+    def _changed(snapshot: Snapshot, choice: Choice) -> str | None:
+        """The template of `choice` that was found changed on disk since `snapshot` listed it, if any."""
+        source = snapshot.templates.get(choice.template) if choice.template else None
+        return choice.template if source is not None and source.changed else None
 
     def _kept(self, device: DeviceIdentity, choice: Choice) -> Answers | None:
         """The answer kept for `device`, while every version it was rendered from is unchanged."""

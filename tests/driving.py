@@ -57,7 +57,12 @@ class Answer:
         return self.body.decode()
 
 
-def call(
+def call(app: ConfigServer, path: str = "/", headers: list[tuple[str, str]] | None = None, **transport) -> Answer:
+    """One HTTP request straight into the ASGI app, with full control over the transport facts."""
+    return asyncio.run(acall(app, path, headers, **transport))
+
+
+async def acall(
     app: ConfigServer,
     path: str = "/",
     headers: list[tuple[str, str]] | None = None,
@@ -68,7 +73,7 @@ def call(
     server: tuple[str, int | None] = ("127.0.0.1", 8080),
     tls: dict | None = None,
 ) -> Answer:
-    """One HTTP request straight into the ASGI app, with full control over the transport facts."""
+    """`call` from a running event loop (beside the app's watcher, say)."""
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
         "scheme": "https" if tls else "http", "path": path, "raw_path": path.encode(),
@@ -84,7 +89,7 @@ def call(
     async def send(message):
         sent.append(message)
 
-    asyncio.run(app(scope, receive, send))
+    await app(scope, receive, send)
     start = sent[0]
     body = b"".join(m.get("body", b"") for m in sent[1:])
     return Answer(start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body)

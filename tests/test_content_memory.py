@@ -1,23 +1,26 @@
 """What a large fleet's content costs in memory: bounded caches with one policy, devices.csv
-held once as text with an index, compiled templates bounded, template texts not held, the
-lookup index 16 bytes a file."""
+held once as text with an index, compiled templates bounded, template texts held within a
+bound (and a text let go read again in its own version only), the lookup index 16 bytes a file."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import time
 
-from driving import call, terminator_headers
+from driving import acall, call, terminator_headers
 
 from configserver.caches import ADMIT_ONE_IN, BoundedCache
 from configserver.content import (
     TEMPLATE_SUFFIX,
     ContentRules,
+    ContentStore,
     Renderer,
     SourceFile,
     build_snapshot,
 )
+from configserver.content import snapshot as snapshot_module
 from configserver.content.lookup import KeyIndex
 from configserver.content.variables import DeviceRows, parse_vars
 from configserver.identity import DeviceIdentity, parse_device_name
@@ -183,6 +186,99 @@ def test_a_template_that_cannot_be_read_for_now_is_read_again_on_the_next_poll(s
     answer = call(app, "/", terminator_headers(pki.phone))
     assert answer.status == 200 and answer.text.startswith("# IP232-30-00-af\r\n")
     assert "config change PHONE /key1\r\n" in answer.text   # its facts too: it includes default.j2
+
+
+def hold_texts(monkeypatch, max_bytes: int) -> snapshot_module._HeldTexts:
+    held = snapshot_module._HeldTexts(max_bytes)
+    monkeypatch.setattr(snapshot_module, "HELD_TEXTS", held)
+    return held
+
+
+def test_template_texts_held_stay_within_their_bound_and_one_let_go_is_read_again_in_its_version(
+        tmp_path, monkeypatch):
+    held = hold_texts(monkeypatch, 2000)
+    monkeypatch.setattr("configserver.content.watcher.READ_AT_ONCE", 0)   # listed in bulk: read on first use
+    (tmp_path / "vars").mkdir()
+    (tmp_path / "templates" / "devices").mkdir(parents=True)
+    for n in range(100):
+        path = tmp_path / "templates" / "devices" / f"IP232-30-00-{n:02x}.j2"
+        path.write_text(f"# device {n}: " + "x" * 100 + "\n")
+        settled(path)
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    store.refresh()
+    renderer = Renderer(tmp_path / "templates")
+    snapshot = store.snapshot
+
+    def render(n: int) -> str:
+        choice = snapshot.choose(device(f"IP232-30-00-{n:02x}"))
+        return renderer.render(snapshot, choice.template, {"device": None, "vars": {}})
+
+    assert [render(n) for n in range(100)] == [f"# device {n}: " + "x" * 100 + "\r\n" for n in range(100)]
+    texts = [source for source in snapshot.templates.values() if source.content is not None]
+    assert held.bytes <= 2000 and sum(map(len, (s.content for s in texts))) <= 2000
+    assert 5 <= len(texts) == len(held) < 100    # the ones read last; the others let go
+    assert snapshot.templates["devices/IP232-30-00-00.j2"].content is None
+    renderer.environment.cache.clear()           # as a large fleet's compiled templates go
+    assert render(0) == "# device 0: " + "x" * 100 + "\r\n"   # read again, in its version
+    assert snapshot.templates["devices/IP232-30-00-00.j2"].content is not None
+
+
+def let_go(app, template: str) -> None:
+    """What a large fleet's polls do to one device: its template's text, compiled form and
+    kept answer go to make room for the others'."""
+    source = app.store.snapshot.templates[template]
+    snapshot_module.HELD_TEXTS.hold(SourceFile("other.j2", 0, folder="/nowhere"), "the text read last")
+    assert source.content is None
+    app.pipeline.renderer.environment.cache.clear()
+    app.pipeline._answers.clear()
+
+
+def test_a_poll_whose_template_changed_after_its_text_was_let_go_waits_for_the_new_version(site, pki, monkeypatch):
+    hold_texts(monkeypatch, 1)
+    own = site.write("templates/devices/IP232-30-00-af.j2", "# first\n")
+    settled(own)
+    app = site.app(grace_seconds=0.3)
+    outcomes: list = []
+    app.recorders.append(outcomes.append)
+
+    async def scenario() -> tuple[str, str]:
+        ready = asyncio.Event()
+        follower = asyncio.create_task(app.store.follow(3600, ready))
+        await ready.wait()
+        try:
+            first = (await acall(app, "/", terminator_headers(pki.phone))).text
+            let_go(app, "devices/IP232-30-00-af.j2")
+            own.write_text("# second, written while the first was let go\n")   # not published yet
+            return first, (await acall(app, "/", terminator_headers(pki.phone))).text
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+    first, second = asyncio.run(scenario())
+    assert first.startswith("# first\r\n")
+    assert second.startswith("# second, written while the first was let go\r\n")   # never a 500
+    assert [outcome.status for outcome in outcomes] == [200, 200]
+
+
+def test_a_rewrite_keeping_size_time_and_inode_is_never_served_under_the_old_version(site, pki, monkeypatch):
+    hold_texts(monkeypatch, 1)
+    own = site.write("templates/devices/IP232-30-00-af.j2", "# version A\n")
+    settled(own)
+    before = os.stat(own)
+    app = site.app(grace_seconds=0.2)
+    assert call(app, "/", terminator_headers(pki.phone)).text.startswith("# version A\r\n")
+    let_go(app, "devices/IP232-30-00-af.j2")
+    own.write_text("# version B\n")                        # same size, same inode
+    os.utime(own, ns=(before.st_atime_ns, before.st_mtime_ns))   # and the same time: the same stamp
+    assert os.stat(own).st_ino == before.st_ino and os.stat(own).st_size == before.st_size
+    assert app.store.refresh() is False                      # no stamp tells the change
+
+    # no watcher runs: the poll finds the bytes are not the version's, and says so
+    answer = call(app, "/", terminator_headers(pki.phone))
+    assert answer.status == 503 and answer.text == "# configuration changing\n"
+    # the watcher, told to look again, publishes what is on disk; the poll then gets it
+    assert app.store.refresh([own]) is True
+    assert call(app, "/", terminator_headers(pki.phone)).text.startswith("# version B\r\n")
 
 
 def test_the_lookup_index_finds_each_file_by_its_key_and_follows_changes():

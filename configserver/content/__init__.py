@@ -17,7 +17,7 @@ from .naming import (
     device_file_key,
     lookup_key,
 )
-from .rendering import ConfigurationError, Renderer, to_crlf
+from .rendering import ConfigurationError, ContentChanged, Renderer, to_crlf
 from .snapshot import Choice, ContentRules, Snapshot, SourceFile, build_snapshot
 from .watcher import ContentStore
 
@@ -27,6 +27,7 @@ __all__ = [
     "VARS_SUFFIX",
     "Choice",
     "ConfigurationError",
+    "ContentChanged",
     "ContentRules",
     "ContentStore",
     "Renderer",

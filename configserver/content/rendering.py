@@ -41,6 +41,21 @@ class ConfigurationError(ConfigserverError):
         self.cause, self.file, self.line = cause, file, line
 
 
+class ContentChanged(ConfigurationError):
+    """A template this rendering needs changed on disk since its snapshot listed it, and its
+    text in that version is no longer held: the next snapshot, a moment away, has the new one."""
+
+    def __init__(self, template: str, cause: str) -> None:
+        super().__init__(cause, template)
+        self.template = template
+
+
+class _Changed(jinja2.TemplateError):
+    def __init__(self, template: str, cause: str) -> None:
+        super().__init__(f"{template}: {cause}")
+        self.template, self.cause = template, cause
+
+
 class _SnapshotLoader(jinja2.BaseLoader):
     """Serves template sources from the snapshot being rendered: a file is read only in the
     version that snapshot holds (SourceFile.read), and no name that is not a file below the
@@ -55,6 +70,8 @@ class _SnapshotLoader(jinja2.BaseLoader):
         if source is None:
             raise jinja2.TemplateNotFound(template)
         text, problem = source.read()   # the version the snapshot lists, or its error
+        if source.changed:
+            raise _Changed(template, problem or "")
         if problem:
             raise jinja2.TemplateError(f"{template}: {problem}")
 
@@ -111,6 +128,8 @@ class Renderer:
             text = self.environment.get_template(template).render(context)
         except jinja2.TemplateSyntaxError as exc:
             raise ConfigurationError(f"syntax error: {exc.message}", exc.name or template, exc.lineno) from None
+        except _Changed as exc:
+            raise ContentChanged(exc.template, exc.cause) from None
         except jinja2.TemplateNotFound as exc:
             file, line = self._where(exc, template)
             raise ConfigurationError(f"template not found: {exc.name}", file, line) from None

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..apply_once import TemplateOptions
 from ..caches import BoundedCache
@@ -62,27 +65,35 @@ def stamp_size(stamp: Stamp) -> int:
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 _CHANGED = "changed on disk since the folder was listed: the next snapshot, a moment from now, has it"
+# What the template texts held at once may weigh, whatever the fleet's size: a text is needed
+# when its template is compiled (and for lint and preview); the compiled templates and the
+# answers kept are what the polls use. A text let go is read again in the same version.
+TEXTS_HELD_BYTES = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class SourceFile:
     """One file as read at one moment: what identifies that version, and its text or parsed data.
 
-    A vars file keeps its text and parsed data. A template listed in bulk (start-up, a
-    checkout of the whole fleet) is read when a device first needs it, in the version its stamp
-    names, and keeps its text from then on: a snapshot serves one text per version, and serves
-    it while an edit waits out its grace window. What its text says (`learned`: options,
-    includes, per-poll reads) is worked out once by analysis.py. A file found changed since it
-    was listed is this version's error until the next snapshot brings the new one. Versions
-    compare by name, stamp and data."""
+    A vars file keeps its text and parsed data. A template file (`folder` set) is read when it
+    is first needed, in the version its stamp names; its text is then held while the texts held
+    weigh at most TEXTS_HELD_BYTES together (_HeldTexts), and read again, in that version, when
+    it is needed once more. `checksum` (CRC-32 of its bytes, from its first reading) tells that
+    version from a rewrite that kept size, time and inode. What its text says (`learned`:
+    options, includes, per-poll reads) is worked out once by analysis.py. A file found changed
+    since it was listed is this version's error (`changed`) until the next snapshot brings the
+    new one: a new text is never served under an old version's name. Versions compare by name,
+    stamp, data and checksum: an answer kept for one is rendered again for a rewrite of the
+    same stamp once that is read."""
 
     name: str            # path relative to its folder, with '/'
     stamp: Stamp
-    content: str | None = field(default=None, compare=False)   # the text; None: not read yet
+    content: str | None = field(default=None, compare=False)   # the text; None: not read, or let go
     data: Any = None     # parsed TOML (dict), or devices.csv's rows (variables.DeviceRows)
     problem: str | None = field(default=None, compare=False)
     folder: str | None = field(default=None, compare=False, repr=False)   # a template's, read from there
     learned: Any = field(default=None, compare=False, repr=False)   # analysis.Learned, once worked out
+    checksum: int | None = field(default=None, repr=False)   # CRC-32 of the bytes first read
 
     @property
     def text(self) -> str:
@@ -96,50 +107,106 @@ class SourceFile:
             analysis.learned(self)
         return self.problem
 
+    @property
+    def changed(self) -> bool:
+        """Whether this version was found changed on disk since it was listed: the watcher
+        looks at it again, and a poll that needs it waits for the next snapshot."""
+        return self.problem == _CHANGED
+
     def read(self) -> tuple[str, str | None]:
         """The text and why this version cannot be used, if it cannot ("" then): the text held,
-        or read from the folder in this version and held from then on. A file no longer this
-        version stays this version's error, so the new text is never served under the old
-        version's name. A read that failed for a passing cause (a file it may not open now, no
-        file descriptor left) is this read's error only: the next one tries again."""
+        or read from the folder in this version (and held). A file no longer this version stays
+        this version's error, so a new text is never served under the old version's name. A
+        read that failed for a passing cause (a file it may not open now, no file descriptor
+        left) is this read's error only: the next one tries again."""
         content, problem = self.content, self.problem
         if content is not None or problem is not None:
             return content or "", problem
         if self.folder is None:
-            content, problem, lasting = None, "not read", True
+            found = Read(None, "not read", True, None)
         else:
-            content, problem, lasting = read_version(f"{self.folder}/{self.name}", self.stamp)
+            found = read_version(f"{self.folder}/{self.name}", self.stamp, self.checksum)
         # memos of this frozen version, not changes to it
-        if problem is None and content is not None:
-            object.__setattr__(self, "content", content)
-            return content, None
-        if lasting:
-            object.__setattr__(self, "problem", problem)
-        return "", problem
+        if found.problem is None and found.text is not None:
+            if self.checksum is None:
+                object.__setattr__(self, "checksum", found.checksum)
+            HELD_TEXTS.hold(self, found.text)
+            return found.text, None
+        if found.lasting:
+            object.__setattr__(self, "problem", found.problem)
+        return "", found.problem
+
+
+def template_version(name: str, stamp: Stamp, folder: str) -> SourceFile | None:
+    """The template `name` of `folder` read now in the version `stamp` (its text held, and let
+    go like any other), or None when it is being written (it changed while it was read)."""
+    source = SourceFile(name, stamp, folder=folder)
+    source.read()
+    return None if source.changed else source
+
+
+class _HeldTexts:
+    """The texts of the template versions read from their folder, held while they weigh at most
+    `max_bytes` together: the one read longest ago is let go first (the one read last never).
+    Used from the event loop and the watcher's thread."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._held: dict[int, SourceFile] = {}   # id -> version, in the order they were read
+        self._lock = threading.Lock()
+
+    def hold(self, source: SourceFile, text: str) -> None:
+        with self._lock:
+            if source.content is not None:
+                return
+            object.__setattr__(source, "content", text)
+            self._held[id(source)] = source
+            self.bytes += sys.getsizeof(text)
+            while self.bytes > self.max_bytes and len(self._held) > 1:
+                oldest = self._held.pop(next(iter(self._held)))
+                self.bytes -= sys.getsizeof(oldest.content)
+                object.__setattr__(oldest, "content", None)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+HELD_TEXTS = _HeldTexts(TEXTS_HELD_BYTES)
+
+
+class Read(NamedTuple):
+    """One reading of a file in one version (read_version)."""
+
+    text: str | None
+    problem: str | None      # why this version cannot be used; None with the text
+    lasting: bool            # whether `problem` is the version's for good (not a passing cause)
+    checksum: int | None     # CRC-32 of the bytes read
 
 
 def read_text(path: str, stamp: Stamp) -> tuple[str | None, str | None]:
     """(text, None), ("", the error the admin must fix), or (None, None) when the file is no
     longer the version `stamp` names (it changed or went while, or before, it was read)."""
-    text, problem, _ = read_version(path, stamp)
-    return (None, None) if problem == _CHANGED else (text if problem is None else "", problem)
+    found = read_version(path, stamp)
+    return (None, None) if found.problem == _CHANGED else (found.text if found.problem is None else "", found.problem)
 
 
-def read_version(path: str, stamp: Stamp) -> tuple[str | None, str | None, bool]:
-    """(text, None, True), or (None, the error the admin must fix, whether it is the version's
-    for good): _CHANGED when the file is no longer the version `stamp` names (it changed or
-    went while, or before, it was read), too large or not UTF-8 for good; a file that cannot be
-    opened or read now (permissions, no file descriptor left) may be read once that passes.
-    Lean (no Path, no buffer): a fleet's templates are read on their first poll."""
+def read_version(path: str, stamp: Stamp, checksum: int | None = None) -> Read:
+    """The file at `path` read in the version `stamp` names. Its problem is _CHANGED when the
+    file is no longer that version (it changed or went while, or before, it was read, or its
+    bytes are not those of `checksum`); too large or not UTF-8 is the version's for good; a
+    file that cannot be opened or read now (permissions, no file descriptor left) may be read
+    once that passes. Lean (no Path, no buffer): a fleet's templates are read on their first
+    poll, and again when their text was let go."""
     size = stamp_size(stamp)
     if size > MAX_FILE_BYTES:
-        return None, f"cannot read: larger than {MAX_FILE_BYTES} bytes", True
+        return Read(None, f"cannot read: larger than {MAX_FILE_BYTES} bytes", True, None)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)   # a FIFO put there never blocks a poll
     except FileNotFoundError:
-        return None, _CHANGED, True
+        return Read(None, _CHANGED, True, None)
     except OSError as exc:
-        return None, f"cannot read: {exc}", False
+        return Read(None, f"cannot read: {exc}", False, None)
     try:
         chunks, wanted = [], size + 1   # one more byte than the version had: growth shows
         while wanted > 0 and (chunk := os.read(fd, wanted)):
@@ -147,15 +214,17 @@ def read_version(path: str, stamp: Stamp) -> tuple[str | None, str | None, bool]
             wanted -= len(chunk)
         after = os.fstat(fd)
     except OSError as exc:
-        return None, f"cannot read: {exc}", False
+        return Read(None, f"cannot read: {exc}", False, None)
     finally:
         os.close(fd)
-    if stamp_of(after) != stamp:
-        return None, _CHANGED, True
+    raw = b"".join(chunks)
+    crc = zlib.crc32(raw)
+    if stamp_of(after) != stamp or (checksum is not None and crc != checksum):
+        return Read(None, _CHANGED, True, crc)
     try:
-        return b"".join(chunks).decode("utf-8-sig"), None, True  # a byte order mark (Excel's "CSV UTF-8") is no content
+        return Read(raw.decode("utf-8-sig"), None, True, crc)  # a byte order mark (Excel's "CSV UTF-8") is no content
     except UnicodeDecodeError as exc:
-        return None, f"not UTF-8 text (byte {exc.start}): save it as UTF-8", True
+        return Read(None, f"not UTF-8 text (byte {exc.start}): save it as UTF-8", True, crc)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ from .snapshot import (
     read_text,
     stamp_mtime_ns,
     stamp_of,
+    template_version,
 )
 from .variables import parse_vars
 
@@ -78,6 +79,7 @@ class ContentStore:
         self._early: dict[Key, SourceFile] = {}   # changed files read while they settle
         self._clock = clock
         self._lock = threading.Lock()
+        self._told: Callable[[set[str]], None] | None = None   # tells a running `follow` what to look at
         self.snapshot: Snapshot = empty_snapshot(self.rules)
 
     def refresh(self, paths: Iterable[str | Path] | None = None) -> bool:
@@ -168,6 +170,8 @@ class ContentStore:
         import watchfiles   # the file events (inotify on Linux); only the server needs them
 
         changes: asyncio.Queue[set[str]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self._told = lambda paths: loop.call_soon_threadsafe(changes.put_nowait, paths)
 
         async def events(stop: asyncio.Event) -> None:
             folders = [folder for folder in (self.templates_dir, self.vars_dir) if folder.is_dir()]
@@ -222,7 +226,25 @@ class ContentStore:
                 except Exception:  # a refresh must never stop the ones that follow
                     log.exception("template scan failed", extra={"fields": {"event": "reload_failed"}})
         finally:
+            self._told = None
             await stopped(stop, watching)
+
+    async def newer_than(self, snapshot: Snapshot, timeout: float) -> bool:
+        """Wait until a snapshot newer than `snapshot` is published; False after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while self.snapshot is snapshot:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(min(self._retry_seconds(), 0.05))
+        return True
+
+    def look_again(self, template: str) -> None:
+        """Have `follow` look at the template `template` again at once: a poll found it changed
+        on disk since it was listed (its text had been let go), perhaps by a rewrite that kept
+        its size, time and inode, which no file event or stamp tells. From any thread."""
+        told = self._told
+        if told is not None:
+            told({f"{self._templates_folder}{os.sep}{template}"})
 
     def _folders(self) -> tuple[tuple[int, int] | None, ...]:
         """Which folders the two paths are now (device and inode), None for one that is gone."""
@@ -243,7 +265,9 @@ class ContentStore:
         target, stamp = seen
         if kind == "vars":
             return read_file(target or str(self.vars_dir / name), name, stamp, self._parse_vars)
-        return read_file(target or f"{self._templates_folder}/{name}", name, stamp, _no_parse)
+        if target is None:   # read from its folder: its text may be let go, and read again
+            return template_version(name, stamp, self._templates_folder)
+        return read_file(target, name, stamp, _no_parse)
 
     def _parse_vars(self, name: str, text: str) -> tuple[Any, str | None]:
         return parse_vars(name, text, self.rules.fixes)
@@ -261,7 +285,7 @@ class ContentStore:
             files = list_files(self._folder(kind))
             for name, seen in files.items():
                 source = published.get(name)
-                if source is None or source.stamp != seen[1]:
+                if source is None or source.stamp != seen[1] or source.changed:
                     found[(kind, name)] = seen
             found.update({(kind, name): None for name in published if name not in files})
         return found
@@ -325,8 +349,12 @@ class ContentStore:
 
 
 def _differs(snapshot: Snapshot, key: Key, seen: Version | None) -> bool:
+    """Whether what is on disk (`seen`) is not the version `snapshot` has: a file came, went or
+    has another stamp, or its version was found changed although its stamp is the same."""
     source = (snapshot.templates if key[0] == "templates" else snapshot.vars).get(key[1])
-    return source is not None if seen is None else source is None or source.stamp != seen[1]
+    if seen is None:
+        return source is not None
+    return source is None or source.stamp != seen[1] or source.changed
 
 
 def _wanted(name: str) -> bool:
