@@ -45,7 +45,7 @@ from .tls import is_device_listener
 log = logging.getLogger("configserver.poll")
 
 SERVICE_PATHS = frozenset({"/healthz", "/metrics"})
-# How long a poll whose template changed on disk (its text no longer held) waits for the
+# How long a poll whose template changed on disk since its snapshot listed it waits for a
 # snapshot that has the new version: the grace window, the watcher's look and read, and at most
 # CHANGE_WAIT_MAX_SECONDS in all (terminators give up on an upstream after 60 s)
 CHANGE_WAIT_SECONDS, CHANGE_WAIT_MAX_SECONDS = 2.0, 30.0
@@ -197,17 +197,27 @@ class ConfigServer:
                 request = PollRequest(scope["method"], scope["path"], query, facts,
                                       facts.client_ip or client_ip, arrived, started)
                 now = dt.datetime.fromtimestamp(arrived, dt.UTC)
-                listed = self.store.snapshot
-                outcome = self.pipeline.answer(request, now)
-                if outcome.reason == CONFIGURATION_CHANGING and await self.store.newer_than(
-                        listed, min(self.settings.grace_seconds + CHANGE_WAIT_SECONDS, CHANGE_WAIT_MAX_SECONDS)):
-                    outcome = self.pipeline.answer(request, now)
+                outcome = await self._answer(request, now)
         except Exception:  # a bug must cost one answer, never the script of another device
             log.exception("poll failed", extra={"fields": {"event": "poll_failed", "path": scope["path"]}})
             outcome = Outcome(arrived, client_ip, scope["path"], 500, INTERNAL_ERROR, body=b"# internal error\n",
                               duration_ms=round((time.perf_counter() - started) * 1000, 3))
         await _send(send, outcome.status, outcome.body, head=scope["method"] == "HEAD")
         self._finish(outcome)
+
+    async def _answer(self, request: PollRequest, now: dt.datetime) -> Outcome:
+        """The pipeline's answer; while it is that a template the poll needs changed on disk
+        since its snapshot listed it, the answer from the next snapshot, until the wait ends."""
+        deadline = time.monotonic() + min(self.settings.grace_seconds + CHANGE_WAIT_SECONDS, CHANGE_WAIT_MAX_SECONDS)
+        listed = self.store.snapshot
+        outcome = self.pipeline.answer(request, now)
+        while outcome.reason == CONFIGURATION_CHANGING:
+            # `listed` may be older than the snapshot the pipeline used: then this answers again at once
+            if not await self.store.newer_than(listed, deadline - time.monotonic()):
+                break
+            listed = self.store.snapshot
+            outcome = self.pipeline.answer(request, now)
+        return outcome
 
     async def upload(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         """A device's PUT of its configuration or facts (configserver/backups/): the same clock and
@@ -250,7 +260,8 @@ class ConfigServer:
         return any(name.startswith(b"x-ssl-client-") for name, _ in scope.get("headers", ()))
 
     def _finish(self, outcome: Outcome) -> None:
-        level = logging.INFO if outcome.status < 500 else logging.ERROR
+        level = logging.INFO if outcome.status < 500 else (
+            logging.WARNING if outcome.reason == CONFIGURATION_CHANGING else logging.ERROR)
         if log.isEnabledFor(level):
             log_fields(log, level, outcome.log_fields())
         key = (outcome.status, outcome.reason or "")

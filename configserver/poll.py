@@ -251,9 +251,12 @@ class Pipeline:
 
     @staticmethod
     def _changed(snapshot: Snapshot, choice: Choice) -> str | None:
-        """The template of `choice` that was found changed on disk since `snapshot` listed it, if any."""
+        """The template of `choice`, when its problem is that the template was found changed
+        on disk since `snapshot` listed it."""
         source = snapshot.templates.get(choice.template) if choice.template else None
-        return choice.template if source is not None and source.changed else None
+        if source is None or not source.changed or not (choice.problem or "").startswith(f"{choice.template}: "):
+            return None
+        return choice.template
 
     def _kept(self, device: DeviceIdentity, choice: Choice) -> Answers | None:
         """The answer kept for `device`, while every version it was rendered from is unchanged."""

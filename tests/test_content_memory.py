@@ -223,14 +223,27 @@ def test_template_texts_held_stay_within_their_bound_and_one_let_go_is_read_agai
     assert snapshot.templates["devices/IP232-30-00-00.j2"].content is not None
 
 
-def let_go(app, template: str) -> None:
-    """What a large fleet's polls do to one device: its template's text, compiled form and
-    kept answer go to make room for the others'."""
+def let_go(app, template: str, *, answers: bool = True) -> None:
+    """What a large fleet's polls do: a template's text, its compiled form and (unless
+    `answers` is False) the kept answers go to make room for the others'."""
     source = app.store.snapshot.templates[template]
-    snapshot_module.HELD_TEXTS.hold(SourceFile("other.j2", 0, folder="/nowhere"), "the text read last")
+    snapshot_module.HELD_TEXTS.hold(SourceFile("other.j2", 0, folder="/nowhere"), "the text read last", 0)
     assert source.content is None
     app.pipeline.renderer.environment.cache.clear()
-    app.pipeline._answers.clear()
+    if answers:
+        app.pipeline._answers.clear()
+
+
+async def following(app, *polls):
+    """The answers to `polls` (header lists) made one after the other while the app's watcher runs."""
+    ready = asyncio.Event()
+    follower = asyncio.create_task(app.store.follow(3600, ready))
+    await ready.wait()
+    try:
+        return [await acall(app, "/", headers) for headers in polls]
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
 
 
 def test_a_poll_whose_template_changed_after_its_text_was_let_go_waits_for_the_new_version(site, pki, monkeypatch):
@@ -240,45 +253,112 @@ def test_a_poll_whose_template_changed_after_its_text_was_let_go_waits_for_the_n
     app = site.app(grace_seconds=0.3)
     outcomes: list = []
     app.recorders.append(outcomes.append)
+    assert call(app, "/", terminator_headers(pki.phone)).text.startswith("# first\r\n")
+    let_go(app, "devices/IP232-30-00-af.j2")
 
-    async def scenario() -> tuple[str, str]:
+    async def edit_then_poll():
         ready = asyncio.Event()
         follower = asyncio.create_task(app.store.follow(3600, ready))
         await ready.wait()
         try:
-            first = (await acall(app, "/", terminator_headers(pki.phone))).text
-            let_go(app, "devices/IP232-30-00-af.j2")
             own.write_text("# second, written while the first was let go\n")   # not published yet
-            return first, (await acall(app, "/", terminator_headers(pki.phone))).text
+            return await acall(app, "/", terminator_headers(pki.phone))
         finally:
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
 
-    first, second = asyncio.run(scenario())
-    assert first.startswith("# first\r\n")
-    assert second.startswith("# second, written while the first was let go\r\n")   # never a 500
-    assert [outcome.status for outcome in outcomes] == [200, 200]
+    answer = asyncio.run(edit_then_poll())
+    assert answer.status == 200 and answer.text.startswith("# second, written while the first was let go\r\n")
+    assert [outcome.status for outcome in outcomes] == [200, 200]   # never a 500, nor a 503
 
 
-def test_a_rewrite_keeping_size_time_and_inode_is_never_served_under_the_old_version(site, pki, monkeypatch):
+def same_stamp_rewrite(path, text: str) -> None:
+    """Rewrite `path` in place with `text` of the same length, and give it back its time: the
+    same size, inode and modification time, so the same stamp (as a fast tool's two writes in
+    one tick of the file system's clock can make)."""
+    before = os.stat(path)
+    assert len(text.encode()) == before.st_size
+    path.write_text(text)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+
+
+def test_a_rewrite_keeping_size_time_and_inode_is_found_looked_at_again_and_served_to_every_device(
+        site, pki, monkeypatch):
+    hold_texts(monkeypatch, 1)
+    default = site.write("templates/default.j2", "# version A for {{ device.hwid }}\n")
+    settled(default)
+    app = site.app(grace_seconds=0.2)
+    assert call(app, "/", terminator_headers(pki.phone)).text.startswith("# version A for IP232-30-00-af\r\n")
+    let_go(app, "default.j2", answers=False)      # the phone's answer stays kept
+    same_stamp_rewrite(default, "# version B for {{ device.hwid }}\n")
+    assert app.store.refresh() is False           # no stamp tells the change
+
+    # Written before the watcher runs: no file event tells it either. The gateway's poll reads
+    # the text again, finds other bytes, has the watcher look again, and waits for what it
+    # publishes; the phone's answer, kept from the old bytes, is then rendered again.
+    gateway, phone = asyncio.run(following(app, terminator_headers(pki.gateway), terminator_headers(pki.phone)))
+    assert gateway.status == 200 and gateway.text.startswith("# version B for IP1202-35-fe-4d\r\n")
+    assert phone.status == 200 and phone.text.startswith("# version B for IP232-30-00-af\r\n")
+
+
+def test_without_a_watcher_a_poll_whose_template_changed_is_told_at_once(site, pki, monkeypatch):
     hold_texts(monkeypatch, 1)
     own = site.write("templates/devices/IP232-30-00-af.j2", "# version A\n")
     settled(own)
-    before = os.stat(own)
     app = site.app(grace_seconds=0.2)
     assert call(app, "/", terminator_headers(pki.phone)).text.startswith("# version A\r\n")
     let_go(app, "devices/IP232-30-00-af.j2")
-    own.write_text("# version B\n")                        # same size, same inode
-    os.utime(own, ns=(before.st_atime_ns, before.st_mtime_ns))   # and the same time: the same stamp
-    assert os.stat(own).st_ino == before.st_ino and os.stat(own).st_size == before.st_size
-    assert app.store.refresh() is False                      # no stamp tells the change
-
-    # no watcher runs: the poll finds the bytes are not the version's, and says so
-    answer = call(app, "/", terminator_headers(pki.phone))
+    same_stamp_rewrite(own, "# version B\n")
+    started = time.monotonic()
+    answer = call(app, "/", terminator_headers(pki.phone))   # nothing would publish a snapshot: no wait
     assert answer.status == 503 and answer.text == "# configuration changing\n"
-    # the watcher, told to look again, publishes what is on disk; the poll then gets it
-    assert app.store.refresh([own]) is True
+    assert time.monotonic() - started < 1.0
+    assert app.store.refresh([own]) is True       # what the watcher does when it looks again
     assert call(app, "/", terminator_headers(pki.phone)).text.startswith("# version B\r\n")
+
+
+def test_no_more_than_waiting_max_polls_wait_for_the_next_snapshot(site, pki, monkeypatch):
+    hold_texts(monkeypatch, 1)
+    monkeypatch.setattr("configserver.content.watcher.WAITING_MAX", 0)
+    own = site.write("templates/devices/IP232-30-00-af.j2", "# version A\n")
+    settled(own)
+    app = site.app(grace_seconds=5)
+    assert call(app, "/", terminator_headers(pki.phone)).text.startswith("# version A\r\n")
+    let_go(app, "devices/IP232-30-00-af.j2")
+    same_stamp_rewrite(own, "# version B\n")
+    started = time.monotonic()
+    [answer] = asyncio.run(following(app, terminator_headers(pki.phone)))
+    assert answer.status == 503 and time.monotonic() - started < 2.0   # not the 7 s it could wait
+
+
+def test_symlinked_templates_are_read_through_the_link_and_their_texts_held_within_the_bound(
+        site, pki, monkeypatch):
+    held = hold_texts(monkeypatch, 4000)
+    model = site.write("templates/models/shared.txt", "# shared by link: " + "x" * 1000 + "\n")
+    settled(model)
+    (site.templates / "devices").mkdir()
+    for n in range(20):
+        (site.templates / "devices" / f"IP232-30-01-{n:02x}.j2").symlink_to("../models/shared.txt")
+    (site.templates / "devices" / "IP232-30-00-af.j2").symlink_to("../models/shared.txt")
+    app = site.app()
+    assert call(app, "/", terminator_headers(pki.phone)).text.startswith("# shared by link: ")
+    texts = [source for source in app.store.snapshot.templates.values() if source.content is not None]
+    assert held.bytes <= 4000 and len(texts) == len(held) < 20
+
+
+def test_a_template_that_fails_to_render_leaves_no_text_in_linecache(site, pki):
+    import linecache
+
+    broken = site.write("templates/default.j2", "# line one\n{{ vars.nothing_here }}\n")
+    settled(broken)
+    app = site.app()
+    outcomes: list = []
+    app.recorders.append(outcomes.append)
+    assert call(app, "/", terminator_headers(pki.phone)).status == 500
+    assert outcomes[-1].detail.startswith("default.j2:2: ")   # the file and line, still
+    assert str(broken) not in linecache.cache
 
 
 def test_the_lookup_index_finds_each_file_by_its_key_and_follows_changes():

@@ -42,8 +42,8 @@ class ConfigurationError(ConfigserverError):
 
 
 class ContentChanged(ConfigurationError):
-    """A template this rendering needs changed on disk since its snapshot listed it, and its
-    text in that version is no longer held: the next snapshot, a moment away, has the new one."""
+    """A template this rendering needs changed on disk since its snapshot listed it, and that
+    version was not read then or its text is no longer held: a later snapshot has the new one."""
 
     def __init__(self, template: str, cause: str) -> None:
         super().__init__(cause, template)
@@ -155,10 +155,13 @@ class Renderer:
             _rendering.reset(token)
 
     def _where(self, exc: BaseException, template: str) -> tuple[str, int | None]:
+        # the frames' own file names and lines: extract_tb would read each template file into
+        # linecache (in its version on disk now, and held for good)
         root = str(self.templates_dir) + os.sep
-        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-            if frame.filename.startswith(root):
-                return frame.filename[len(root):], frame.lineno
+        for frame, line in reversed(list(traceback.walk_tb(exc.__traceback__))):
+            filename = frame.f_code.co_filename
+            if filename.startswith(root):
+                return filename[len(root):], line
         return template, None
 
 

@@ -128,10 +128,10 @@ class SourceFile:
             found = read_version(f"{self.folder}/{self.name}", self.stamp, self.checksum)
         # memos of this frozen version, not changes to it
         if found.problem is None and found.text is not None:
-            if self.checksum is None:
-                object.__setattr__(self, "checksum", found.checksum)
-            HELD_TEXTS.hold(self, found.text)
-            return found.text, None
+            text = HELD_TEXTS.hold(self, found.text, found.checksum)
+            if text is not None:
+                return text, None
+            found = Read(None, _CHANGED, True, found.checksum)   # not the bytes this version was first read with
         if found.lasting:
             object.__setattr__(self, "problem", found.problem)
         return "", found.problem
@@ -147,8 +147,11 @@ def template_version(name: str, stamp: Stamp, folder: str) -> SourceFile | None:
 
 class _HeldTexts:
     """The texts of the template versions read from their folder, held while they weigh at most
-    `max_bytes` together: the one read longest ago is let go first (the one read last never).
-    Used from the event loop and the watcher's thread."""
+    `max_bytes` together (each with what holding it costs beside the text): the one read
+    longest ago is let go first, the one read last never. Used from the event loop and the
+    watcher's thread."""
+
+    ENTRY_BYTES = 200   # its slot here, and the version it keeps alive once its snapshot is gone
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -156,17 +159,25 @@ class _HeldTexts:
         self._held: dict[int, SourceFile] = {}   # id -> version, in the order they were read
         self._lock = threading.Lock()
 
-    def hold(self, source: SourceFile, text: str) -> None:
+    def hold(self, source: SourceFile, text: str, checksum: int | None) -> str | None:
+        """Hold `text`, read with `checksum`, as the text of `source`, and return the text that
+        version has: this one, or the one another reader stored first; None when the version
+        was first read with other bytes (a rewrite that kept its stamp)."""
         with self._lock:
+            if source.checksum is None:
+                object.__setattr__(source, "checksum", checksum)
+            elif source.checksum != checksum:
+                return None
             if source.content is not None:
-                return
+                return source.content
             object.__setattr__(source, "content", text)
             self._held[id(source)] = source
-            self.bytes += sys.getsizeof(text)
+            self.bytes += sys.getsizeof(text) + self.ENTRY_BYTES
             while self.bytes > self.max_bytes and len(self._held) > 1:
                 oldest = self._held.pop(next(iter(self._held)))
-                self.bytes -= sys.getsizeof(oldest.content)
+                self.bytes -= sys.getsizeof(oldest.content) + self.ENTRY_BYTES
                 object.__setattr__(oldest, "content", None)
+            return text
 
     def __len__(self) -> int:
         return len(self._held)

@@ -46,6 +46,7 @@ log = logging.getLogger("configserver.content")
 RESCAN_SECONDS = 600.0   # the safety net's period; file events do the real work
 READ_AT_ONCE = 1000      # changed templates read before publishing; more are read on first use
 FOLDER_CHECK_SECONDS = 5.0   # how soon a folder that went, came back or was replaced is seen
+WAITING_MAX = 100        # polls that may wait at once for the next snapshot (newer_than)
 
 Key = tuple[str, str]    # ("templates" | "vars", name relative to its folder, with '/')
 Version = tuple[str | None, Stamp]   # a symlink's target to read (None: the file itself) and its version
@@ -80,6 +81,7 @@ class ContentStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._told: Callable[[set[str]], None] | None = None   # tells a running `follow` what to look at
+        self._waiting: list[asyncio.Future[None]] = []   # polls waiting for the next snapshot (newer_than)
         self.snapshot: Snapshot = empty_snapshot(self.rules)
 
     def refresh(self, paths: Iterable[str | Path] | None = None) -> bool:
@@ -171,7 +173,6 @@ class ContentStore:
 
         changes: asyncio.Queue[set[str]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self._told = lambda paths: loop.call_soon_threadsafe(changes.put_nowait, paths)
 
         async def events(stop: asyncio.Event) -> None:
             folders = [folder for folder in (self.templates_dir, self.vars_dir) if folder.is_dir()]
@@ -190,11 +191,12 @@ class ContentStore:
         watched = self._folders()
         stop = asyncio.Event()
         watching = asyncio.create_task(events(stop))
-        await asyncio.sleep(0)
-        if ready is not None:
-            ready.set()
-        next_rescan = time.monotonic() + rescan_seconds
         try:
+            self._told = lambda paths: loop.call_soon_threadsafe(changes.put_nowait, paths)
+            await asyncio.sleep(0)
+            if ready is not None:
+                ready.set()
+            next_rescan = time.monotonic() + rescan_seconds
             while True:
                 wait = min(next_rescan - time.monotonic(), FOLDER_CHECK_SECONDS)
                 if self.pending:
@@ -222,26 +224,46 @@ class ContentStore:
                 elif not paths and not self.pending:
                     continue
                 try:
-                    await asyncio.to_thread(self.refresh, paths)
+                    published = await asyncio.to_thread(self.refresh, paths)
                 except Exception:  # a refresh must never stop the ones that follow
                     log.exception("template scan failed", extra={"fields": {"event": "reload_failed"}})
+                else:
+                    if published:
+                        self._wake_waiting()
         finally:
             self._told = None
+            self._wake_waiting()
             await stopped(stop, watching)
 
     async def newer_than(self, snapshot: Snapshot, timeout: float) -> bool:
-        """Wait until a snapshot newer than `snapshot` is published; False after `timeout` s."""
-        deadline = time.monotonic() + timeout
-        while self.snapshot is snapshot:
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(min(self._retry_seconds(), 0.05))
-        return True
+        """Wait until a snapshot newer than `snapshot` is published: True then, False after
+        `timeout` s, and False at once when nothing would publish one (no `follow` runs) or
+        WAITING_MAX polls already wait (each holds a connection of its worker)."""
+        if self.snapshot is not snapshot:
+            return True
+        if self._told is None or len(self._waiting) >= WAITING_MAX:
+            return False
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(woken)
+        try:
+            await asyncio.wait_for(woken, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            if woken in self._waiting:
+                self._waiting.remove(woken)
+        return self.snapshot is not snapshot
+
+    def _wake_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for woken in waiting:
+            if not woken.done():
+                woken.set_result(None)
 
     def look_again(self, template: str) -> None:
         """Have `follow` look at the template `template` again at once: a poll found it changed
-        on disk since it was listed (its text had been let go), perhaps by a rewrite that kept
-        its size, time and inode, which no file event or stamp tells. From any thread."""
+        on disk since it was listed, perhaps by a rewrite that kept its size, time and inode,
+        which no file event or stamp tells. From any thread; nothing when no `follow` runs."""
         told = self._told
         if told is not None:
             told({f"{self._templates_folder}{os.sep}{template}"})
@@ -265,9 +287,9 @@ class ContentStore:
         target, stamp = seen
         if kind == "vars":
             return read_file(target or str(self.vars_dir / name), name, stamp, self._parse_vars)
-        if target is None:   # read from its folder: its text may be let go, and read again
-            return template_version(name, stamp, self._templates_folder)
-        return read_file(target, name, stamp, _no_parse)
+        # read from its folder (a symlink through the link: a target that is no longer the one
+        # `seen` is another stamp), so its text may be let go, and read again in this version
+        return template_version(name, stamp, self._templates_folder)
 
     def _parse_vars(self, name: str, text: str) -> tuple[Any, str | None]:
         return parse_vars(name, text, self.rules.fixes)
