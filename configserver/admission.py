@@ -37,8 +37,8 @@ from .refusals import (
 from .revocation import Revocations
 
 # A fleet's verdicts, bounded by what they weigh (half of poll_cache_mb): a device's verdict is
-# about 350 bytes (DN headers) or 750 (a forwarded certificate), so 12 MB hold about 36,000
-# devices, or 17,000 when the terminator forwards the certificate (as every sample in deploy/
+# about 350 bytes (DN headers) or 750 (a forwarded certificate), so 6 MB hold about 18,000
+# devices, or 8,400 when the terminator forwards the certificate (as every sample in deploy/
 # does); a miss costs a DN parse (~60 us) or a certificate check (~300 us). Past the bound, a
 # fleet polling in turn still finds its share of verdicts kept (caches.py's policy).
 _VERDICTS_BYTES = POLL_CACHE_MB * 1024 * 1024 // 2

@@ -30,8 +30,8 @@ V = TypeVar("V")
 
 ADMIT_ONE_IN = 32   # when full: one newcomer in this many is kept (and the least used go)
 # What a worker gives the caches kept per device (certificate verdicts and answers, half each)
-# unless the setting poll_cache_mb says otherwise
-POLL_CACHE_MB = 24
+# unless the setting poll_cache_mb says otherwise: about 5,000 devices' of each
+POLL_CACHE_MB = 12
 
 
 class BoundedCache(Generic[K, V]):

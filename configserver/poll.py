@@ -37,7 +37,7 @@ from .outcome import Outcome
 from .refusals import Refused
 
 # What kept answers may weigh together, whatever the fleet's size (half of poll_cache_mb). A
-# kept answer is about 1.1 KB (a 340-byte script), so 12 MB hold about 11,000 devices' answers:
+# kept answer is about 1.1 KB (a 340-byte script), so 6 MB hold about 5,500 devices' answers:
 # past the bound a fleet polling in turn finds its share of answers kept (caches.py's policy),
 # and the others are rendered again (a compiled template: ~50 us; a device's own template
 # compiled anew: ~300 us).

@@ -26,7 +26,9 @@ from ..errors import ConfigserverError
 from .snapshot import Snapshot
 
 _MAX_EXPONENT = 1000     # x ** y with a larger y is refused: 2**10**9 would keep a worker busy for minutes
-_COMPILED_KEPT = 512   # compiled templates kept (a per-device one is about 8 KB)
+# compiled templates kept: the ones many devices share stay (hits are promoted); a per-device
+# one (about 8 KB) is compiled again when its device's answer is rendered again anyway
+_COMPILED_KEPT = 128
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _NO_VARIABLE = re.compile(r"'mappingproxy object' has no attribute '([^']*)'")
 _rendering: ContextVar[Snapshot | None] = ContextVar("configserver_rendering", default=None)

@@ -100,11 +100,11 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=5000")
-    # The default 2 MB page cache makes every insert into a large audit table read index pages
-    # back from the OS; 8 MB keeps the hot end of the indexes of millions of rows in memory
-    # (bench/inventory.py audit: 32 MB wrote no faster at 1 and 3 million rows, and cost a
-    # worker 24 MB more).
-    cursor.execute("PRAGMA cache_size=-8192")
+    # SQLite's own 2 MB page cache, said once: an insert touches the hot end of each index
+    # (bench/inventory.py audit, a fleet of 100,000 over 1,000,000 rows, 2 and 8 MB alternated
+    # twice: 81-86 and 80-82 µs of CPU a poll; 32 MB wrote no faster either) and more cache
+    # costs each worker its size.
+    cursor.execute("PRAGMA cache_size=-2000")
     cursor.close()
 
 
