@@ -28,7 +28,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import securitylog
+from . import allocator, securitylog
 from .backups import Backups, UploadOutcome
 from .content import ContentStore
 from .firmware._watch import FirmwareWatch
@@ -81,6 +81,7 @@ class ConfigServer:
         except InventoryError as exc:
             raise SettingsError(str(exc)) from None
         self.recorders: list[Callable[[Outcome], None]] = [self.inventory.record]
+        self.answered = 0   # polls answered: allocator.give_back_while_busy looks whether any came
         self._polls = Counter(
             "configserver_polls", "Polls answered, by status and refusal reason",
             ["status", "reason"], registry=self.registry,
@@ -142,8 +143,10 @@ class ConfigServer:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self) -> AsyncIterator[None]:
+        allocator.limit_arenas()   # before the first thread starts
         await asyncio.to_thread(self.store.settle)
         reloader = asyncio.create_task(self._reload_forever())
+        giver = asyncio.create_task(allocator.give_back_while_busy(lambda: self.answered))
         try:   # what started is stopped again, also when a later start fails
             await self.inventory.start()  # returns at once; a database that is away is retried
             if self.backups is not None:
@@ -154,9 +157,10 @@ class ConfigServer:
             await self.firmware.close()
             if self.backups is not None:
                 await self.backups.close()
-            reloader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reloader
+            for task in (reloader, giver):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.inventory.close()
 
     async def _reload_forever(self) -> None:
@@ -264,6 +268,7 @@ class ConfigServer:
             logging.WARNING if outcome.reason == CONFIGURATION_CHANGING else logging.ERROR)
         if log.isEnabledFor(level):
             log_fields(log, level, outcome.log_fields())
+        self.answered += 1
         key = (outcome.status, outcome.reason or "")
         counter = self._counters.get(key)
         if counter is None:

@@ -3,11 +3,15 @@ from caches that stay within their bounds, with entries as small as they were me
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import gc
 import time
 import tracemalloc
 
+from driving import acall, terminator_headers
+
+from configserver import allocator
 from configserver.admission import Gate, verdict_weight
 from configserver.certificates import CertificateVerifier
 from configserver.content import ContentStore
@@ -177,3 +181,41 @@ def test_poll_cache_mb_bounds_the_verdicts_and_the_answers_half_each(site):
     app = site.app(poll_cache_mb=3, database=f"sqlite:///{site.root}/audit.db")
     assert app.pipeline.admission._verdicts.max_bytes == 3 * 1024 * 1024 // 2
     assert app.pipeline._answers.max_bytes == 3 * 1024 * 1024 // 2
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096 / 2**20
+
+
+def test_freed_heap_is_handed_back_to_the_operating_system():
+    blocks = [bytearray(100_000) for _ in range(400)]   # 40 MB in the heap (under mmap's threshold)
+    pinned = bytearray(100_000)   # above them: the heap cannot shrink from its top
+    full = rss_mb()
+    del blocks
+    assert allocator.give_back() is True
+    assert full - rss_mb() > 30
+    assert allocator.limit_arenas() is True   # glibc here: the arenas' bound is taken
+    del pinned
+
+
+def test_a_worker_hands_freed_pages_back_only_after_it_has_answered_polls(site, pki, monkeypatch):
+    given: list[int] = []
+    monkeypatch.setattr(allocator, "give_back", lambda: given.append(1) or True)
+    monkeypatch.setattr(allocator.give_back_while_busy, "__defaults__", (0.05,))
+    site.write("templates/default.j2", "# {{ device.hwid }}\n")
+    app = site.app()
+
+    async def scenario() -> tuple[int, int, int]:
+        async with app._lifespan():
+            await asyncio.sleep(0.3)
+            idle = len(given)
+            assert (await acall(app, "/", terminator_headers(pki.phone))).status == 200
+            await asyncio.sleep(0.3)
+            busy = len(given)
+            await asyncio.sleep(0.3)
+            return idle, busy, len(given)
+
+    idle, busy, after = asyncio.run(scenario())
+    assert app.answered == 1
+    assert (idle, busy, after) == (0, 1, 1)   # once after the poll, not while nothing came
