@@ -17,7 +17,7 @@ import ctypes
 from collections.abc import Callable
 
 ARENAS = 2                # malloc arenas for all the threads of a worker
-GIVE_BACK_SECONDS = 10.0  # how often a worker that answered polls meanwhile hands freed pages back
+GIVE_BACK_SECONDS = 2.0   # how often a worker that answered polls meanwhile hands freed pages back (0.2-0.5 ms)
 _M_ARENA_MAX = -8         # mallopt's parameter number (malloc.h)
 
 

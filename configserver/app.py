@@ -30,7 +30,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import allocator, securitylog
 from .backups import Backups, UploadOutcome
-from .content import ContentStore
+from .content import ContentStore, Snapshot
 from .firmware._watch import FirmwareWatch
 from .forwarded import facts_from_headers, facts_from_tls, peer_ip
 from .inventory import Inventory, InventoryError
@@ -201,7 +201,10 @@ class ConfigServer:
                 request = PollRequest(scope["method"], scope["path"], query, facts,
                                       facts.client_ip or client_ip, arrived, started)
                 now = dt.datetime.fromtimestamp(arrived, dt.UTC)
-                outcome = await self._answer(request, now)
+                listed = self.store.snapshot
+                outcome = self.pipeline.answer(request, now)
+                if outcome.reason == CONFIGURATION_CHANGING:
+                    outcome = await self._answer_again(request, now, listed, outcome)
         except Exception:  # a bug must cost one answer, never the script of another device
             log.exception("poll failed", extra={"fields": {"event": "poll_failed", "path": scope["path"]}})
             outcome = Outcome(arrived, client_ip, scope["path"], 500, INTERNAL_ERROR, body=b"# internal error\n",
@@ -209,12 +212,11 @@ class ConfigServer:
         await _send(send, outcome.status, outcome.body, head=scope["method"] == "HEAD")
         self._finish(outcome)
 
-    async def _answer(self, request: PollRequest, now: dt.datetime) -> Outcome:
-        """The pipeline's answer; while it is that a template the poll needs changed on disk
-        since its snapshot listed it, the answer from the next snapshot, until the wait ends."""
+    async def _answer_again(self, request: PollRequest, now: dt.datetime, listed: Snapshot, outcome: Outcome) -> Outcome:
+        """The answer to a poll that needs a template changed on disk since `listed` listed it:
+        the pipeline's answer from each snapshot published next, until it is no longer that or
+        the wait ends."""
         deadline = time.monotonic() + min(self.settings.grace_seconds + CHANGE_WAIT_SECONDS, CHANGE_WAIT_MAX_SECONDS)
-        listed = self.store.snapshot
-        outcome = self.pipeline.answer(request, now)
         while outcome.reason == CONFIGURATION_CHANGING:
             # `listed` may be older than the snapshot the pipeline used: then this answers again at once
             if not await self.store.newer_than(listed, deadline - time.monotonic()):

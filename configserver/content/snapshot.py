@@ -35,9 +35,10 @@ from .variables import DeviceRows, freeze, merge
 
 log = logging.getLogger("configserver.content")
 
-# Devices whose choice one snapshot remembers. A choice costs some microseconds to redo, so this
-# only spares a small fleet's repeat polls; a large fleet's memory goes to the answers (poll.py).
-_CHOICES_KEPT = 10_000
+# Devices whose choice one snapshot remembers (about 280 bytes each). A choice costs about 12 us
+# to redo, so this only spares a small fleet's repeat polls; a large fleet's memory goes to the
+# answers (poll.py).
+_CHOICES_KEPT = 4096
 
 # A file's version: its modification time, size and inode packed into one number (a different
 # stamp is a different version). One int where a tuple of three cost 130 bytes, for each of
@@ -68,7 +69,7 @@ _CHANGED = "changed on disk since the folder was listed: the next snapshot, a mo
 # What the template texts held at once may weigh, whatever the fleet's size: a text is needed
 # when its template is compiled (and for lint and preview); the compiled templates and the
 # answers kept are what the polls use. A text let go is read again in the same version.
-TEXTS_HELD_BYTES = 2 * 1024 * 1024
+TEXTS_HELD_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

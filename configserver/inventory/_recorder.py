@@ -304,6 +304,7 @@ class Inventory:
                 folded = fold_floods(batch, FLOOD) + self._take_overflow()
                 if folded:
                     await self._write(folded)
+                del batch, folded   # written: its polls are not held while the next ones come
                 self._report_drops()
                 if time.monotonic() >= next_purge and not self._closing:
                     next_purge = time.monotonic() + await self._purge_quietly()
