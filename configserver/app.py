@@ -143,7 +143,7 @@ class ConfigServer:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self) -> AsyncIterator[None]:
-        allocator.limit_arenas()   # before the first thread starts
+        allocator.limit_arenas()   # before the audit writer's, the database driver's and asyncio's threads
         await asyncio.to_thread(self.store.settle)
         reloader = asyncio.create_task(self._reload_forever())
         giver = asyncio.create_task(allocator.give_back_while_busy(lambda: self.answered))
@@ -159,8 +159,11 @@ class ConfigServer:
                 await self.backups.close()
             for task in (reloader, giver):
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # a task that failed is said so; none may keep the audit below from being written
+            for task, ended in zip((reloader, giver), await asyncio.gather(reloader, giver, return_exceptions=True)):
+                if isinstance(ended, Exception):
+                    log.error("background task failed", exc_info=ended, extra={"fields": {
+                        "event": "task_failed", "task": task.get_coro().__qualname__}})
             await self.inventory.close()
 
     async def _reload_forever(self) -> None:

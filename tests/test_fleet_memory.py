@@ -6,8 +6,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import gc
+import os
+import sqlite3
 import time
 import tracemalloc
+
+import pytest
 
 from driving import acall, terminator_headers
 
@@ -185,9 +189,13 @@ def test_poll_cache_mb_bounds_the_verdicts_and_the_answers_half_each(site):
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096 / 2**20
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+needs_glibc = pytest.mark.skipif(allocator._LIBC is None, reason="glibc's malloc only")
+
+
+@needs_glibc
 def test_freed_heap_is_handed_back_to_the_operating_system():
     blocks = [bytearray(100_000) for _ in range(400)]   # 40 MB in the heap (under mmap's threshold)
     pinned = bytearray(100_000)   # above them: the heap cannot shrink from its top
@@ -195,8 +203,25 @@ def test_freed_heap_is_handed_back_to_the_operating_system():
     del blocks
     assert allocator.give_back() is True
     assert full - rss_mb() > 30
-    assert allocator.limit_arenas() is True   # glibc here: the arenas' bound is taken
     del pinned
+
+
+def test_an_operators_own_arena_bound_wins(monkeypatch):
+    asked: list[tuple[int, int]] = []
+
+    class Libc:
+        def mallopt(self, what: int, value: int) -> int:
+            asked.append((what, value))
+            return 1
+
+    monkeypatch.setattr(allocator, "_LIBC", Libc())
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert allocator.limit_arenas() is False and asked == []
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")
+    assert allocator.limit_arenas() is False and asked == []
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert allocator.limit_arenas() is True and asked == [(-8, 2)]
 
 
 def test_a_worker_hands_freed_pages_back_only_after_it_has_answered_polls(site, pki, monkeypatch):
@@ -219,3 +244,25 @@ def test_a_worker_hands_freed_pages_back_only_after_it_has_answered_polls(site, 
     idle, busy, after = asyncio.run(scenario())
     assert app.answered == 1
     assert (idle, busy, after) == (0, 1, 1)   # once after the poll, not while nothing came
+
+
+def test_a_failing_give_back_is_logged_and_the_audit_is_still_written_at_shutdown(site, pki, monkeypatch, caplog):
+    def failing() -> bool:
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(allocator, "give_back", failing)
+    monkeypatch.setattr(allocator.give_back_while_busy, "__defaults__", (0.05,))
+    site.write("templates/default.j2", "# {{ device.hwid }}\n")
+    app = site.app(database=f"sqlite:///{site.root}/audit.db")
+
+    async def scenario() -> None:
+        async with app._lifespan():
+            await asyncio.sleep(0.1)   # the give-back task looks how many polls were answered
+            for _ in range(3):
+                assert (await acall(app, "/", terminator_headers(pki.phone))).status == 200
+            await asyncio.sleep(0.3)   # the give-back fails meanwhile
+
+    asyncio.run(scenario())   # shuts down cleanly
+    assert "giving freed memory back failed" in caplog.text
+    with sqlite3.connect(site.root / "audit.db") as db:
+        assert db.execute("SELECT count(*) FROM polls").fetchone()[0] == 3
