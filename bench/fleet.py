@@ -17,7 +17,8 @@ run with the sizes interleaved (10, 1,000, ... for one kind, then the other):
   every answer is kept: see configserver/caches.py). The devices poll in groups of CHUNK, each
   group once the audit has written the one before: as fast as the worker goes, but as a fleet
   polling over minutes does, never ahead of its audit. (Polls that outrun the audit wait in
-  its queue, bounded by `audit_queue_size`; the memory a burst took stays with the worker.)
+  its queue, bounded by `audit_queue_size`.) Also the highest RSS read (every 0.1 s) while
+  either round ran: the worker hands freed heap pages back every 2 s (configserver/allocator.py).
 
 Not a test: it prints figures. Building the 100,000-file site takes a minute the first time.
 """
@@ -31,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -198,25 +200,37 @@ def measure(root: Path, config: Path, kind: str, size: int, idle: float, edits: 
             time.sleep(GRACE + 0.5)
         client.close()
 
-        per_poll = poll_fleet(server.pid, sock, size)
+        per_poll, peak = poll_fleet(server.pid, sock, size)
         rss = rss_mb(server.pid)
-        per_poll_again = poll_fleet(server.pid, sock, size)
+        per_poll_again, peak_again = poll_fleet(server.pid, sock, size)
         rss_again = rss_mb(server.pid)
     finally:
         server.terminate()
         server.wait(20)
     return {"startup": startup, "idle": idle_pct, "edit": worst, "rss": rss, "poll_us": per_poll * 1e6,
-            "rss_again": rss_again, "poll_again_us": per_poll_again * 1e6}
+            "rss_again": rss_again, "poll_again_us": per_poll_again * 1e6, "rss_peak": max(peak, peak_again)}
 
 
-def poll_fleet(pid: int, sock: Path, size: int) -> float:
+def poll_fleet(pid: int, sock: Path, size: int) -> tuple[float, float]:
     """Every device polled once, in groups of CHUNK, each once the audit has caught up; the
-    worker's CPU per poll, its audit included."""
+    worker's CPU per poll, its audit included, and its highest RSS meanwhile (read every 0.1 s)."""
+    peak, done = [rss_mb(pid)], threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.1):
+            peak[0] = max(peak[0], rss_mb(pid))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     cpu0 = cpu_seconds(pid)
-    for start in range(0, size, CHUNK):
-        asyncio.run(_poll_range(sock, range(start, min(size, start + CHUNK)), 4))
-        audit_written(sock)
-    return (cpu_seconds(pid) - cpu0) / size
+    try:
+        for start in range(0, size, CHUNK):
+            asyncio.run(_poll_range(sock, range(start, min(size, start + CHUNK)), 4))
+            audit_written(sock)
+    finally:
+        done.set()
+        watcher.join()
+    return (cpu_seconds(pid) - cpu0) / size, peak[0]
 
 
 def audit_written(sock: Path, timeout: float = 120.0) -> None:
@@ -282,6 +296,7 @@ def main() -> None:
         ("RSS after every device polled once, MB", "rss", "{:.0f}"),
         ("server CPU per poll, first poll of each, us", "poll_us", "{:.0f}"),
         ("RSS after a second round, MB", "rss_again", "{:.0f}"),
+        ("highest RSS while polled (every 0.1 s), MB", "rss_peak", "{:.0f}"),
         ("server CPU per poll, second round, us", "poll_again_us", "{:.0f}"),
     ]
     for kind in ("templates", "csv"):
