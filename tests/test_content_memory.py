@@ -303,14 +303,21 @@ def test_a_rewrite_keeping_size_time_and_inode_is_found_looked_at_again_and_serv
     assert phone.status == 200 and phone.text.startswith("# version B for IP232-30-00-af\r\n")
 
 
-def test_without_a_watcher_a_poll_whose_template_changed_is_told_at_once(site, pki, monkeypatch):
+def served_then_rewritten_in_place(site, pki, monkeypatch, grace_seconds: float):
+    """An app that served the phone its template's version A and let its text go; the file
+    then rewritten as version B with the same stamp. Returns the app and the file."""
     hold_texts(monkeypatch, 1)
     own = site.write("templates/devices/IP232-30-00-af.j2", "# version A\n")
     settled(own)
-    app = site.app(grace_seconds=0.2)
+    app = site.app(grace_seconds=grace_seconds)
     assert call(app, "/", terminator_headers(pki.phone)).text.startswith("# version A\r\n")
     let_go(app, "devices/IP232-30-00-af.j2")
     same_stamp_rewrite(own, "# version B\n")
+    return app, own
+
+
+def test_without_a_watcher_a_poll_whose_template_changed_is_told_at_once(site, pki, monkeypatch):
+    app, own = served_then_rewritten_in_place(site, pki, monkeypatch, 0.2)
     started = time.monotonic()
     answer = call(app, "/", terminator_headers(pki.phone))   # nothing would publish a snapshot: no wait
     assert answer.status == 503 and answer.text == "# configuration changing\n"
@@ -320,14 +327,8 @@ def test_without_a_watcher_a_poll_whose_template_changed_is_told_at_once(site, p
 
 
 def test_no_more_than_waiting_max_polls_wait_for_the_next_snapshot(site, pki, monkeypatch):
-    hold_texts(monkeypatch, 1)
     monkeypatch.setattr("configserver.content.watcher.WAITING_MAX", 0)
-    own = site.write("templates/devices/IP232-30-00-af.j2", "# version A\n")
-    settled(own)
-    app = site.app(grace_seconds=5)
-    assert call(app, "/", terminator_headers(pki.phone)).text.startswith("# version A\r\n")
-    let_go(app, "devices/IP232-30-00-af.j2")
-    same_stamp_rewrite(own, "# version B\n")
+    app, _ = served_then_rewritten_in_place(site, pki, monkeypatch, 5)
     started = time.monotonic()
     [answer] = asyncio.run(following(app, terminator_headers(pki.phone)))
     assert answer.status == 503 and time.monotonic() - started < 2.0   # not the 7 s it could wait
