@@ -12,7 +12,7 @@ import hashlib
 import sys
 from collections.abc import Callable, Iterable, Mapping
 
-from .caches import POLL_CACHE_MB, BoundedCache
+from .caches import BoundedCache, half_of_the_poll_caches
 from .certificates import CertificateError, CertificateVerifier, CheckedCert
 from .forwarded import ClientFacts
 from .identity import (
@@ -41,7 +41,7 @@ from .revocation import Revocations
 # devices, or 8,400 when the terminator forwards the certificate (as every sample in deploy/
 # does); a miss costs a DN parse (~60 us) or a certificate check (~300 us). Past the bound, a
 # fleet polling in turn still finds its share of verdicts kept (caches.py's policy).
-_VERDICTS_BYTES = POLL_CACHE_MB * 1024 * 1024 // 2
+_VERDICTS_BYTES = half_of_the_poll_caches()
 _DETAIL_CHARS = 300
 # what one verdict costs beside its objects: the dict slot and the key (a SHA-256 digest)
 _VERDICT_OVERHEAD = 50 + sys.getsizeof(bytes(32))

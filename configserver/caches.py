@@ -35,6 +35,11 @@ ADMIT_ONE_IN = 32   # when full: one newcomer in this many is kept (and the leas
 POLL_CACHE_MB = 12
 
 
+def half_of_the_poll_caches(poll_cache_mb: int = POLL_CACHE_MB) -> int:
+    """Bytes each of the two caches kept per device may weigh: the verdicts', the answers'."""
+    return poll_cache_mb * 1024 * 1024 // 2
+
+
 class BoundedCache(Generic[K, V]):
     """A mapping of at most `size` entries, and, given `weigh`, of at most `max_bytes` by that
     measure. A newcomer that finds it full is kept one time in ADMIT_ONE_IN, and then the

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .apply_once import SENT, UNCHANGED, apply_once
-from .caches import POLL_CACHE_MB, BoundedCache
+from .caches import BoundedCache, half_of_the_poll_caches
 from .content import Choice, ConfigurationError, ContentChanged, ContentStore, Renderer, Snapshot
 from .firmware import FirmwareError, FirmwareStage
 from .forwarded import ClientFacts
@@ -41,7 +41,7 @@ from .refusals import Refused
 # past the bound a fleet polling in turn finds its share of answers kept (caches.py's policy),
 # and the others are rendered again (a compiled template: ~50 us; a device's own template
 # compiled anew: ~300 us).
-ANSWERS_BYTES = POLL_CACHE_MB * 1024 * 1024 // 2
+ANSWERS_BYTES = half_of_the_poll_caches()
 # bytes an entry holds beside its bodies and sources: its tuple and dict slot, the Answers, the
 # bodies' headers, two SHA-256 and one digest in hex, the sources tuple's header
 _ANSWER_OVERHEAD = 560

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .admission import Gate
+from .caches import half_of_the_poll_caches
 from .certificates import CertificateVerifier
 from .content import ContentRules, ContentStore
 from .forwarded import TrustedProxies
@@ -63,7 +64,7 @@ class Service:
             revoked = RevocationFile(settings.revoked, fixes)
         except RevocationError as exc:
             raise SettingsError(f"setting 'revoked': {exc}") from None
-        half_of_the_caches = settings.poll_cache_mb * 1024 * 1024 // 2   # verdicts, then answers
+        half_of_the_caches = half_of_the_poll_caches(settings.poll_cache_mb)   # verdicts, then answers
         gate = Gate(
             settings.accepted_issuers,
             CertificateVerifier(settings.ca_certificates),

@@ -306,8 +306,7 @@ class ContentStore:
         for kind, published in (("templates", old.templates), ("vars", old.vars)):
             files = list_files(self._folder(kind))
             for name, seen in files.items():
-                source = published.get(name)
-                if source is None or source.stamp != seen[1] or source.changed:
+                if not _is_listed(published.get(name), seen[1]):
                     found[(kind, name)] = seen
             found.update({(kind, name): None for name in published if name not in files})
         return found
@@ -374,9 +373,13 @@ def _differs(snapshot: Snapshot, key: Key, seen: Version | None) -> bool:
     """Whether what is on disk (`seen`) is not the version `snapshot` has: a file came, went or
     has another stamp, or its version was found changed although its stamp is the same."""
     source = (snapshot.templates if key[0] == "templates" else snapshot.vars).get(key[1])
-    if seen is None:
-        return source is not None
-    return source is None or source.stamp != seen[1] or source.changed
+    return source is not None if seen is None else not _is_listed(source, seen[1])
+
+
+def _is_listed(source: SourceFile | None, stamp: Stamp) -> bool:
+    """Whether `source`, as a snapshot lists it, is the file's version `stamp` on disk: the
+    same stamp, and not found changed since (a rewrite that kept the stamp)."""
+    return source is not None and source.stamp == stamp and not source.changed
 
 
 def _wanted(name: str) -> bool:
