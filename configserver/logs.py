@@ -30,18 +30,22 @@ class JSONFormatter(logging.Formatter):
         self._second: tuple[int, str] = (-1, "")  # one tuple: threads that log see a pair that belongs together
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": f"{self._timestamp(record.created)}.{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-        }
         fields = getattr(record, "fields", None)
-        if fields:
-            out.update(fields)
-        else:
-            out["event"] = record.getMessage()
+        if not fields:
+            fields = {"event": record.getMessage()}
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            fields = {**fields, "exception": self.formatException(record.exc_info)}
+        return self.line(record.name, record.levelname, record.created, record.msecs, fields)
+
+    def line(self, logger: str, level_name: str, created: float, msecs: float, fields: dict[str, Any]) -> str:
+        """The line of one record, from what the line shows of it: the one shape of every line,
+        whether a LogRecord was made for it or not (`BatchingHandler.write_fields`)."""
+        out: dict[str, Any] = {
+            "ts": f"{self._timestamp(created)}.{int(msecs):03d}Z",
+            "level": level_name.lower(),
+            "logger": logger,
+        }
+        out.update(fields)
         try:
             return orjson.dumps(out, default=str).decode()
         except TypeError:  # what orjson refuses: an integer over 64 bits, a key that is not text
@@ -105,14 +109,39 @@ class FieldsRecord(logging.LogRecord):
 def log_fields(logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:
     """Log one structured line: what `logger.log(level, event, extra={"fields": fields})` does,
     for a fraction of its cost (no stack walk, no per-line lookups). A record factory of someone
-    else's (`logging.setLogRecordFactory`) is honoured: the usual record is made then."""
+    else's (`logging.setLogRecordFactory`) is honoured: the usual record is made then.
+
+    A line below warning that the service's handler alone would see, with no filter on the way,
+    is written without a record: the handler makes it from the fields (`write_fields`), the very
+    line the record would have given. A poll's line is the one logged most, and served, the
+    record and its handling cost more than the line itself."""
     if logger.isEnabledFor(level):
+        handler = _sole_handler(logger, level) if level < logging.WARNING else None
+        if handler is not None and handler.write_fields(logger.name, level, fields):
+            return
         if logging.getLogRecordFactory() is logging.LogRecord:
             record: logging.LogRecord = FieldsRecord(logger, level, fields)
         else:
             record = logger.makeRecord(logger.name, level, "", 0, fields.get("event", ""), (), None,
                                        extra={"fields": fields})
         logger.handle(record)
+
+
+def _sole_handler(logger: logging.Logger, level: int) -> BatchingHandler | None:
+    """The service's handler, when it is the only one a record of `logger` at `level` would
+    reach and no filter on the way could drop or change the record; otherwise None."""
+    if logger.filters or logging.getLogRecordFactory() is not logging.LogRecord:
+        return None
+    found: BatchingHandler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if level >= handler.level:
+                if found is not None or type(handler) is not BatchingHandler or handler.filters:
+                    return None
+                found = handler
+        current = current.parent if current.propagate else None
+    return found
 
 
 def lean_records() -> None:
@@ -165,6 +194,24 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self.stream.flush()
         except Exception:
             self.handleError(record)
+
+    def write_fields(self, logger: str, level: int, fields: dict[str, Any]) -> bool:
+        """Write the line a record of `fields` would give, without the record (`log_fields`, for
+        a line below warning that this handler alone would get; it is flushed with the batch).
+        False when it could not: the caller then logs the usual way, and a failing stream is
+        reported as for any record."""
+        formatter = self.formatter
+        if type(formatter) is not JSONFormatter:
+            return False
+        created = time.time()
+        try:
+            line = formatter.line(logger, logging.getLevelName(level), created,
+                                  int((created - int(created)) * 1000) + 0.0, fields)
+            with self.lock:   # as Handler.handle holds it around emit
+                self.stream.write(line + "\n")
+        except Exception:  # noqa: BLE001 - the usual way tells what went wrong
+            return False
+        return True
 
     def flush(self) -> None:
         try:

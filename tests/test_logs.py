@@ -160,3 +160,106 @@ def test_a_record_factory_of_someone_else_is_honoured(caplog):
         logging.setLogRecordFactory(logging.LogRecord)
     [line] = caplog.records
     assert made == ["configserver.poll"] and line.trace_id == "4bf92f35" and line.fields["status"] == 200
+
+
+def _alone_on(name, stream):
+    """A logger whose lines reach `handler_on(stream)` and nothing else (pytest's own handlers sit
+    on the root logger, which this one does not propagate to)."""
+    logger = logging.getLogger(name)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = handler_on(stream)
+    logger.handlers[:] = [handler]
+    return logger, handler
+
+
+def test_a_line_for_the_service_handler_alone_is_the_line_its_record_would_give(monkeypatch):
+    stream = io.StringIO()
+    logger, handler = _alone_on("configserver.test_alone", stream)
+    made = []
+    monkeypatch.setattr(logging.Logger, "handle", lambda self, record: made.append(record))
+    monkeypatch.setattr("configserver.logs.time.time", lambda: 1796000000.25)
+    fields = {"event": "poll", "hwid": "IP232-30-00-af", "status": 200, "big": 2**70, "where": Path("/init"),
+              "detail": "\u00e9t\u00e9 \"quoted\"\n"}
+    try:
+        log_fields(logger, logging.INFO, fields)
+        log_fields(logger, logging.DEBUG, {"event": "below the level"})
+    finally:
+        handler.close()
+    assert made == []   # no record was made or handled: the handler wrote the line itself
+    usual = logging.makeLogRecord({"name": logger.name, "levelno": logging.INFO, "levelname": "INFO",
+                                   "msg": "poll", "fields": fields, "created": 1796000000.25, "msecs": 250.0})
+    assert stream.getvalue() == handler.format(usual) + "\n"
+    assert json.loads(stream.getvalue()) == {
+        "ts": "2026-11-30T00:53:20.250Z", "level": "info", "logger": "configserver.test_alone", "event": "poll",
+        "hwid": "IP232-30-00-af", "status": 200, "big": str(2**70), "where": "/init", "detail": "\u00e9t\u00e9 \"quoted\"\n"}
+
+
+def test_a_line_goes_the_usual_way_whenever_something_else_could_see_its_record(monkeypatch):
+    stream = io.StringIO()
+    logger, handler = _alone_on("configserver.test_others", stream)
+    handled = []
+    usual_handle = logging.Logger.handle
+    monkeypatch.setattr(logging.Logger, "handle", lambda self, record: (handled.append(record), usual_handle(self, record)))
+    seen = []
+
+    class Seeing(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    def one_line(event):
+        log_fields(logger, logging.INFO, {"event": event})
+        return handled[-1].fields["event"] if handled else None
+
+    try:
+        second = Seeing()
+        logger.addHandler(second)
+        assert one_line("another handler") == "another handler" and seen[-1].fields["event"] == "another handler"
+        logger.removeHandler(second)
+        elsewhere = io.StringIO()
+        twin = handler_on(elsewhere)
+        logger.addHandler(twin)
+        assert one_line("two of the service's") == "two of the service's"
+        logger.removeHandler(twin)
+        twin.close()
+        assert json.loads(elsewhere.getvalue())["event"] == "two of the service's"
+
+        dropping = logging.Filter("elsewhere")   # drops every record of this logger
+        logger.addFilter(dropping)
+        assert one_line("logger filter") == "logger filter"
+        logger.removeFilter(dropping)
+        handler.addFilter(dropping)
+        assert one_line("handler filter") == "handler filter"
+        handler.removeFilter(dropping)
+
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        assert one_line("other formatter") == "other formatter"
+        handler.setFormatter(JSONFormatter())
+
+        logging.setLogRecordFactory(lambda *args, **kwargs: logging.LogRecord(*args, **kwargs))
+        try:
+            assert one_line("other factory") == "other factory"
+        finally:
+            logging.setLogRecordFactory(logging.LogRecord)
+
+        log_fields(logger, logging.WARNING, {"event": "a warning"})   # flushed at once, by the usual emit
+        assert handled[-1].fields["event"] == "a warning"
+
+        handled.clear()
+        assert one_line("alone") is None   # and with nothing else about, no record at all
+    finally:
+        handler.close()
+    # the filters dropped theirs; the rest were written once each, by the formatter of the moment
+    lines = stream.getvalue().splitlines()
+    assert lines.pop(2) == "other formatter"
+    assert [json.loads(line)["event"] for line in lines] == [
+        "another handler", "two of the service's", "other factory", "a warning", "alone"]
+
+
+def test_a_failing_stream_is_reported_as_for_any_record(capsys):
+    stream = io.StringIO()
+    logger, handler = _alone_on("configserver.test_failing", stream)
+    stream.close()
+    log_fields(logger, logging.INFO, {"event": "poll"})   # never raises into the poll
+    handler.close()
+    assert "--- Logging error ---" in capsys.readouterr().err
