@@ -270,6 +270,64 @@ async def test_many_polls_are_written_in_batches(database: str) -> None:
         assert len(await inventory.devices()) == 1000
 
 
+@pytest.mark.anyio
+async def test_a_batch_bound_once_writes_the_rows_sqlalchemy_would(database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer binds each batch's rows as tuples, converted as SQLAlchemy converts them: the
+    same rows land as when SQLAlchemy binds every row itself (named parameters, see _Compiled)."""
+    from configserver.inventory import _recorder
+
+    batch = [
+        poll(PHONE, T0),
+        poll(PHONE, T0 + 1, status=403, reason="wrong CA"),                       # the same device again: merged
+        dataclasses.replace(poll(GATEWAY, T0 + 2, status=403, reason="revoked"), claimed=True),
+        poll(None, T0 + 3, status=403, reason="untrusted proxy", query={}),       # no identity, no device
+        poll("IP232-30-00-b0", T0 + 4, query={"PROT": "13\x00A1", "ver": "\u00e9t\u00e9", "ip": ""}),
+        dataclasses.replace(poll("IP232-30-00-b1", T0 + 5), detail="d\u00e9tail\x00", duration_ms=0, check_reported="7"),
+    ] + [poll("IP232-30-00-b2", T0 + 10 + n / 100) for n in range(12)]           # a flood: one counted row
+    columns = ", ".join(c for c in (
+        "time device hwid mac model client_ip path status reason detail template script_sha256 decision "
+        "check_reported check_digest firmware duration_ms query claimed repeats repeats_since").split())
+
+    async def written() -> tuple[list[tuple], list[tuple]]:
+        async with running(database) as inventory:
+            for record in batch:
+                inventory.record(record)
+        assert inventory.stats()["written"] == len(batch) and inventory.stats()["rejected"] == 0
+        stored = (await sql(database, f"SELECT {columns} FROM polls ORDER BY time"),
+                  await sql(database, "SELECT * FROM devices ORDER BY device"))
+        engine = create_async_engine(database_url(database))
+        async with engine.begin() as connection:
+            await connection.execute(sa.text("DELETE FROM polls"))
+            await connection.execute(sa.text("DELETE FROM devices"))
+        await engine.dispose()
+        return stored
+
+    bound = await written()
+    monkeypatch.setattr(_recorder._Compiled, "of", classmethod(lambda cls, *args: None))
+    assert await written() == bound
+    polls, devices = bound
+    assert len(polls) == 7 and polls[-1][-2] == 11 and [row[0] for row in devices] == [
+        "00-90-33-30-00-af", "00-90-33-30-00-b0", "00-90-33-30-00-b1", "00-90-33-30-00-b2"]
+
+
+def test_a_statement_is_bound_by_position_or_left_to_sqlalchemy() -> None:
+    from sqlalchemy.dialects.postgresql import asyncpg, psycopg2
+    from sqlalchemy.dialects.sqlite import aiosqlite
+
+    from configserver.inventory._recorder import _Compiled
+
+    table = sa.Table("t", sa.MetaData(), sa.Column("a", sa.Integer), sa.Column("b", sa.JSON), sa.Column("c", sa.Text))
+    one = _Compiled.of(sa.insert(table), table, ["a"], aiosqlite.dialect())
+    assert one is not None and one.parameters([{"a": 1}, {"a": 2}]) == [(1,), (2,)]
+    for dialect, sql in ((aiosqlite.dialect(), "INSERT INTO t (a, b, c) VALUES (?, ?, ?)"),
+                         (asyncpg.dialect(), "INSERT INTO t (a, b, c) VALUES ($1::INTEGER, $2::JSON, $3::VARCHAR)")):
+        compiled = _Compiled.of(sa.insert(table), table, ["c", "b", "a"], dialect)
+        assert compiled is not None and compiled.sql == sql
+        assert compiled.parameters([{"c": "x", "b": {"k": "\u00e9"}, "a": 3}]) == [(3, '{"k": "\\u00e9"}', "x")]
+    assert _Compiled.of(sa.insert(table), table, ["a", "b"], psycopg2.dialect()) is None   # named: SQLAlchemy binds
+    assert _Compiled.of(sa.insert(table), table, ["a", "z"], aiosqlite.dialect()) is None  # not a column
+
+
 # -- several instances, a database that goes away ----------------------------------------------
 
 

@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..outcome import Outcome
 from ._database import (
     database_url,
     describe,
+    devices,
     explain,
     migrate,
     open_engine,
@@ -36,9 +40,47 @@ _DROP_REPORT_SECONDS = 10.0
 # More polls than this from one device, alike, in one batch (half a second or less): a flood.
 # A device polls every few minutes; a flood is a loop, a script or someone holding its certificate.
 FLOOD = 8
-# One statement object for every batch: its cache key, by which SQLAlchemy finds the compiled
-# form, is then worked out once instead of per batch (so is the devices upsert's, see _rows).
+# One statement object for every batch (so is the devices upsert, see _rows): compiled once
+# per writer, see _Compiled.
 _INSERT_POLLS = sa.insert(polls)
+
+
+class _Compiled(NamedTuple):
+    """A batch statement as the database driver takes it: compiled once, for one dialect, with
+    the order of its parameters and SQLAlchemy's own conversion of those that need one (JSON to
+    text, floats, booleans for SQLite).
+
+    SQLAlchemy works each row of an executemany out anew, about 6 us a row for the audit insert
+    and as much for the devices upsert; the rows of a batch all have the same columns, so this
+    is done once, and each row becomes a tuple.
+    """
+
+    sql: str
+    take: Callable[[dict[str, Any]], tuple[Any, ...]]   # a row's values, in the statement's order
+    converting: tuple[tuple[int, Callable[[Any], Any]], ...]   # (position, conversion)
+
+    @classmethod
+    def of(cls, statement: Any, table: sa.Table, keys: Sequence[str], dialect: Dialect) -> _Compiled | None:
+        """None when the dialect's parameters are named, not positional: SQLAlchemy binds those."""
+        compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+        order = compiled.positiontup
+        if not order or not set(order) <= set(keys) <= set(table.c.keys()):
+            return None
+        converters = (table.c[key].type.dialect_impl(dialect).bind_processor(dialect) for key in order)
+        getter = operator.itemgetter(*order)
+        take = getter if len(order) > 1 else lambda row: (getter(row),)   # itemgetter of one: no tuple
+        return cls(str(compiled), take, tuple((index, convert) for index, convert in enumerate(converters) if convert))
+
+    def parameters(self, rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        if not self.converting:
+            return [self.take(row) for row in rows]
+        bound = []
+        for row in rows:
+            values = list(self.take(row))
+            for index, convert in self.converting:
+                values[index] = convert(values[index])
+            bound.append(tuple(values))
+        return bound
 
 
 class Inventory:
@@ -84,6 +126,7 @@ class Inventory:
         self._overflow: dict[Any, list[Any]] = {}
         self._overflow_polls = 0
         self._overflow_lock = threading.Lock()
+        self._compiled: dict[tuple[Any, tuple[str, ...]], _Compiled | None] = {}   # per statement and columns
         self._inflight = 0
         self._written = self._dropped = self._failures = self._rejected = self._folded = 0
         self._dropped_reported = 0
@@ -376,10 +419,23 @@ class Inventory:
                 key = device["device"]
                 folded[key] = merge(folded[key], device) if key in folded else device
         async with self._engine.begin() as connection:
-            await connection.execute(_INSERT_POLLS, rows)
+            await self._execute(connection, _INSERT_POLLS, polls, rows)
             if folded:
                 # One order for every writer, so two instances never wait on each other in a cycle.
-                await connection.execute(upsert(connection.dialect.name), [folded[key] for key in sorted(folded)])
+                await self._execute(connection, upsert(connection.dialect.name), devices,
+                                    [folded[key] for key in sorted(folded)])
+
+    async def _execute(self, connection: AsyncConnection, statement: Any, table: sa.Table,
+                       rows: list[dict[str, Any]]) -> None:
+        """`statement` for each of `rows` (which have the same columns), in one executemany."""
+        key = (statement, tuple(rows[0]))
+        if key not in self._compiled:
+            self._compiled[key] = _Compiled.of(statement, table, key[1], connection.dialect)
+        compiled = self._compiled[key]
+        if compiled is None:
+            await connection.execute(statement, rows)
+        else:
+            await connection.exec_driver_sql(compiled.sql, compiled.parameters(rows))
 
     async def _store_one_by_one(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Store rows singly, rejecting those the database refuses; returns the unwritten rest
