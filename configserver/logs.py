@@ -11,11 +11,13 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import orjson
 
 FLUSH_SECONDS = 0.25
+# Lines at this level and above are written out at once, not with the next batch.
+FLUSHED_AT_ONCE = logging.WARNING
 
 
 class JSONFormatter(logging.Formatter):
@@ -37,15 +39,15 @@ class JSONFormatter(logging.Formatter):
             fields = {**fields, "exception": self.formatException(record.exc_info)}
         return self.line(record.name, record.levelname, record.created, record.msecs, fields)
 
-    def line(self, logger: str, level_name: str, created: float, msecs: float, fields: dict[str, Any]) -> str:
+    def line(self, logger_name: str, level_name: str, created: float, msecs: float, fields: dict[str, Any]) -> str:
         """The line of one record, from what the line shows of it: the one shape of every line,
         whether a LogRecord was made for it or not (`BatchingHandler.write_fields`)."""
         out: dict[str, Any] = {
             "ts": f"{self._timestamp(created)}.{int(msecs):03d}Z",
             "level": level_name.lower(),
-            "logger": logger,
+            "logger": logger_name,
         }
-        out.update(fields)
+        out.update(fields or _NO_EVENT)   # as a record of no fields: its message, the empty event
         try:
             return orjson.dumps(out, default=str).decode()
         except TypeError:  # what orjson refuses: an integer over 64 bits, a key that is not text
@@ -58,6 +60,14 @@ class JSONFormatter(logging.Formatter):
             text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = (second, text)
         return text
+
+
+_NO_EVENT = {"event": ""}
+
+
+def _msecs(created: float) -> float:
+    """The milliseconds of a time, as a LogRecord holds them."""
+    return int((created - int(created)) * 1000) + 0.0
 
 
 def _storable(value: Any) -> Any:
@@ -94,7 +104,7 @@ class FieldsRecord(logging.LogRecord):
         self.msg = fields.get("event", "")
         created = time.time()
         self.created = created
-        self.msecs = int((created - int(created)) * 1000) + 0.0
+        self.msecs = _msecs(created)
         self.relativeCreated = (created - _STARTED) * 1000
         # off in the service (lean_records); a test's or a tool's own logging may want them
         self.thread = threading.get_ident() if logging.logThreads else None
@@ -111,33 +121,45 @@ def log_fields(logger: logging.Logger, level: int, fields: dict[str, Any]) -> No
     for a fraction of its cost (no stack walk, no per-line lookups). A record factory of someone
     else's (`logging.setLogRecordFactory`) is honoured: the usual record is made then.
 
-    A line below warning that the service's handler alone would see, with no filter on the way,
-    is written without a record: the handler makes it from the fields (`write_fields`), the very
-    line the record would have given. A poll's line is the one logged most, and served, the
-    record and its handling cost more than the line itself."""
-    if logger.isEnabledFor(level):
-        handler = _sole_handler(logger, level) if level < logging.WARNING else None
-        if handler is not None and handler.write_fields(logger.name, level, fields):
-            return
-        if logging.getLogRecordFactory() is logging.LogRecord:
-            record: logging.LogRecord = FieldsRecord(logger, level, fields)
-        else:
-            record = logger.makeRecord(logger.name, level, "", 0, fields.get("event", ""), (), None,
-                                       extra={"fields": fields})
-        logger.handle(record)
+    A line below warning that the service's handler alone would see, through the standard
+    library's own handling and no filter on the way, is written without a record: the handler
+    makes it from the fields (`write_fields`), the very line the record would have given. A
+    poll's line is the one logged most, and served, the record and its handling cost more than
+    the line itself."""
+    if not logger.isEnabledFor(level):
+        return
+    if logging.getLogRecordFactory() is not logging.LogRecord:
+        logger.handle(logger.makeRecord(logger.name, level, "", 0, fields.get("event", ""), (), None,
+                                        extra={"fields": fields}))
+        return
+    handler = _sole_handler(logger, level) if level < FLUSHED_AT_ONCE else None
+    if handler is not None:
+        handler.write_fields(logger, level, fields)
+    else:
+        logger.handle(FieldsRecord(logger, level, fields))
+
+
+def _standard_handling() -> bool:
+    """Whether a record would go through logging's own handling: when any of it is replaced
+    (sentry-sdk replaces Logger.callHandlers, for one), before or after this module is imported,
+    every line goes the usual way."""
+    return all(getattr(step, "__module__", None) == "logging"
+               for step in (logging.Logger.handle, logging.Logger.callHandlers, BatchingHandler.handle))
 
 
 def _sole_handler(logger: logging.Logger, level: int) -> BatchingHandler | None:
-    """The service's handler, when it is the only one a record of `logger` at `level` would
-    reach and no filter on the way could drop or change the record; otherwise None."""
-    if logger.filters or logging.getLogRecordFactory() is not logging.LogRecord:
+    """The service's handler, with its JSON formatter, when it is the only handler a record of
+    `logger` at `level` would reach, and neither logging's handling nor a filter on the way
+    could drop or change the record; otherwise None."""
+    if logger.filters or type(logger) is not logging.Logger or not _standard_handling():
         return None
     found: BatchingHandler | None = None
     current: logging.Logger | None = logger
     while current is not None:
         for handler in current.handlers:
             if level >= handler.level:
-                if found is not None or type(handler) is not BatchingHandler or handler.filters:
+                if (found is not None or type(handler) is not BatchingHandler or handler.filters
+                        or type(handler.formatter) is not JSONFormatter):
                     return None
                 found = handler
         current = current.parent if current.propagate else None
@@ -190,28 +212,23 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def emit(self, record: logging.LogRecord) -> None:
         try:  # Handler.handle holds the handler's lock around emit: the flush thread waits for it
             self.stream.write(self.format(record) + "\n")
-            if record.levelno >= logging.WARNING:
+            if record.levelno >= FLUSHED_AT_ONCE:
                 self.stream.flush()
         except Exception:
             self.handleError(record)
 
-    def write_fields(self, logger: str, level: int, fields: dict[str, Any]) -> bool:
+    def write_fields(self, logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:
         """Write the line a record of `fields` would give, without the record (`log_fields`, for
-        a line below warning that this handler alone would get; it is flushed with the batch).
-        False when it could not: the caller then logs the usual way, and a failing stream is
-        reported as for any record."""
-        formatter = self.formatter
-        if type(formatter) is not JSONFormatter:
-            return False
+        a line below warning that this handler alone would get; it leaves with the batch). A
+        failure is reported as `emit` reports it, with the record the line would have had."""
+        formatter = cast(JSONFormatter, self.formatter)   # _sole_handler saw to it
         created = time.time()
         try:
-            line = formatter.line(logger, logging.getLevelName(level), created,
-                                  int((created - int(created)) * 1000) + 0.0, fields)
+            line = formatter.line(logger.name, logging.getLevelName(level), created, _msecs(created), fields)
             with self.lock:   # as Handler.handle holds it around emit
                 self.stream.write(line + "\n")
-        except Exception:  # noqa: BLE001 - the usual way tells what went wrong
-            return False
-        return True
+        except Exception:
+            self.handleError(FieldsRecord(logger, level, fields))
 
     def flush(self) -> None:
         try:

@@ -11,11 +11,14 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.request
 from pathlib import Path
 
+import pytest
 from ports import free_port
 
+from configserver import logs
 from configserver.logs import FLUSH_SECONDS, BatchingHandler, JSONFormatter, log_fields
 
 
@@ -162,59 +165,87 @@ def test_a_record_factory_of_someone_else_is_honoured(caplog):
     assert made == ["configserver.poll"] and line.trace_id == "4bf92f35" and line.fields["status"] == 200
 
 
-def _alone_on(name, stream):
+def _alone_on(name, stream, level=logging.INFO):
     """A logger whose lines reach `handler_on(stream)` and nothing else (pytest's own handlers sit
     on the root logger, which this one does not propagate to)."""
     logger = logging.getLogger(name)
     logger.propagate = False
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
     handler = handler_on(stream)
     logger.handlers[:] = [handler]
     return logger, handler
 
 
-def test_a_line_for_the_service_handler_alone_is_the_line_its_record_would_give(monkeypatch):
-    stream = io.StringIO()
-    logger, handler = _alone_on("configserver.test_alone", stream)
+@pytest.fixture
+def records_made(monkeypatch):
+    """The fields of every record log_fields makes: none when the handler writes the line itself."""
     made = []
-    monkeypatch.setattr(logging.Logger, "handle", lambda self, record: made.append(record))
-    monkeypatch.setattr("configserver.logs.time.time", lambda: 1796000000.25)
+
+    class Counted(logs.FieldsRecord):
+        def __init__(self, logger, level, fields):
+            made.append(fields.get("event"))
+            super().__init__(logger, level, fields)
+
+    monkeypatch.setattr(logs, "FieldsRecord", Counted)
+    return made
+
+
+def at(monkeypatch, created):
+    """The logs module's clock stopped at `created` (for it alone: other threads keep theirs)."""
+    monkeypatch.setattr(logs, "time", types.SimpleNamespace(time=lambda: created, strftime=time.strftime,
+                                                            gmtime=time.gmtime))
+
+
+def test_a_line_for_the_service_handler_alone_is_the_line_its_record_would_give(monkeypatch, records_made):
+    stream = io.StringIO()
+    parent, handler = _alone_on("configserver_alone", stream, logging.DEBUG)
+    logger = logging.getLogger("configserver_alone.poll")   # propagates to the handler's logger
+    at(monkeypatch, 1796000000.9996)
     fields = {"event": "poll", "hwid": "IP232-30-00-af", "status": 200, "big": 2**70, "where": Path("/init"),
               "detail": "\u00e9t\u00e9 \"quoted\"\n"}
     try:
         log_fields(logger, logging.INFO, fields)
+        log_fields(logger, logging.DEBUG, {"event": "debug"})
+        log_fields(logger, logging.INFO, {})
+        parent.setLevel(logging.INFO)
         log_fields(logger, logging.DEBUG, {"event": "below the level"})
     finally:
         handler.close()
-    assert made == []   # no record was made or handled: the handler wrote the line itself
+    assert records_made == []   # no record was made: the handler wrote each line itself
+    first, debug, empty = stream.getvalue().splitlines()
     usual = logging.makeLogRecord({"name": logger.name, "levelno": logging.INFO, "levelname": "INFO",
-                                   "msg": "poll", "fields": fields, "created": 1796000000.25, "msecs": 250.0})
-    assert stream.getvalue() == handler.format(usual) + "\n"
-    assert json.loads(stream.getvalue()) == {
-        "ts": "2026-11-30T00:53:20.250Z", "level": "info", "logger": "configserver.test_alone", "event": "poll",
+                                   "msg": "poll", "fields": fields, "created": 1796000000.9996, "msecs": 999.0})
+    assert first == handler.format(usual)
+    assert json.loads(first) == {
+        "ts": "2026-11-30T00:53:20.999Z", "level": "info", "logger": "configserver_alone.poll", "event": "poll",
         "hwid": "IP232-30-00-af", "status": 200, "big": str(2**70), "where": "/init", "detail": "\u00e9t\u00e9 \"quoted\"\n"}
+    assert json.loads(debug)["level"] == "debug" and json.loads(debug)["event"] == "debug"
+    no_fields = logging.makeLogRecord({"name": logger.name, "levelno": logging.INFO, "levelname": "INFO", "msg": "",
+                                       "fields": {}, "created": 1796000000.9996, "msecs": 999.0})
+    assert empty == handler.format(no_fields) and json.loads(empty)["event"] == ""
 
 
-def test_a_line_goes_the_usual_way_whenever_something_else_could_see_its_record(monkeypatch):
+def test_a_line_goes_the_usual_way_whenever_something_else_could_see_its_record(monkeypatch, records_made):
     stream = io.StringIO()
     logger, handler = _alone_on("configserver.test_others", stream)
-    handled = []
-    usual_handle = logging.Logger.handle
-    monkeypatch.setattr(logging.Logger, "handle", lambda self, record: (handled.append(record), usual_handle(self, record)))
     seen = []
 
     class Seeing(logging.Handler):
         def emit(self, record):
-            seen.append(record)
+            seen.append(record.fields["event"])
+
+    class Derived(BatchingHandler):   # the service's handler in name only: its own emit
+        def emit(self, record):
+            seen.append(record.fields["event"])
 
     def one_line(event):
         log_fields(logger, logging.INFO, {"event": event})
-        return handled[-1].fields["event"] if handled else None
+        return records_made[-1] if records_made else None
 
     try:
         second = Seeing()
         logger.addHandler(second)
-        assert one_line("another handler") == "another handler" and seen[-1].fields["event"] == "another handler"
+        assert one_line("another handler") == "another handler" and seen[-1] == "another handler"
         logger.removeHandler(second)
         elsewhere = io.StringIO()
         twin = handler_on(elsewhere)
@@ -223,6 +254,13 @@ def test_a_line_goes_the_usual_way_whenever_something_else_could_see_its_record(
         logger.removeHandler(twin)
         twin.close()
         assert json.loads(elsewhere.getvalue())["event"] == "two of the service's"
+
+        derived = Derived(io.StringIO())
+        derived.setFormatter(JSONFormatter())
+        logger.handlers[:] = [derived]
+        assert one_line("derived handler") == "derived handler" and seen[-1] == "derived handler"
+        derived.close()
+        logger.handlers[:] = [handler]
 
         dropping = logging.Filter("elsewhere")   # drops every record of this logger
         logger.addFilter(dropping)
@@ -236,30 +274,67 @@ def test_a_line_goes_the_usual_way_whenever_something_else_could_see_its_record(
         assert one_line("other formatter") == "other formatter"
         handler.setFormatter(JSONFormatter())
 
-        logging.setLogRecordFactory(lambda *args, **kwargs: logging.LogRecord(*args, **kwargs))
-        try:
-            assert one_line("other factory") == "other factory"
-        finally:
-            logging.setLogRecordFactory(logging.LogRecord)
+        handler.setLevel(logging.WARNING)   # the service's handler does not want the line: nothing
+        assert one_line("above the line") == "above the line"
+        handler.setLevel(logging.NOTSET)
 
         log_fields(logger, logging.WARNING, {"event": "a warning"})   # flushed at once, by the usual emit
-        assert handled[-1].fields["event"] == "a warning"
+        assert records_made[-1] == "a warning"
 
-        handled.clear()
+        with monkeypatch.context() as patched:   # what sentry-sdk does to see every record
+            usual = logging.Logger.callHandlers
+            patched.setattr(logging.Logger, "callHandlers", lambda self, record: (seen.append("called"), usual(self, record)))
+            assert one_line("handling replaced") == "handling replaced" and seen[-1] == "called"
+
+        class Special(logging.Logger):
+            pass
+
+        special = Special("configserver.test_special")
+        special.propagate = False
+        special.addHandler(handler)
+        log_fields(special, logging.INFO, {"event": "a logger of another class"})
+        assert records_made[-1] == "a logger of another class"
+
+        records_made.clear()
         assert one_line("alone") is None   # and with nothing else about, no record at all
     finally:
         handler.close()
-    # the filters dropped theirs; the rest were written once each, by the formatter of the moment
+    # the filters and the level dropped theirs; the rest were written once each, by the formatter of the moment
     lines = stream.getvalue().splitlines()
     assert lines.pop(2) == "other formatter"
     assert [json.loads(line)["event"] for line in lines] == [
-        "another handler", "two of the service's", "other factory", "a warning", "alone"]
+        "another handler", "two of the service's", "a warning", "handling replaced", "a logger of another class", "alone"]
 
 
-def test_a_failing_stream_is_reported_as_for_any_record(capsys):
+def test_the_usual_factory_is_made_for_every_line_when_another_is_set():
     stream = io.StringIO()
+    logger, handler = _alone_on("configserver.test_factory", stream)
+    made = []
+    logging.setLogRecordFactory(lambda *args, **kwargs: made.append(args[0]) or logging.LogRecord(*args, **kwargs))
+    try:
+        log_fields(logger, logging.INFO, {"event": "poll"})
+    finally:
+        logging.setLogRecordFactory(logging.LogRecord)
+        handler.close()
+    assert made == ["configserver.test_factory"] and json.loads(stream.getvalue())["event"] == "poll"
+
+
+class FailingOnce(io.StringIO):
+    failures = 1
+
+    def write(self, text):
+        if self.failures:
+            self.failures -= 1
+            raise OSError(11, "Resource temporarily unavailable")
+        return super().write(text)
+
+
+def test_a_failing_write_is_reported_once_and_the_line_is_not_written_again(capsys, records_made):
+    stream = FailingOnce()
     logger, handler = _alone_on("configserver.test_failing", stream)
-    stream.close()
-    log_fields(logger, logging.INFO, {"event": "poll"})   # never raises into the poll
+    log_fields(logger, logging.INFO, {"event": "lost"})   # never raises into the poll
+    log_fields(logger, logging.INFO, {"event": "next"})
     handler.close()
-    assert "--- Logging error ---" in capsys.readouterr().err
+    assert capsys.readouterr().err.count("--- Logging error ---") == 1
+    assert [json.loads(line)["event"] for line in stream.getvalue().splitlines()] == ["next"]
+    assert records_made == ["lost"]   # made only to report the failure, as emit reports one
