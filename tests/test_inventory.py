@@ -273,8 +273,18 @@ async def test_many_polls_are_written_in_batches(database: str) -> None:
 @pytest.mark.anyio
 async def test_a_batch_bound_once_writes_the_rows_sqlalchemy_would(database: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The writer binds each batch's rows as tuples, converted as SQLAlchemy converts them: the
-    same rows land as when SQLAlchemy binds every row itself (named parameters, see _Compiled)."""
+    driver gets the statements and parameters SQLAlchemy gives it when it binds every row itself
+    (as it does for named parameters, see _Compiled), and the same rows land."""
     from configserver.inventory import _recorder
+
+    sent: list[tuple[str, list[tuple]]] = []
+
+    def seen(connection, cursor, statement, parameters, context, executemany):   # noqa: ARG001
+        if statement.startswith(("INSERT INTO polls", "INSERT INTO devices")):
+            sent.append((statement, [tuple(row) for row in parameters] if executemany else [tuple(parameters)]))
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", seen)
+    request_cleanup = lambda: sa.event.remove(sa.engine.Engine, "before_cursor_execute", seen)  # noqa: E731
 
     batch = [
         poll(PHONE, T0),
@@ -288,13 +298,15 @@ async def test_a_batch_bound_once_writes_the_rows_sqlalchemy_would(database: str
         "time device hwid mac model client_ip path status reason detail template script_sha256 decision "
         "check_reported check_digest firmware duration_ms query claimed repeats repeats_since").split())
 
-    async def written() -> tuple[list[tuple], list[tuple]]:
+    async def written() -> tuple[list[tuple], list[tuple], list[tuple[str, list[tuple]]]]:
+        sent.clear()
         async with running(database) as inventory:
             for record in batch:
                 inventory.record(record)
         assert inventory.stats()["written"] == len(batch) and inventory.stats()["rejected"] == 0
         stored = (await sql(database, f"SELECT {columns} FROM polls ORDER BY time"),
-                  await sql(database, "SELECT * FROM devices ORDER BY device"))
+                  await sql(database, "SELECT * FROM devices ORDER BY device"),
+                  list(sent))
         engine = create_async_engine(database_url(database))
         async with engine.begin() as connection:
             await connection.execute(sa.text("DELETE FROM polls"))
@@ -302,10 +314,15 @@ async def test_a_batch_bound_once_writes_the_rows_sqlalchemy_would(database: str
         await engine.dispose()
         return stored
 
-    bound = await written()
-    monkeypatch.setattr(_recorder._Compiled, "of", classmethod(lambda cls, *args: None))
-    assert await written() == bound
-    polls, devices = bound
+    try:
+        bound = await written()
+        monkeypatch.setattr(_recorder._Compiled, "of", classmethod(lambda cls, *args: None))
+        assert await written() == bound
+    finally:
+        request_cleanup()
+    polls, devices, statements = bound
+    assert [statement.split(" (")[0] for statement, _ in statements] == ["INSERT INTO polls", "INSERT INTO devices"]
+    assert "RETURNING" not in statements[0][0]
     assert len(polls) == 7 and polls[-1][-2] == 11 and [row[0] for row in devices] == [
         "00-90-33-30-00-af", "00-90-33-30-00-b0", "00-90-33-30-00-b1", "00-90-33-30-00-b2"]
 
@@ -326,6 +343,25 @@ def test_a_statement_is_bound_by_position_or_left_to_sqlalchemy() -> None:
         assert compiled.parameters([{"c": "x", "b": {"k": "\u00e9"}, "a": 3}]) == [(3, '{"k": "\\u00e9"}', "x")]
     assert _Compiled.of(sa.insert(table), table, ["a", "b"], psycopg2.dialect()) is None   # named: SQLAlchemy binds
     assert _Compiled.of(sa.insert(table), table, ["a", "z"], aiosqlite.dialect()) is None  # not a column
+    defaulted = sa.Table("d", sa.MetaData(), sa.Column("a", sa.Integer), sa.Column("n", sa.Integer, default=5))
+    assert _Compiled.of(sa.insert(defaulted), defaulted, ["a"], aiosqlite.dialect()) is None  # SQLAlchemy adds n
+
+
+@pytest.mark.anyio
+async def test_rows_of_other_columns_are_bound_by_their_own_statement(sqlite_url: str) -> None:
+    from configserver.inventory._recorder import _INSERT_POLLS
+    from configserver.inventory._database import polls
+    from configserver.inventory._rows import poll_row
+
+    inventory = Inventory(sqlite_url)
+    await inventory.migrate()
+    full = poll_row(dataclasses.replace(poll(PHONE, T0), detail="the detail"))
+    fewer = {key: value for key, value in full.items() if key != "detail"}
+    async with inventory._engine.begin() as connection:
+        await inventory._execute(connection, _INSERT_POLLS, polls, [fewer])
+        await inventory._execute(connection, _INSERT_POLLS, polls, [full])
+    await inventory.close()
+    assert await sql(sqlite_url, "SELECT detail FROM polls ORDER BY id") == [(None,), ("the detail",)]
 
 
 # -- several instances, a database that goes away ----------------------------------------------

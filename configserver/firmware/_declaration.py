@@ -82,6 +82,9 @@ class Window:
     timezone: str = "UTC"
 
 
+DEFAULT_WINDOW = Window()   # the window of a declaration that names none
+
+
 @dataclass(frozen=True, slots=True)
 class Declaration:
     """One device's firmware declaration, all levels applied."""
@@ -89,14 +92,14 @@ class Declaration:
     targets: Mapping[str, str]     # "prot"/"boot" -> build; a kind not named has no target
     url: str | None = None         # where the terminator serves the firmware folder, ends in `/`
     folder: str | None = None      # the same folder on this machine, for `configserver check`
-    window: Window = Window()
+    window: Window = DEFAULT_WINDOW
     fast_poll: int | None = None   # minutes between polls while a device is first provisioned
     rollout: Rollout | None = None
 
     @property
     def empty(self) -> bool:
         """Nothing to send: no target, no window, no fast polling."""
-        return not self.targets and self.window == Window() and self.fast_poll is None
+        return not self.targets and self.window == DEFAULT_WINDOW and self.fast_poll is None
 
 
 NOTHING = Declaration(targets={})

@@ -46,9 +46,9 @@ _INSERT_POLLS = sa.insert(polls)
 
 
 class _Compiled(NamedTuple):
-    """A batch statement as the database driver takes it: compiled once, for one dialect, with
-    the order of its parameters and SQLAlchemy's own conversion of those that need one (JSON to
-    text, floats, booleans for SQLite).
+    """A batch statement as the database driver takes it: compiled once, for one dialect and
+    for executemany (no RETURNING of the new ids), with the order of its parameters and
+    SQLAlchemy's own conversion of those that need one (JSON to text, floats, booleans).
 
     SQLAlchemy works each row of an executemany out anew, about 6 us a row for the audit insert
     and as much for the devices upsert; the rows of a batch all have the same columns, so this
@@ -61,8 +61,9 @@ class _Compiled(NamedTuple):
 
     @classmethod
     def of(cls, statement: Any, table: sa.Table, keys: Sequence[str], dialect: Dialect) -> _Compiled | None:
-        """None when the dialect's parameters are named, not positional: SQLAlchemy binds those."""
-        compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+        """None, for SQLAlchemy to bind each row, when the dialect's parameters are named rather
+        than positional, or the statement binds more than the rows' own columns (a default)."""
+        compiled = statement.compile(dialect=dialect, column_keys=list(keys), for_executemany=True)
         order = compiled.positiontup
         if not order or not set(order) <= set(keys) <= set(table.c.keys()):
             return None
