@@ -86,8 +86,8 @@ class Gate:
         # a fleet's verdicts, each kept small: the device alone, or with the certificate's start
         # of validity when a certificate was forwarded; never the parsed certificate. Bounded by
         # what they weigh alone (no verdict weighs less than its overhead).
-        self._verdicts: BoundedCache[bytes, Verdict] = BoundedCache(
-            max(1, verdicts_bytes // _VERDICT_OVERHEAD), max_bytes=verdicts_bytes, weigh=verdict_weight)
+        self._verdicts: BoundedCache[bytes, Verdict] = BoundedCache.weighed(
+            verdicts_bytes, verdict_weight, _VERDICT_OVERHEAD)
 
     def admit(self, facts: ClientFacts, query: Mapping[str, list[str]], now: dt.datetime) -> DeviceIdentity:
         """Run the checks in order; return the device, or raise Refused naming the failed check.

@@ -70,6 +70,13 @@ class BoundedCache(Generic[K, V]):
         # the value held for a key, or None
         self.get: Callable[[K], V | None] = self._get_promoting if promote_hits else self._entries.get
 
+    @classmethod
+    def weighed(cls, max_bytes: int, weigh: Callable[[V], int], lightest: int, *,
+                size: int | None = None) -> BoundedCache[K, V]:
+        """A cache bounded by what its entries weigh (`max_bytes`), and in count by `size` or,
+        without it, by as many entries of the `lightest` weight any has (its overhead) as fit."""
+        return cls(size or max(1, max_bytes // lightest), max_bytes=max_bytes, weigh=weigh)
+
     def _get_promoting(self, key: K) -> V | None:
         entries = self._entries
         value = entries.pop(key, None)

@@ -130,8 +130,8 @@ class Pipeline:
         # snapshots: an edit re-renders only the devices whose sources it changed. Bounded by what
         # the answers weigh, unless `answers_kept` also bounds how many (no entry weighs less
         # than its overhead).
-        self._answers: BoundedCache[DeviceIdentity, tuple[tuple[object, ...], Answers]] = BoundedCache(
-            answers_kept or max(1, answers_bytes // _ANSWER_OVERHEAD), max_bytes=answers_bytes, weigh=_weight)
+        self._answers: BoundedCache[DeviceIdentity, tuple[tuple[object, ...], Answers]] = BoundedCache.weighed(
+            answers_bytes, _weight, _ANSWER_OVERHEAD, size=answers_kept)
         self.firmware = firmware or FirmwareStage()   # the web layer's watch gives it the rollout state
         self.backups = backups                        # None unless backup_url is set
 
