@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from typing import Any, TextIO, cast
 
 import orjson
@@ -102,6 +103,7 @@ class FieldsRecord(logging.LogRecord):
                 k: v for k, v in vars(model).items() if k not in _PER_LINE}
         self.__dict__.update(template)
         self.msg = fields.get("event", "")
+        self.levelname = logging.getLevelName(level)   # as logging names it now (addLevelName)
         created = time.time()
         self.created = created
         self.msecs = _msecs(created)
@@ -140,11 +142,25 @@ def log_fields(logger: logging.Logger, level: int, fields: dict[str, Any]) -> No
 
 
 def _standard_handling() -> bool:
-    """Whether a record would go through logging's own handling: when any of it is replaced
-    (sentry-sdk replaces Logger.callHandlers, for one), before or after this module is imported,
-    every line goes the usual way."""
-    return all(getattr(step, "__module__", None) == "logging"
-               for step in (logging.Logger.handle, logging.Logger.callHandlers, BatchingHandler.handle))
+    """Whether a record would go through logging's own handling and this module's emit: when any
+    step is replaced or wrapped (sentry-sdk replaces Logger.callHandlers, New Relic's agent wraps
+    it), before or after this module is imported, every line goes the usual way. Each set of
+    steps is judged once: the check then costs a comparison per line."""
+    global _judged
+    steps = (logging.Logger.handle, logging.Logger.callHandlers, BatchingHandler.handle, BatchingHandler.emit)
+    if steps != _judged[0]:
+        _judged = (steps, all(_defined_in(step, file) for step, file in zip(steps, _STEP_FILES, strict=True)))
+    return _judged[1]
+
+
+def _defined_in(step: Any, file: str) -> bool:
+    """Whether `step` is a plain function of `file`'s (a wrapper, even one that copies the
+    wrapped function's name and module, is not)."""
+    return type(step) is types.FunctionType and step.__code__.co_filename == file
+
+
+_STEP_FILES = (logging.__file__, logging.__file__, logging.__file__, __file__)
+_judged: tuple[tuple[Any, ...], bool] = ((), False)   # the steps last judged, and the verdict
 
 
 def _sole_handler(logger: logging.Logger, level: int) -> BatchingHandler | None:
@@ -159,7 +175,8 @@ def _sole_handler(logger: logging.Logger, level: int) -> BatchingHandler | None:
         for handler in current.handlers:
             if level >= handler.level:
                 if (found is not None or type(handler) is not BatchingHandler or handler.filters
-                        or type(handler.formatter) is not JSONFormatter):
+                        or type(handler.formatter) is not JSONFormatter or "handle" in vars(handler)
+                        or "emit" in vars(handler)):   # set on one handler, they replace the class's
                     return None
                 found = handler
         current = current.parent if current.propagate else None
@@ -189,7 +206,7 @@ def _task_name() -> str | None:
 
 # as logging counts relativeCreated: from its own import
 _STARTED = getattr(logging, "_startTime", time.time())
-_PER_LINE = ("msg", "created", "msecs", "relativeCreated", "thread", "threadName", "process", "processName",
+_PER_LINE = ("msg", "levelname", "created", "msecs", "relativeCreated", "thread", "threadName", "process", "processName",
              "taskName")
 _TASK_NAMES = sys.version_info >= (3, 12)   # records name their asyncio task from Python 3.12 on
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import datetime
+import functools
 import io
 import json
 import logging
@@ -286,6 +287,25 @@ def test_a_line_goes_the_usual_way_whenever_something_else_could_see_its_record(
             patched.setattr(logging.Logger, "callHandlers", lambda self, record: (seen.append("called"), usual(self, record)))
             assert one_line("handling replaced") == "handling replaced" and seen[-1] == "called"
 
+        with monkeypatch.context() as patched:   # what New Relic's agent does: a wrapper that looks like the original
+            usual = logging.Logger.callHandlers
+
+            @functools.wraps(usual)
+            def wrapped(self, record):
+                seen.append("wrapped")
+                return usual(self, record)
+
+            patched.setattr(logging.Logger, "callHandlers", wrapped)
+            assert one_line("handling wrapped") == "handling wrapped" and seen[-1] == "wrapped"
+
+        with monkeypatch.context() as patched:
+            usual_emit = BatchingHandler.emit
+            patched.setattr(BatchingHandler, "emit", lambda self, record: (seen.append("emit"), usual_emit(self, record)))
+            assert one_line("emit replaced") == "emit replaced" and seen[-1] == "emit"
+        with monkeypatch.context() as patched:
+            patched.setattr(handler, "emit", lambda record: (seen.append("own emit"), usual_emit(handler, record)))
+            assert one_line("emit of one handler") == "emit of one handler" and seen[-1] == "own emit"
+
         class Special(logging.Logger):
             pass
 
@@ -303,7 +323,22 @@ def test_a_line_goes_the_usual_way_whenever_something_else_could_see_its_record(
     lines = stream.getvalue().splitlines()
     assert lines.pop(2) == "other formatter"
     assert [json.loads(line)["event"] for line in lines] == [
-        "another handler", "two of the service's", "a warning", "handling replaced", "a logger of another class", "alone"]
+        "another handler", "two of the service's", "a warning", "handling replaced", "handling wrapped", "emit replaced",
+        "emit of one handler", "a logger of another class", "alone"]
+
+
+def test_a_level_renamed_is_named_alike_both_ways(monkeypatch, records_made):
+    stream = io.StringIO()
+    logger, handler = _alone_on("configserver.test_renamed", stream)
+    log_fields(logger, logging.INFO, {"event": "before"})
+    log_fields(logger, logging.WARNING, {"event": "before"})   # a record: its level's name is kept by FieldsRecord
+    monkeypatch.setitem(logging._levelToName, logging.INFO, "NOTE")
+    monkeypatch.setitem(logging._levelToName, logging.WARNING, "HEED")
+    log_fields(logger, logging.INFO, {"event": "after"})
+    log_fields(logger, logging.WARNING, {"event": "after"})
+    handler.close()
+    assert [json.loads(line)["level"] for line in stream.getvalue().splitlines()] == ["info", "warning", "note", "heed"]
+    assert records_made == ["before", "after"]   # the warnings; the info lines were written directly
 
 
 def test_the_usual_factory_is_made_for_every_line_when_another_is_set():
