@@ -74,7 +74,8 @@ class BoundedCache(Generic[K, V]):
     def weighed(cls, max_bytes: int, weigh: Callable[[V], int], lightest: int, *,
                 size: int | None = None) -> BoundedCache[K, V]:
         """A cache bounded by what its entries weigh (`max_bytes`), and in count by `size` or,
-        without it, by as many entries of the `lightest` weight any has (its overhead) as fit."""
+        without it (None or 0), by as many entries of the `lightest` weight any has (its
+        overhead) as fit."""
         return cls(size or max(1, max_bytes // lightest), max_bytes=max_bytes, weigh=weigh)
 
     def _get_promoting(self, key: K) -> V | None:

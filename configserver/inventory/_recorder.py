@@ -67,7 +67,8 @@ class _Compiled(NamedTuple):
         order = compiled.positiontup
         if not order or not set(order) <= set(keys) <= set(table.c.keys()):
             return None
-        converters = (table.c[key].type.dialect_impl(dialect).bind_processor(dialect) for key in order)
+        binds = compiled.binds   # each parameter's own type, as SQLAlchemy would convert it
+        converters = (binds[key].type.dialect_impl(dialect).bind_processor(dialect) for key in order)
         getter = operator.itemgetter(*order)
         take = getter if len(order) > 1 else lambda row: (getter(row),)   # itemgetter of one: no tuple
         return cls(str(compiled), take, tuple((index, convert) for index, convert in enumerate(converters) if convert))
@@ -428,8 +429,11 @@ class Inventory:
 
     async def _execute(self, connection: AsyncConnection, statement: Any, table: sa.Table,
                        rows: list[dict[str, Any]]) -> None:
-        """`statement` for each of `rows` (which have the same columns), in one executemany."""
-        key = (statement, tuple(rows[0]))
+        """`statement` for each of `rows` (which have the same columns), in one executemany.
+
+        Straight to the driver: no schema_translate_map and no statement events apply (the
+        inventory uses neither); the connection's cursor events still see every statement."""
+        key = (statement, tuple(sorted(rows[0])))
         if key not in self._compiled:
             self._compiled[key] = _Compiled.of(statement, table, key[1], connection.dialect)
         compiled = self._compiled[key]
