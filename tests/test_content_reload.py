@@ -325,3 +325,51 @@ def test_an_edit_in_the_grace_window_never_mixes_into_the_version_listed(site, p
     assert app.store.refresh() is True
     after = call(app, "/", terminator_headers(pki.phone))
     assert after.status == 200 and "/server two.example.com\r\n" in after.text and "one.example" not in after.text
+
+
+def test_a_vars_file_that_cannot_be_read_for_a_while_is_read_again_until_it_can(tmp_path, monkeypatch, caplog):
+    """A read that fails for a passing cause (no file descriptor left in a poll storm, a file
+    the service may not open for a moment) is shown as it is, then read again by the watcher
+    until it can be: not kept as that version's error until someone edits the file."""
+    from configserver.content import snapshot, watcher
+
+    monkeypatch.setattr(watcher, "FOLDER_CHECK_SECONDS", 0.2)   # how often follow wakes with nothing to do
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    (tmp_path / "templates" / "default.j2").write_text("user {{ vars.user }}\n")
+    (tmp_path / "vars" / "default.toml").write_text('user = "alice"\n')
+    settled(tmp_path / "vars" / "default.toml")
+    failing = {"now": True}
+    usual = snapshot.read_version
+
+    def read_version(path, stamp, checksum=None):
+        if failing["now"] and path.endswith("default.toml"):
+            return snapshot.Read(None, f"{snapshot.NOT_NOW}[Errno 24] Too many open files", False, None)
+        return usual(path, stamp, checksum)
+
+    monkeypatch.setattr(snapshot, "read_version", read_version)
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    store.refresh()
+    listed = store.snapshot.vars["default.toml"]
+    assert listed.problem == "cannot read now: [Errno 24] Too many open files" and listed.passing
+
+    # while it still fails: looked at again, and nothing new published (no reload line, no churn)
+    caplog.clear()
+    assert store.refresh(()) is False and store.refresh() is False
+    assert store.snapshot.vars["default.toml"] is listed
+    assert not [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "reload"]
+
+    async def scenario() -> bool:
+        ready = asyncio.Event()
+        follower = asyncio.create_task(store.follow(3600, ready))
+        await ready.wait()
+        try:
+            failing["now"] = False   # the storm is over: no event, no edit, the same version on disk
+            return await _wait(lambda: store.snapshot.vars["default.toml"].data == {"user": "alice"}, 15)
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+    assert asyncio.run(scenario())
+    assert store.snapshot.vars["default.toml"].problem is None and store.snapshot.vars["default.toml"].stamp == listed.stamp
+    assert store.refresh(()) is False   # read: nothing to look at any more

@@ -66,6 +66,9 @@ def stamp_size(stamp: Stamp) -> int:
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 _CHANGED = "changed on disk since the folder was listed: the next snapshot, a moment from now, has it"
+# How a problem that may pass begins: a file that cannot be opened or read now (permissions, no
+# file descriptor left). The watcher reads such a vars file again until it can (watcher.py).
+NOT_NOW = "cannot read now: "
 # What the template texts held at once may weigh, whatever the fleet's size: a text is needed
 # when its template is compiled (and for lint and preview); the compiled templates and the
 # answers kept are what the polls use. A text let go is read again in the same version.
@@ -113,6 +116,12 @@ class SourceFile:
         """Whether this version was found changed on disk since it was listed: the watcher
         looks at it again, and a poll that needs it waits for the next snapshot."""
         return self.problem == _CHANGED
+
+    @property
+    def passing(self) -> bool:
+        """Whether this version's problem may pass (NOT_NOW): the watcher looks at it again. A
+        template's never is: its next reading tries again by itself (`read`)."""
+        return self.problem is not None and self.problem.startswith(NOT_NOW)
 
     def read(self) -> tuple[str, str | None]:
         """The text and why this version cannot be used, if it cannot ("" then): the text held,
@@ -218,7 +227,7 @@ def read_version(path: str, stamp: Stamp, checksum: int | None = None) -> Read:
     except FileNotFoundError:
         return Read(None, _CHANGED, True, None)
     except OSError as exc:
-        return Read(None, f"cannot read: {exc}", False, None)
+        return Read(None, f"{NOT_NOW}{exc}", False, None)
     try:
         chunks, wanted = [], size + 1   # one more byte than the version had: growth shows
         while wanted > 0 and (chunk := os.read(fd, wanted)):
@@ -226,7 +235,7 @@ def read_version(path: str, stamp: Stamp, checksum: int | None = None) -> Read:
             wanted -= len(chunk)
         after = os.fstat(fd)
     except OSError as exc:
-        return Read(None, f"cannot read: {exc}", False, None)
+        return Read(None, f"{NOT_NOW}{exc}", False, None)
     finally:
         os.close(fd)
     raw = b"".join(chunks)

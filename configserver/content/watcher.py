@@ -78,6 +78,9 @@ class ContentStore:
         # or None if gone; since when it has looked like that by our clock)
         self._unsettled: dict[Key, tuple[Stamp | None, float]] = {}
         self._early: dict[Key, SourceFile] = {}   # changed files read while they settle
+        # vars files published with a problem that may pass (SourceFile.passing): looked at
+        # again by every refresh until they can be read
+        self._again: set[Key] = set()
         self._clock = clock
         self._lock = threading.Lock()
         self._told: Callable[[set[str]], None] | None = None   # tells a running `follow` what to look at
@@ -96,7 +99,7 @@ class ContentStore:
             now = self._clock()
             # what is on disk now for every file that may differ from the snapshot (None: gone)
             found = self._scan(old) if paths is None else self._look_at(paths, old)
-            for key in self._unsettled:   # still waiting from before: look again
+            for key in (*self._unsettled, *self._again):   # still waiting from before: look again
                 if key not in found and paths is not None:
                     found[key] = self._stat(key)
             differing = {key: seen for key, seen in found.items() if _differs(old, key, seen)}
@@ -127,14 +130,24 @@ class ContentStore:
                     if source is None:  # written to while we read it: wait for it to settle
                         self._unsettled[key] = (None, now)
                         return False
+                    if source.passing and _still(old.vars.get(name) if kind == "vars" else None, source):
+                        continue   # still the same passing problem: nothing to publish for it
                 (templates if kind == "templates" else variables)[name] = source
-            self.snapshot = old.changed(templates, variables)
             self._unsettled.clear()
             self._early.clear()
+            if not templates and not variables:
+                return False
+            self.snapshot = old.changed(templates, variables)
+            for name, source in variables.items():
+                if source is not None and source.passing:
+                    self._again.add(("vars", name))
+                else:
+                    self._again.discard(("vars", name))
+            published = [*templates.values(), *variables.values()]
             log.info("templates reloaded", extra={"fields": {
                 "event": "reload", "templates": len(self.snapshot.templates), "vars": len(self.snapshot.vars),
-                "changed": sum(seen is not None for seen in differing.values()),
-                "removed": sum(seen is None for seen in differing.values()),
+                "changed": sum(source is not None for source in published),
+                "removed": sum(source is None for source in published),
             }})
             return True
 
@@ -221,7 +234,7 @@ class ContentStore:
                     paths = None
                 if paths is None:
                     next_rescan = time.monotonic() + rescan_seconds
-                elif not paths and not self.pending:
+                elif not paths and not self.pending and not self._again:
                     continue
                 try:
                     published = await asyncio.to_thread(self.refresh, paths)
@@ -378,8 +391,15 @@ def _differs(snapshot: Snapshot, key: Key, seen: Version | None) -> bool:
 
 def _is_listed(source: SourceFile | None, stamp: Stamp) -> bool:
     """Whether `source`, as a snapshot lists it, is the file's version `stamp` on disk: the
-    same stamp, and not found changed since (a rewrite that kept the stamp)."""
-    return source is not None and source.stamp == stamp and not source.changed
+    same stamp, not found changed since (a rewrite that kept the stamp), and read (not a
+    problem that may pass: it is read again)."""
+    return source is not None and source.stamp == stamp and not source.changed and not source.passing
+
+
+def _still(published: SourceFile | None, read: SourceFile) -> bool:
+    """Whether `read`, which could not be read for a passing cause, is what the snapshot
+    already lists: the same version with the same problem."""
+    return published is not None and published.stamp == read.stamp and published.problem == read.problem
 
 
 def _wanted(name: str) -> bool:
