@@ -373,3 +373,114 @@ def test_a_vars_file_that_cannot_be_read_for_a_while_is_read_again_until_it_can(
     assert asyncio.run(scenario())
     assert store.snapshot.vars["default.toml"].problem is None and store.snapshot.vars["default.toml"].stamp == listed.stamp
     assert store.refresh(()) is False   # read: nothing to look at any more
+
+
+def test_a_vars_file_listed_with_a_passing_problem_is_read_again_at_once_not_waited_for(tmp_path, monkeypatch):
+    """Read again in the version listed, it is no change: even with a modification time ahead of
+    the clock, which a change would wait out, it holds nothing up."""
+    from configserver.content import snapshot
+
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    ahead = tmp_path / "vars" / "default.toml"
+    ahead.write_text('user = "alice"\n')
+    os.utime(ahead, (time.time() + 3600, time.time() + 3600))   # a tarball from a clock an hour ahead
+    usual = snapshot.read_version
+    monkeypatch.setattr(snapshot, "read_version", lambda path, stamp, checksum=None: snapshot.Read(
+        None, f"{snapshot.NOT_NOW}[Errno 23] Too many open files in system", False, None))
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    store.refresh()
+    assert store.snapshot.vars["default.toml"].passing
+    store.grace_seconds = 30
+    assert store.refresh(()) is False and not store.pending   # looked at, nothing to wait out
+    monkeypatch.setattr(snapshot, "read_version", usual)
+    assert store.refresh(()) is True and store.snapshot.vars["default.toml"].data == {"user": "alice"}
+
+
+def test_a_file_that_cannot_be_opened_for_good_is_not_read_again_and_again(tmp_path, monkeypatch):
+    from configserver.content import snapshot
+
+    real_open = os.open
+
+    def refused(path, flags, *args):
+        if str(path).endswith("default.toml"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args)
+
+    (tmp_path / "vars").mkdir()
+    (tmp_path / "vars" / "default.toml").write_text('user = "alice"\n')
+    stamp = snapshot.stamp_of(os.stat(tmp_path / "vars" / "default.toml"))
+    monkeypatch.setattr(snapshot.os, "open", refused)
+    found = snapshot.read_version(str(tmp_path / "vars" / "default.toml"), stamp)
+    assert found.problem == f"cannot read: [Errno 13] Permission denied: '{tmp_path / 'vars' / 'default.toml'}'"
+    assert not found.lasting   # a template's next reading tries again, as before
+    assert not snapshot.SourceFile("default.toml", stamp, "", None, found.problem).passing   # the watcher does not
+
+
+def test_a_folder_that_cannot_be_listed_now_is_not_taken_for_empty(tmp_path, monkeypatch, caplog):
+    """No file descriptor left while the folders are listed: every file is unknown for now, not
+    gone. Nothing is published until a listing works, and then only what really changed."""
+    from configserver.content import watcher
+
+    monkeypatch.setattr(watcher, "FOLDER_CHECK_SECONDS", 0.2)
+    for name in ("templates", "vars"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "templates" / "default.j2").write_text("first\n")
+    (tmp_path / "vars" / "default.toml").write_text('user = "alice"\n')
+    for path in ((tmp_path / "templates" / "default.j2"), (tmp_path / "vars" / "default.toml")):
+        settled(path)
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    store.refresh()
+    listed = store.snapshot
+
+    storm = {"on": True}
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if storm["on"] and str(path).startswith(str(tmp_path)):
+            raise OSError(24, "Too many open files", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    caplog.clear()
+    assert store.refresh() is False and store.refresh() is False and store.snapshot is listed
+    postponed = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "reload_postponed"]
+    assert len(postponed) == 1   # said once, not at every try
+    settled(Path(store.templates_dir) / "default.j2")
+    (tmp_path / "templates" / "new.j2").write_text("new\n")   # written during the storm
+    settled(tmp_path / "templates" / "new.j2")
+
+    async def scenario() -> bool:
+        ready = asyncio.Event()
+        follower = asyncio.create_task(store.follow(3600, ready))
+        await ready.wait()
+        try:
+            await asyncio.sleep(0.5)   # follow tries again meanwhile, and publishes nothing
+            assert store.snapshot is listed
+            storm["on"] = False   # no event comes: the listing is tried again by itself
+            return await _wait(lambda: "new.j2" in store.snapshot.templates, 15)
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+    assert asyncio.run(scenario())
+    assert set(store.snapshot.templates) == {"default.j2", "new.j2"} and set(store.snapshot.vars) == {"default.toml"}
+
+
+def test_start_up_lists_the_folders_again_until_a_listing_works(tmp_path, monkeypatch):
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    (tmp_path / "templates" / "default.j2").write_text("x\n")
+    failures = {"left": 3}
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if failures["left"] and str(path).startswith(str(tmp_path)):
+            failures["left"] -= 1
+            raise OSError(23, "Too many open files in system", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    store.settle(timeout=5)
+    assert failures["left"] == 0 and set(store.snapshot.templates) == {"default.j2"}

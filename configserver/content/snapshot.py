@@ -15,6 +15,7 @@ was learned of it) and re-indexes only the names that came or went.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -66,8 +67,10 @@ def stamp_size(stamp: Stamp) -> int:
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 _CHANGED = "changed on disk since the folder was listed: the next snapshot, a moment from now, has it"
-# How a problem that may pass begins: a file that cannot be opened or read now (permissions, no
-# file descriptor left). The watcher reads such a vars file again until it can (watcher.py).
+# Errors that tell nothing of the file, only of this moment: no file descriptor, memory or
+# buffer left, a call interrupted. A file that cannot be read for one of them "cannot read now":
+# the watcher reads such a vars file again until it can, and lists a folder again (watcher.py).
+PASSING_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR})
 NOT_NOW = "cannot read now: "
 # What the template texts held at once may weigh, whatever the fleet's size: a text is needed
 # when its template is compiled (and for lint and preview); the compiled templates and the
@@ -227,7 +230,7 @@ def read_version(path: str, stamp: Stamp, checksum: int | None = None) -> Read:
     except FileNotFoundError:
         return Read(None, _CHANGED, True, None)
     except OSError as exc:
-        return Read(None, f"{NOT_NOW}{exc}", False, None)
+        return _unreadable(exc)
     try:
         chunks, wanted = [], size + 1   # one more byte than the version had: growth shows
         while wanted > 0 and (chunk := os.read(fd, wanted)):
@@ -235,7 +238,7 @@ def read_version(path: str, stamp: Stamp, checksum: int | None = None) -> Read:
             wanted -= len(chunk)
         after = os.fstat(fd)
     except OSError as exc:
-        return Read(None, f"{NOT_NOW}{exc}", False, None)
+        return _unreadable(exc)
     finally:
         os.close(fd)
     raw = b"".join(chunks)
@@ -246,6 +249,13 @@ def read_version(path: str, stamp: Stamp, checksum: int | None = None) -> Read:
         return Read(raw.decode("utf-8-sig"), None, True, crc)  # a byte order mark (Excel's "CSV UTF-8") is no content
     except UnicodeDecodeError as exc:
         return Read(None, f"not UTF-8 text (byte {exc.start}): save it as UTF-8", True, crc)
+
+
+def _unreadable(exc: OSError) -> Read:
+    """A file that cannot be opened or read: for now (PASSING_ERRNOS), or until it is fixed
+    (permissions, an I/O error). Neither is kept as the version's for good: a template's next
+    reading tries again."""
+    return Read(None, f"{NOT_NOW if exc.errno in PASSING_ERRNOS else 'cannot read: '}{exc}", False, None)
 
 
 @dataclass(frozen=True, slots=True)

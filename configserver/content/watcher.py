@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .snapshot import (
+    PASSING_ERRNOS,
     ContentRules,
     Snapshot,
     SourceFile,
@@ -81,6 +82,7 @@ class ContentStore:
         # vars files published with a problem that may pass (SourceFile.passing): looked at
         # again by every refresh until they can be read
         self._again: set[Key] = set()
+        self._relist = False   # a listing failed for a passing cause: both folders are listed again
         self._clock = clock
         self._lock = threading.Lock()
         self._told: Callable[[set[str]], None] | None = None   # tells a running `follow` what to look at
@@ -98,19 +100,30 @@ class ContentStore:
             old = self.snapshot
             now = self._clock()
             # what is on disk now for every file that may differ from the snapshot (None: gone)
-            found = self._scan(old) if paths is None else self._look_at(paths, old)
-            for key in (*self._unsettled, *self._again):   # still waiting from before: look again
-                if key not in found and paths is not None:
-                    found[key] = self._stat(key)
+            try:
+                found = self._scan(old) if paths is None else self._look_at(paths, old)
+                for key in (*self._unsettled, *self._again):   # still waiting from before: look again
+                    if key not in found and paths is not None:
+                        found[key] = self._stat(key)
+            except CannotListNow as exc:   # not known now is not gone: publish nothing, list again
+                if not self._relist:
+                    log.warning("templates and vars cannot be listed now: listing them again", extra={"fields": {
+                        "event": "reload_postponed", "error": str(exc)}})
+                self._relist = True
+                return False
+            if paths is None:
+                self._relist = False
             differing = {key: seen for key, seen in found.items() if _differs(old, key, seen)}
             if not differing:
                 self._unsettled.clear()
                 self._early.clear()
                 return False
             bulk = sum(kind == "templates" and seen is not None for (kind, _), seen in differing.items()) > READ_AT_ONCE
-            if not self._settled(differing, now):
+            # a vars file read again in the version listed, after a passing problem, is no change to wait for
+            waiting = {key: seen for key, seen in differing.items() if not _read_again(old, key, seen)}
+            if not self._settled(waiting, now):
                 if not bulk:
-                    self._read_ahead(differing)
+                    self._read_ahead(waiting)
                 return False
             templates: dict[str, SourceFile | None] = {}
             variables: dict[str, SourceFile | None] = {}
@@ -123,7 +136,7 @@ class ContentStore:
                     target, stamp = seen
                     if bulk and kind == "templates" and target is None:
                         source = SourceFile(name, stamp, folder=self._templates_folder)
-                    elif (early := self._early.get(key)) is not None and early.stamp == stamp:
+                    elif (early := self._early.get(key)) is not None and early.stamp == stamp and not early.passing:
                         source = early
                     else:
                         source = self._read(key, seen)
@@ -159,7 +172,7 @@ class ContentStore:
             if seen is None or ((early := self._early.get(key)) is not None and early.stamp == seen[1]):
                 continue
             source = self._read(key, seen)
-            if source is not None:
+            if source is not None and not source.passing:   # read again when published: it may pass
                 self._early[key] = source
 
     @property
@@ -172,9 +185,9 @@ class ContentStore:
         first poll never meets an empty snapshot because a file was still settling."""
         deadline = self._clock() + timeout
         self.refresh()
-        while self.pending and self._clock() < deadline:
+        while (self.pending or self._relist) and self._clock() < deadline:
             time.sleep(self._retry_seconds())
-            self.refresh(())
+            self.refresh(None if self._relist else ())
 
     async def follow(self, rescan_seconds: float = RESCAN_SECONDS, ready: asyncio.Event | None = None) -> None:
         """Keep the snapshot current until cancelled: refresh the files the operating system
@@ -230,8 +243,8 @@ class ContentStore:
                     watched, stop = folders, asyncio.Event()
                     watching = asyncio.create_task(events(stop))
                     paths = None
-                if time.monotonic() >= next_rescan:
-                    paths = None
+                if time.monotonic() >= next_rescan or (self._relist and not paths):
+                    paths = None   # the rescan, or a listing that failed for a passing cause, again
                 if paths is None:
                     next_rescan = time.monotonic() + rescan_seconds
                 elif not paths and not self.pending and not self._again:
@@ -396,6 +409,13 @@ def _is_listed(source: SourceFile | None, stamp: Stamp) -> bool:
     return source is not None and source.stamp == stamp and not source.changed and not source.passing
 
 
+def _read_again(snapshot: Snapshot, key: Key, seen: Version | None) -> bool:
+    """Whether `seen` is the version of a vars file that `snapshot` lists with a problem that
+    may pass: read again at once, not waited for as a change."""
+    source = snapshot.vars.get(key[1]) if key[0] == "vars" else None
+    return source is not None and seen is not None and source.passing and source.stamp == seen[1]
+
+
 def _still(published: SourceFile | None, read: SourceFile) -> bool:
     """Whether `read`, which could not be read for a passing cause, is what the snapshot
     already lists: the same version with the same problem."""
@@ -405,6 +425,15 @@ def _still(published: SourceFile | None, read: SourceFile) -> bool:
 def _wanted(name: str) -> bool:
     """Whether a relative name may be content: no hidden part, no editor's leftover."""
     return bool(name) and not any(part.startswith(".") for part in name.split("/")) and not name.endswith(_LEFTOVERS)
+
+
+class CannotListNow(OSError):
+    """A folder or file could not be looked at for a passing cause (PASSING_ERRNOS): what is
+    there is not known now, which is not the same as gone."""
+
+
+def _not_now(exc: OSError) -> CannotListNow:
+    return CannotListNow(exc.errno, exc.strerror, exc.filename)
 
 
 def file_version(path: str, real_root: str) -> Version | None:
@@ -420,7 +449,9 @@ def file_version(path: str, real_root: str) -> Version | None:
                     "event": "symlink_ignored", "file": path}})
                 return None
             st = os.stat(target)
-    except OSError:
+    except OSError as exc:
+        if exc.errno in PASSING_ERRNOS:
+            raise _not_now(exc) from exc
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
@@ -444,7 +475,9 @@ def list_files(root: Path) -> dict[str, Version]:
     while pending:
         try:
             entries = os.scandir(pending.pop())
-        except OSError:
+        except OSError as exc:
+            if exc.errno in PASSING_ERRNOS:
+                raise _not_now(exc) from exc
             continue
         with entries:
             for entry in entries:
@@ -458,7 +491,9 @@ def list_files(root: Path) -> dict[str, Version]:
                     if name.endswith(_LEFTOVERS):
                         continue
                     st = entry.stat(follow_symlinks=False)
-                except OSError:
+                except OSError as exc:
+                    if exc.errno in PASSING_ERRNOS:
+                        raise _not_now(exc) from exc
                     continue
                 if stat.S_ISREG(st.st_mode):
                     found[entry.path[skip:]] = (None, stamp_of(st))
