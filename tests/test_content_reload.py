@@ -484,3 +484,28 @@ def test_start_up_lists_the_folders_again_until_a_listing_works(tmp_path, monkey
     store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
     store.settle(timeout=5)
     assert failures["left"] == 0 and set(store.snapshot.templates) == {"default.j2"}
+
+
+def test_a_read_ahead_that_failed_for_now_is_read_again_when_published(tmp_path, monkeypatch):
+    """A changed file is read ahead while its grace window runs; a reading that failed for a
+    cause of the moment is not the one published once the window ends: the file is read again."""
+    from configserver.content import snapshot
+
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    path = tmp_path / "vars" / "default.toml"
+    path.write_text('user = "alice"\n')
+    settled(path)
+    now = [time.time()]
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1, clock=lambda: now[0])
+    store.refresh()
+    path.write_text('user = "bob"\n')   # an edit: read ahead during its grace window
+    os.utime(path, (now[0], now[0]))
+    usual, storm = snapshot.read_version, {"on": True}
+    monkeypatch.setattr(snapshot, "read_version", lambda p, stamp, checksum=None: snapshot.Read(
+        None, f"{snapshot.NOT_NOW}[Errno 24] Too many open files", False, None) if storm["on"] else usual(p, stamp, checksum))
+    assert store.refresh() is False and store.pending   # waiting out the grace window, read ahead meanwhile
+    storm["on"] = False
+    now[0] += 2
+    assert store.refresh() is True
+    assert store.snapshot.vars["default.toml"].data == {"user": "bob"}
