@@ -130,8 +130,8 @@ class SourceFile:
         """The text and why this version cannot be used, if it cannot ("" then): the text held,
         or read from the folder in this version (and held). A file no longer this version stays
         this version's error, so a new text is never served under the old version's name. A
-        read that failed for a passing cause (a file it may not open now, no file descriptor
-        left) is this read's error only: the next one tries again."""
+        file that could not be opened or read (no file descriptor left, permissions) is this
+        read's error only: the next one tries again."""
         content, problem = self.content, self.problem
         if content is not None or problem is not None:
             return content or "", problem

@@ -54,10 +54,6 @@ Version = tuple[str | None, Stamp]   # a symlink's target to read (None: the fil
 _LEFTOVERS = ("~", ".swp", ".tmp", ".part")
 
 
-def _no_parse(name: str, text: str) -> tuple[Any, str | None]:
-    return None, None
-
-
 class ContentStore:
     """The templates and vars folders, kept as snapshots."""
 
@@ -143,7 +139,7 @@ class ContentStore:
                     if source is None:  # written to while we read it: wait for it to settle
                         self._unsettled[key] = (None, now)
                         return False
-                    if source.passing and _still(old.vars.get(name) if kind == "vars" else None, source):
+                    if source.passing and _still(_published(old, key), source):
                         continue   # still the same passing problem: nothing to publish for it
                 (templates if kind == "templates" else variables)[name] = source
             self._unsettled.clear()
@@ -395,10 +391,15 @@ class ContentStore:
         return ready
 
 
+def _published(snapshot: Snapshot, key: Key) -> SourceFile | None:
+    """The version of the file `key` that `snapshot` lists, if any."""
+    return (snapshot.templates if key[0] == "templates" else snapshot.vars).get(key[1])
+
+
 def _differs(snapshot: Snapshot, key: Key, seen: Version | None) -> bool:
     """Whether what is on disk (`seen`) is not the version `snapshot` has: a file came, went or
     has another stamp, or its version was found changed although its stamp is the same."""
-    source = (snapshot.templates if key[0] == "templates" else snapshot.vars).get(key[1])
+    source = _published(snapshot, key)
     return source is not None if seen is None else not _is_listed(source, seen[1])
 
 
@@ -411,8 +412,8 @@ def _is_listed(source: SourceFile | None, stamp: Stamp) -> bool:
 
 def _read_again(snapshot: Snapshot, key: Key, seen: Version | None) -> bool:
     """Whether `seen` is the version of a vars file that `snapshot` lists with a problem that
-    may pass: read again at once, not waited for as a change."""
-    source = snapshot.vars.get(key[1]) if key[0] == "vars" else None
+    may pass (a template's never has one): read again at once, not waited for as a change."""
+    source = _published(snapshot, key)
     return source is not None and seen is not None and source.passing and source.stamp == seen[1]
 
 
