@@ -3,7 +3,9 @@ per poll; the service's own routes.
 
 Every GET or HEAD path other than the service's own is an update poll, so admins can register
 whatever URL they like in my.innovaphone. What a poll gets is decided by the pipeline (poll.py);
-this module only reads the transport (forwarded.py) and answers.
+this module only reads the transport (forwarded.py) and answers. A poll needs nothing awaited
+(unless a template it needs is being changed), so the listener asks `answer_at_once` before it
+goes the ASGI way (limits.AnsweredAtOnce): the same answer, log line, count and record.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import os
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -34,6 +37,7 @@ from .content import ContentStore, Snapshot
 from .firmware._watch import FirmwareWatch
 from .forwarded import facts_from_headers, facts_from_tls, peer_ip
 from .inventory import Inventory, InventoryError
+from .limits import AnsweredAtOnce
 from .logs import configure_logging, log_fields
 from .outcome import Outcome
 from .poll import CONFIGURATION_CHANGING, INTERNAL_ERROR, Pipeline, PollRequest
@@ -173,10 +177,9 @@ class ConfigServer:
     # -- ASGI entry ---------------------------------------------------------------------------
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
-        if (scope["type"] == "http" and scope["method"] == "PUT" and self.backups is not None
-                and scope["path"] == self.backups.path):
+        if self._is_upload(scope):
             await self.upload(scope, receive, send)
-        elif scope["type"] == "http" and scope["path"] not in SERVICE_PATHS:
+        elif self._is_poll(scope):
             await self.poll(scope, send)
         elif scope["type"] == "http" and scope["path"] == "/metrics" and self._from_a_device(scope):
             # for whoever scrapes the app directly, not for devices
@@ -188,8 +191,40 @@ class ConfigServer:
         else:   # the listeners speak no WebSocket (tls.py: ws "none"); ASGI says: raise
             raise RuntimeError(f"unsupported ASGI scope type {scope['type']!r}")
 
+    def _is_upload(self, scope: dict[str, Any]) -> bool:
+        return (scope["type"] == "http" and scope["method"] == "PUT" and self.backups is not None
+                and scope["path"] == self.backups.path)
+
+    def _is_poll(self, scope: dict[str, Any]) -> bool:
+        return scope["type"] == "http" and scope["path"] not in SERVICE_PATHS and not self._is_upload(scope)
+
+    def answer_at_once(self, scope: dict[str, Any]) -> AnsweredAtOnce | None:
+        """A poll's answer, for the listener's protocol to write itself (limits.AnsweredAtOnce):
+        the same answer, log line, count and record as `poll`, without a request cycle, a task
+        and ASGI messages of uvicorn's, which cost a poll as much as its own work. None for
+        every other request, and for a poll that waits for a template being changed: `poll`
+        answers those."""
+        if not self._is_poll(scope):
+            return None
+        outcome, waiting = self._answer(scope)
+        if waiting is not None:
+            return None
+        return AnsweredAtOnce(outcome.status, _headers(outcome.body), outcome.body, partial(self._finish, outcome))
+
     async def poll(self, scope: dict[str, Any], send: Callable[..., Any]) -> None:
         """Answer one update poll with what the pipeline decides; log, count and record it."""
+        outcome, waiting = self._answer(scope)
+        if waiting is not None:
+            try:
+                outcome = await self._answer_again(waiting, outcome)
+            except Exception:  # a bug must cost one answer, never the script of another device
+                outcome = self._failed(scope, waiting.request.arrived, waiting.request.started)
+        await _send(send, outcome.status, outcome.body, head=scope["method"] == "HEAD")
+        self._finish(outcome)
+
+    def _answer(self, scope: dict[str, Any]) -> tuple[Outcome, _Waiting | None]:
+        """The pipeline's answer to a poll, and, when it needs a template changed on disk since
+        the snapshot it was listed in (CONFIGURATION_CHANGING), what `_answer_again` needs."""
         started = time.perf_counter()
         arrived = self.clock()
         client_ip = peer_ip(scope)
@@ -199,26 +234,29 @@ class ConfigServer:
                 facts = self._facts(scope)
             except Refused as refusal:   # the transport itself is not to be believed
                 request = PollRequest(scope["method"], scope["path"], query, None, client_ip, arrived, started)
-                outcome = self.pipeline.refuse(request, refusal)
-            else:
-                request = PollRequest(scope["method"], scope["path"], query, facts,
-                                      facts.client_ip or client_ip, arrived, started)
-                now = dt.datetime.fromtimestamp(arrived, dt.UTC)
-                listed = self.store.snapshot
-                outcome = self.pipeline.answer(request, now)
-                if outcome.reason == CONFIGURATION_CHANGING:
-                    outcome = await self._answer_again(request, now, listed, outcome)
+                return self.pipeline.refuse(request, refusal), None
+            request = PollRequest(scope["method"], scope["path"], query, facts,
+                                  facts.client_ip or client_ip, arrived, started)
+            now = dt.datetime.fromtimestamp(arrived, dt.UTC)
+            listed = self.store.snapshot
+            outcome = self.pipeline.answer(request, now)
         except Exception:  # a bug must cost one answer, never the script of another device
-            log.exception("poll failed", extra={"fields": {"event": "poll_failed", "path": scope["path"]}})
-            outcome = Outcome(arrived, client_ip, scope["path"], 500, INTERNAL_ERROR, body=b"# internal error\n",
-                              duration_ms=round((time.perf_counter() - started) * 1000, 3))
-        await _send(send, outcome.status, outcome.body, head=scope["method"] == "HEAD")
-        self._finish(outcome)
+            return self._failed(scope, arrived, started), None
+        if outcome.reason == CONFIGURATION_CHANGING:
+            return outcome, _Waiting(request, now, listed)
+        return outcome, None
 
-    async def _answer_again(self, request: PollRequest, now: dt.datetime, listed: Snapshot, outcome: Outcome) -> Outcome:
-        """The answer to a poll that needs a template changed on disk since `listed` listed it:
-        the pipeline's answer from each snapshot published next, until it is no longer that or
-        the wait ends."""
+    def _failed(self, scope: dict[str, Any], arrived: float, started: float) -> Outcome:
+        """The answer to a poll the code failed on, logged with the exception being handled."""
+        log.exception("poll failed", extra={"fields": {"event": "poll_failed", "path": scope["path"]}})
+        return Outcome(arrived, peer_ip(scope), scope["path"], 500, INTERNAL_ERROR, body=b"# internal error\n",
+                       duration_ms=round((time.perf_counter() - started) * 1000, 3))
+
+    async def _answer_again(self, waiting: _Waiting, outcome: Outcome) -> Outcome:
+        """The answer to a poll that needs a template changed on disk since it was listed: the
+        pipeline's answer from each snapshot published next, until it is no longer that or the
+        wait ends."""
+        request, now, listed = waiting
         deadline = time.monotonic() + min(self.settings.grace_seconds + CHANGE_WAIT_SECONDS, CHANGE_WAIT_MAX_SECONDS)
         while outcome.reason == CONFIGURATION_CHANGING:
             # `listed` may be older than the snapshot the pipeline used: then this answers again at once
@@ -289,11 +327,25 @@ class ConfigServer:
             recorder(outcome)
 
 
-async def _send(send: Callable[..., Any], status: int, body: bytes, *, head: bool,
-                content_type: bytes = _PLAIN, allow: bytes | None = None) -> None:
+class _Waiting(NamedTuple):
+    """A poll waiting for a template being changed: what it asked, when, and the snapshot listed then."""
+
+    request: PollRequest
+    now: dt.datetime
+    listed: Snapshot
+
+
+def _headers(body: bytes, content_type: bytes = _PLAIN, allow: bytes | None = None) -> list[tuple[bytes, bytes]]:
+    """The headers of every answer of ours."""
     headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), _NO_STORE]
     if allow is not None:
         headers.append((b"allow", allow))
+    return headers
+
+
+async def _send(send: Callable[..., Any], status: int, body: bytes, *, head: bool,
+                content_type: bytes = _PLAIN, allow: bytes | None = None) -> None:
+    headers = _headers(body, content_type, allow)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else body})
 

@@ -24,6 +24,10 @@ buffers a head of any size). So each connection runs under `ListenerLimits`:
 
 `GuardedH11Protocol` and `GuardedHttpToolsProtocol` are uvicorn's two HTTP protocols with these
 limits; `configserver.tls.uvicorn_options` hands one to uvicorn for every `serve`.
+
+An app may also answer a request at once (`AnsweredAtOnce`): a poll needs nothing awaited, and
+uvicorn's request cycle, its task and its ASGI messages cost a poll as much as the poll's own
+work. The httptools protocol then writes the answer itself, under the same limits.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -51,6 +55,7 @@ __all__ = [
     "Connections",
     "GuardedH11Protocol",
     "GuardedHttpToolsProtocol",
+    "AnsweredAtOnce",
     "Listener",
     "ListenerLimits",
     "OneWrite",
@@ -116,6 +121,23 @@ class Listener:
 
 
 _contexts: dict["ServerTLS", ssl.SSLContext] = {}
+
+
+class AnsweredAtOnce(NamedTuple):
+    """An answer an app gives to a request head without awaiting anything.
+
+    An ASGI app that has `answer_at_once(scope) -> AnsweredAtOnce | None` is asked first, with
+    the request's whole scope, for every request the httptools protocol would hand it; None
+    sends the request the ASGI way. The protocol writes the answer as uvicorn would (its status
+    line and default headers, then `headers`; the body unless HEAD; `connection: close` when the
+    connection ends), then calls `then` (logging, counting, recording). The request's body, if
+    any, is read and dropped.
+    """
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    then: Callable[[], None]
 
 
 # --- pure rules -------------------------------------------------------------------------------
@@ -316,6 +338,8 @@ class _Guarded:
         self._waiting_for_head = False
         self._head_bytes = 0
         self._writer: OneWrite
+        self._at_once: Callable[[dict[str, Any]], AnsweredAtOnce | None] | None = None
+        self._tls: dict[str, Any] | None = None   # the ASGI TLS extension of the built-in listener
 
     # -- from accept to ready
 
@@ -357,7 +381,10 @@ class _Guarded:
         self._ready = True
         self._writer = OneWrite(transport)
         super().connection_made(transport)  # type: ignore[misc]
-        self.app = self._guarded_app(self.app, self._tls_extension(transport))
+        # asked before the ASGI way (AnsweredAtOnce); an app uvicorn wrapped (trace logging) is not
+        self._at_once = getattr(self.app, "answer_at_once", None)
+        self._tls = self._tls_extension(transport)
+        self.app = self._guarded_app(self.app)
         self._await_head()
         early, self._early = self._early, None
         for data in early or ():
@@ -370,18 +397,23 @@ class _Guarded:
         ssl_object = transport.get_extra_info("ssl_object")
         return tls_extension(ssl_object) if ssl_object is not None else None
 
-    def _guarded_app(self, app: ASGIApp, tls: dict[str, Any] | None) -> ASGIApp:
-        limit = self._limits.max_request_head_bytes
+    def _prepared(self, scope: dict[str, Any]) -> bool:
+        """Whether a request's scope is for the app, with the ASGI TLS extension filled in
+        (uvicorn does not fill it; a copy per request); False for a head over the limit that
+        came whole in one read (parsed, but over the limit all the same: answered 431)."""
+        if scope["type"] == "http" and head_size(scope) > self._limits.max_request_head_bytes:
+            return False
+        tls = self._tls
+        if tls is not None and scope["type"] in ("http", "websocket"):
+            scope.setdefault("extensions", {})["tls"] = dict(tls, client_cert_chain=list(tls["client_cert_chain"]))
+        return True
 
+    def _guarded_app(self, app: ASGIApp) -> ASGIApp:
         async def guarded_app(scope: dict[str, Any], receive: Any, send: Any) -> Any:
-            if scope["type"] == "http" and head_size(scope) > limit:
-                # the head came whole in one read: parsed, but over the limit all the same
+            if not self._prepared(scope):
                 await send({"type": "http.response.start", "status": 431, "headers": _TOO_LARGE_HEADERS})
                 await send({"type": "http.response.body", "body": HEAD_TOO_LARGE_BODY})
                 return None
-            if tls is not None and scope["type"] in ("http", "websocket"):
-                # the ASGI TLS extension (uvicorn does not fill it); a copy per request
-                scope.setdefault("extensions", {})["tls"] = dict(tls, client_cert_chain=list(tls["client_cert_chain"]))
             if scope["type"] != "http":
                 return await app(scope, receive, send)
             writer = self._writer
@@ -413,7 +445,7 @@ class _Guarded:
             self._head_bytes += len(data)
         before = self.cycle
         super().data_received(data)  # type: ignore[misc]
-        if self.cycle is not before:
+        if self.cycle is not before and not self.cycle.response_complete:   # not answered at once
             self._head_arrived()
         if self._waiting_for_head and self._head_bytes > self._limits.max_request_head_bytes:
             self._refuse_head()
@@ -545,9 +577,56 @@ except ImportError:  # httptools is optional in uvicorn
     GuardedHttpToolsProtocol = None  # type: ignore[assignment,misc]
 else:
 
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+
     class GuardedHttpToolsProtocol(_Guarded, HttpToolsProtocol):  # type: ignore[no-redef]
-        """uvicorn's httptools protocol under the listener's limits."""
+        """uvicorn's httptools protocol under the listener's limits, writing the answers its app
+        gives at once (AnsweredAtOnce) itself."""
 
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
             self._write_once()   # each cycle as it is made: pipelined ones are made in one read
+
+        def _start_asgi_task(self, cycle: Any, app: ASGIApp) -> None:
+            # uvicorn's step from a complete head (or a pipelined one, once its turn comes) to
+            # the app: the scope is whole, the cycle made, concurrency and pipelining decided
+            answer = self._answer_at_once(cycle, app)
+            if answer is None:
+                super()._start_asgi_task(cycle, app)
+                return
+            self._write_at_once(cycle, answer)
+            try:
+                answer.then()
+            except Exception:   # the answer is out; what follows it must not end the connection
+                log.exception("finishing an answer given at once failed")
+
+        def _answer_at_once(self, cycle: Any, app: ASGIApp) -> AnsweredAtOnce | None:
+            if (self._at_once is None or app is not self.app   # uvicorn's 503 over limit_concurrency
+                    or cycle.waiting_for_100_continue or self.flow.write_paused):
+                return None
+            scope = cycle.scope
+            if not self._prepared(scope):
+                return None   # the ASGI way answers 431
+            try:
+                return self._at_once(scope)
+            except Exception:   # the app's fault: the ASGI way answers, and logs it
+                log.exception("answering at once failed: answering the usual way")
+                return None
+
+        def _write_at_once(self, cycle: Any, answer: AnsweredAtOnce) -> None:
+            """Write `answer` as uvicorn's cycle writes a whole answer, and end the cycle as it would."""
+            self._head_arrived()   # busy until answered; a stopping server asks for `connection: close`
+            content = [STATUS_LINE[answer.status]]
+            for name, value in (*cycle.default_headers, *answer.headers):
+                content += (name, b": ", value, b"\r\n")
+            if not cycle.keep_alive:
+                content.append(b"connection: close\r\n")
+            content.append(b"\r\n")
+            if cycle.scope["method"] != "HEAD":
+                content.append(answer.body)
+            cycle.response_started = cycle.response_complete = True
+            # one write, nothing held: no answer of this connection is under way the ASGI way
+            self.transport.write(b"".join(content))
+            if not cycle.keep_alive:
+                self.transport.close()
+            cycle.on_response()

@@ -67,20 +67,24 @@ async def acall(
     path: str = "/",
     headers: list[tuple[str, str]] | None = None,
     *,
-    query: str = "",
-    method: str = "GET",
-    client: tuple[str, int] | None = ("127.0.0.1", 40000),
-    server: tuple[str, int | None] = ("127.0.0.1", 8080),
-    tls: dict | None = None,
+    way: str = "listener",
+    **transport,
 ) -> Answer:
-    """`call` from a running event loop (beside the app's watcher, say)."""
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-        "scheme": "https" if tls else "http", "path": path, "raw_path": path.encode(),
-        "query_string": query.encode(), "root_path": "",
-        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers or []],
-        "client": client, "server": server, "extensions": {"tls": tls} if tls else {},
-    }
+    """`call` from a running event loop (beside the app's watcher, say).
+
+    `way`: "listener" asks the app to answer at once first, as the listener does
+    (limits.AnsweredAtOnce), and takes the ASGI way when it does not; "asgi" takes the ASGI way.
+    """
+    scope = request_scope(path, headers, **transport)
+    method = scope["method"]
+    if way == "listener":
+        at_once = app.answer_at_once(scope)
+        if at_once is not None:
+            at_once.then()
+            headers_sent = {k.decode(): v.decode() for k, v in at_once.headers}
+            return Answer(at_once.status, headers_sent, b"" if method == "HEAD" else at_once.body)
+    elif way != "asgi":
+        raise ValueError(way)
     sent: list[dict] = []
 
     async def receive():
@@ -93,6 +97,26 @@ async def acall(
     start = sent[0]
     body = b"".join(m.get("body", b"") for m in sent[1:])
     return Answer(start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body)
+
+
+def request_scope(
+    path: str = "/",
+    headers: list[tuple[str, str]] | None = None,
+    *,
+    query: str = "",
+    method: str = "GET",
+    client: tuple[str, int] | None = ("127.0.0.1", 40000),
+    server: tuple[str, int | None] = ("127.0.0.1", 8080),
+    tls: dict | None = None,
+) -> dict:
+    """The ASGI scope of one request, as a listener makes it."""
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+        "scheme": "https" if tls else "http", "path": path, "raw_path": path.encode(),
+        "query_string": query.encode(), "root_path": "",
+        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers or []],
+        "client": client, "server": server, "extensions": {"tls": tls} if tls else {},
+    }
 
 
 @dataclass

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from driving import call, terminator_headers
+from driving import call, request_scope, terminator_headers
 
 from configserver.content import ContentStore, analysis
 
@@ -257,8 +257,12 @@ def test_templates_listed_in_bulk_are_read_on_first_use_and_only_in_the_version_
     assert call(app, "/", terminator_headers(pki.phone)).text.startswith("# own\r\n")
 
     gateway.write_text("# gateway, edited before anyone read it\n")   # the snapshot still names the old version
+    # not answered at once: the poll waits the ASGI way for the next snapshot
+    assert app.answer_at_once(request_scope("/", terminator_headers(pki.gateway))) is None
+    polls = len(outcomes)
     # no watcher runs here to publish the next snapshot: the poll waits for it, then says so
     assert call(app, "/", terminator_headers(pki.gateway)).text == "# configuration changing\n"
+    assert len(outcomes) == polls + 1
     assert outcomes[-1].status == 503 and outcomes[-1].reason == "configuration changing"
     assert "changed on disk since the folder was listed" in outcomes[-1].detail
     settled(gateway)

@@ -495,3 +495,57 @@ def test_the_readme_explains_every_refusal_reason():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     table = [line.split("`")[1] for line in readme.splitlines() if line.startswith("   | `")]
     assert tuple(table) == REASONS  # in the order the checks run
+
+
+# -- answered at once (limits.AnsweredAtOnce) and the ASGI way: one poll -------------------------
+
+def _both_ways(app, caplog, path, headers, **transport):
+    """The answer, log line and record of one request taken the ASGI way, then the listener's."""
+    recorded = []
+    app.recorders.append(recorded.append)
+    seen = []
+    for way in ("asgi", "listener"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="configserver.poll"):
+            answer = call(app, path, headers, way=way, **transport)
+        lines = [{k: v for k, v in record.fields.items() if k not in ("time", "duration_ms")}
+                 for record in caplog.records if record.name == "configserver.poll"]
+        seen.append((answer, lines))
+    records = [{f: getattr(r, f) for f in r.__dataclass_fields__ if f not in ("time", "duration_ms")} for r in recorded]
+    return seen, records
+
+
+@pytest.mark.parametrize("case", ["served", "HEAD", "model script", "refused", "device mismatch", "PUT", "broken"])
+def test_a_poll_answered_at_once_is_the_poll_answered_the_asgi_way(site, pki, caplog, case):
+    site.write("templates/models/IP232.j2", MODEL)
+    site.write("templates/devices/IP232-30-00-af.j2", OWN if case != "broken" else "{{ vars.password | nosuch }}\n")
+    site.write("vars/default.toml", 'password = "default-secret"\n')
+    app = site.app()
+    cert = {"model script": pki.ca1.issue_device("IP232-30-00-c4"), "refused": pki.forged}.get(case, pki.phone)
+    transport = {"HEAD": {"method": "HEAD"}, "PUT": {"method": "PUT"},
+                 "device mismatch": {"query": "hwid=IP232-30-01-10"}}.get(case, {})
+    [(asgi, asgi_lines), (at_once, at_once_lines)], _ = _both_ways(app, caplog, "/init",
+                                                                  terminator_headers(cert, "nginx"), **transport)
+    assert at_once == asgi
+    assert at_once_lines == asgi_lines and len(at_once_lines) == 1
+    status = {"served": 200, "HEAD": 200, "model script": 200, "refused": 403, "device mismatch": 403,
+              "PUT": 405, "broken": 500}[case]
+    assert at_once.status == status, at_once.text
+
+
+def test_both_ways_record_the_same_poll(site, pki, caplog):
+    site.write("templates/devices/IP232-30-00-af.j2", OWN)
+    site.write("vars/default.toml", 'password = "default-secret"\n')
+    app = site.app()
+    _, records = _both_ways(app, caplog, "/init", terminator_headers(pki.phone, "nginx"), query="CHECK=1")
+    assert len(records) == 2 and records[0] == records[1]
+    assert records[0]["status"] == 200 and records[0]["check_reported"] == "1"
+
+
+def test_only_polls_are_answered_at_once(app, pki, monkeypatch):
+    asked = []
+    answer = app._answer
+    monkeypatch.setattr(app, "_answer", lambda scope: asked.append(scope["path"]) or answer(scope))
+    for path in ("/healthz", "/metrics", "/init"):
+        call(app, path, terminator_headers(pki.phone))
+    assert asked == ["/init"]
