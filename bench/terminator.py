@@ -17,8 +17,8 @@ poll / static (targets: CPU at most 1.15x, requests/s at least 0.90x). Of the ro
 figures are those of the round with the least CPU per request, the rate the highest.
 
 * floor: the same sample forwarding to a constant 1 KB answer served the way the app is (uvicorn
-  with httptools and uvloop, the listener's protocol and limits, a unix socket): what serving
-  costs before the poll's own work.
+  with httptools and uvloop, the listener's protocol and limits, a unix socket, the answer given
+  at once as a poll's is): what serving costs before the poll's own work.
 
 Then keep-alive straight to the app's socket with nginx's header forms, the app's CPU per poll
 (target: at most 80 us), and the same for the floor.
@@ -156,6 +156,7 @@ import sys
 
 import uvicorn
 
+from configserver.limits import AnsweredAtOnce
 from configserver.settings import Settings
 from configserver.tls import uvicorn_options
 
@@ -164,14 +165,23 @@ HEADERS = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", 
            (b"cache-control", b"no-store")]
 
 
-async def app(scope, receive, send):
-    if scope["type"] == "http":
-        await send({{"type": "http.response.start", "status": 200, "headers": HEADERS}})
-        await send({{"type": "http.response.body", "body": BODY}})
+class Constant:
+    """The same answer to every request, given at once as the app answers a poll."""
+
+    def answer_at_once(self, scope):
+        return AnsweredAtOnce(200, HEADERS, BODY, self.then)
+
+    def then(self):
+        pass
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            await send({{"type": "http.response.start", "status": 200, "headers": HEADERS}})
+            await send({{"type": "http.response.body", "body": BODY}})
 
 
 # served as `configserver serve` serves: uvicorn with the listener's protocol and limits
-uvicorn.run(app, uds=sys.argv[1], access_log=False, server_header=False, log_level="warning",
+uvicorn.run(Constant(), uds=sys.argv[1], access_log=False, server_header=False, log_level="warning",
             proxy_headers=False, **uvicorn_options(Settings()))
 """
 

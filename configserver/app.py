@@ -200,10 +200,10 @@ class ConfigServer:
 
     def answer_at_once(self, scope: dict[str, Any]) -> AnsweredAtOnce | None:
         """A poll's answer, for the listener's protocol to write itself (limits.AnsweredAtOnce):
-        the same answer, log line, count and record as `poll`, without a request cycle, a task
-        and ASGI messages of uvicorn's, which cost a poll as much as its own work. None for
-        every other request, and for a poll that waits for a template being changed: `poll`
-        answers those."""
+        the same answer, log line, count and record as `poll`, without the task and ASGI
+        messages of uvicorn's, which cost a poll as much as its own work. None for every other
+        request, and for a poll that waits for a template being changed: `poll` answers those,
+        from the start again (the pipeline's answer is the same for the same snapshot)."""
         if not self._is_poll(scope):
             return None
         outcome, waiting = self._answer(scope)
@@ -218,7 +218,7 @@ class ConfigServer:
             try:
                 outcome = await self._answer_again(waiting, outcome)
             except Exception:  # a bug must cost one answer, never the script of another device
-                outcome = self._failed(scope, waiting.request.arrived, waiting.request.started)
+                outcome = self._failed(scope, waiting.request.time, waiting.request.started)
         await _send(send, outcome.status, outcome.body, head=scope["method"] == "HEAD")
         self._finish(outcome)
 

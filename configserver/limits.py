@@ -40,8 +40,9 @@ import ssl
 import sys
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import h11
@@ -59,6 +60,7 @@ __all__ = [
     "Listener",
     "ListenerLimits",
     "OneWrite",
+    "answer_bytes",
     "head_size",
     "too_large_response",
 ]
@@ -127,11 +129,18 @@ class AnsweredAtOnce(NamedTuple):
     """An answer an app gives to a request head without awaiting anything.
 
     An ASGI app that has `answer_at_once(scope) -> AnsweredAtOnce | None` is asked first, with
-    the request's whole scope, for every request the httptools protocol would hand it; None
-    sends the request the ASGI way. The protocol writes the answer as uvicorn would (its status
-    line and default headers, then `headers`; the body unless HEAD; `connection: close` when the
-    connection ends), then calls `then` (logging, counting, recording). The request's body, if
-    any, is read and dropped.
+    the request's whole scope, for the first request of each read the httptools protocol would
+    hand it (devices and terminators send one request at a time; a client that pipelines gets
+    the rest answered the ASGI way, each in its turn); None sends the request the ASGI way.
+    The protocol then writes the answer as uvicorn writes a whole answer (`answer_bytes`: its
+    status line and default headers, then `headers`, `connection: close` when the connection
+    ends after it, the body unless HEAD), ends uvicorn's request cycle as it would, and calls
+    `then` (logging, counting, recording). The request's body, if any, is read and dropped.
+
+    `headers` are written as given: the app's own, with a content-length, and neither a
+    connection nor a transfer-encoding header. uvicorn's request cycle is still made; its task
+    and ASGI messages are what an answer given at once saves. An app uvicorn wraps (its
+    proxy_headers or trace logging) is not asked: `serve` runs uvicorn with proxy_headers off.
     """
 
     status: int
@@ -161,12 +170,34 @@ _TOO_LARGE_HEADERS = [
 ]
 
 
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        phrase = b""
+    return b"HTTP/1.1 %d %s\r\n" % (status, phrase)
+
+
+# as uvicorn writes them
+_STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
+
+
+def answer_bytes(status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes, *, close: bool = False) -> bytes:
+    """A whole answer as uvicorn writes one: the status line, `headers`, `connection: close`
+    when `close` (the connection ends after it), a blank line, the body (empty for HEAD)."""
+    content = [_STATUS_LINES[status]]
+    for name, value in headers:
+        content += (name, b": ", value, b"\r\n")
+    if close:
+        content.append(b"connection: close\r\n")
+    content += (b"\r\n", body)
+    return b"".join(content)
+
+
 def too_large_response(default_headers: list[tuple[bytes, bytes]]) -> bytes:
     """The whole `431` answer to a request head over the limit, for writing straight to the
     connection (the head is incomplete, so uvicorn has no request to answer); it closes after."""
-    lines = [b"HTTP/1.1 431 Request Header Fields Too Large"]
-    lines += [name + b": " + value for name, value in [*default_headers, *_TOO_LARGE_HEADERS]]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + HEAD_TOO_LARGE_BODY
+    return answer_bytes(431, [*default_headers, *_TOO_LARGE_HEADERS], HEAD_TOO_LARGE_BODY)
 
 
 class Connections:
@@ -397,23 +428,24 @@ class _Guarded:
         ssl_object = transport.get_extra_info("ssl_object")
         return tls_extension(ssl_object) if ssl_object is not None else None
 
-    def _prepared(self, scope: dict[str, Any]) -> bool:
-        """Whether a request's scope is for the app, with the ASGI TLS extension filled in
-        (uvicorn does not fill it; a copy per request); False for a head over the limit that
-        came whole in one read (parsed, but over the limit all the same: answered 431)."""
-        if scope["type"] == "http" and head_size(scope) > self._limits.max_request_head_bytes:
-            return False
+    def _over_limit(self, scope: dict[str, Any]) -> bool:
+        """Whether a request head that came whole in one read is over the limit all the same
+        (parsed, but answered 431)."""
+        return scope["type"] == "http" and head_size(scope) > self._limits.max_request_head_bytes
+
+    def _add_tls(self, scope: dict[str, Any]) -> None:
+        """The ASGI TLS extension of the built-in listener (uvicorn does not fill it); a copy per request."""
         tls = self._tls
         if tls is not None and scope["type"] in ("http", "websocket"):
             scope.setdefault("extensions", {})["tls"] = dict(tls, client_cert_chain=list(tls["client_cert_chain"]))
-        return True
 
     def _guarded_app(self, app: ASGIApp) -> ASGIApp:
         async def guarded_app(scope: dict[str, Any], receive: Any, send: Any) -> Any:
-            if not self._prepared(scope):
+            if self._over_limit(scope):
                 await send({"type": "http.response.start", "status": 431, "headers": _TOO_LARGE_HEADERS})
                 await send({"type": "http.response.body", "body": HEAD_TOO_LARGE_BODY})
                 return None
+            self._add_tls(scope)
             if scope["type"] != "http":
                 return await app(scope, receive, send)
             writer = self._writer
@@ -577,11 +609,20 @@ except ImportError:  # httptools is optional in uvicorn
     GuardedHttpToolsProtocol = None  # type: ignore[assignment,misc]
 else:
 
-    from uvicorn.protocols.http.httptools_impl import STATUS_LINE
-
     class GuardedHttpToolsProtocol(_Guarded, HttpToolsProtocol):  # type: ignore[no-redef]
-        """uvicorn's httptools protocol under the listener's limits, writing the answers its app
+        """uvicorn's httptools protocol under the listener's limits, writing an answer its app
         gives at once (AnsweredAtOnce) itself."""
+
+        _at_once_left = 0   # answers that may still be given at once in this read
+
+        def data_received(self, data: bytes) -> None:
+            # one per read: a client that pipelines a thousand requests holds up no other
+            # connection, and no answer is given at once inside another's end (on_response_complete)
+            self._at_once_left = 1
+            try:
+                super().data_received(data)
+            finally:
+                self._at_once_left = 0
 
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
@@ -590,23 +631,35 @@ else:
         def _start_asgi_task(self, cycle: Any, app: ASGIApp) -> None:
             # uvicorn's step from a complete head (or a pipelined one, once its turn comes) to
             # the app: the scope is whole, the cycle made, concurrency and pipelining decided
-            answer = self._answer_at_once(cycle, app)
+            if self.transport.is_closing():
+                return   # an answer of this read ended the connection: nothing more is answered
+            answer = self._given_at_once(cycle, app)
             if answer is None:
+                self._unset_keepalive_if_required()   # armed by an answer given at once in this read
                 super()._start_asgi_task(cycle, app)
                 return
-            self._write_at_once(cycle, answer)
+            try:
+                self._write_at_once(cycle, answer)
+            except Exception:   # as uvicorn does when an app fails after its answer began
+                log.exception("writing an answer given at once failed")
+                self.transport.close()
+                return
             try:
                 answer.then()
             except Exception:   # the answer is out; what follows it must not end the connection
                 log.exception("finishing an answer given at once failed")
 
-        def _answer_at_once(self, cycle: Any, app: ASGIApp) -> AnsweredAtOnce | None:
-            if (self._at_once is None or app is not self.app   # uvicorn's 503 over limit_concurrency
+        def _given_at_once(self, cycle: Any, app: ASGIApp) -> AnsweredAtOnce | None:
+            """The app's answer to `cycle`'s request given at once, or None for the ASGI way."""
+            if (self._at_once is None or not self._at_once_left
+                    or app is not self.app   # uvicorn's 503 over its limit_concurrency
                     or cycle.waiting_for_100_continue or self.flow.write_paused):
                 return None
             scope = cycle.scope
-            if not self._prepared(scope):
+            if self._over_limit(scope):
                 return None   # the ASGI way answers 431
+            self._at_once_left -= 1
+            self._add_tls(scope)
             try:
                 return self._at_once(scope)
             except Exception:   # the app's fault: the ASGI way answers, and logs it
@@ -616,17 +669,11 @@ else:
         def _write_at_once(self, cycle: Any, answer: AnsweredAtOnce) -> None:
             """Write `answer` as uvicorn's cycle writes a whole answer, and end the cycle as it would."""
             self._head_arrived()   # busy until answered; a stopping server asks for `connection: close`
-            content = [STATUS_LINE[answer.status]]
-            for name, value in (*cycle.default_headers, *answer.headers):
-                content += (name, b": ", value, b"\r\n")
-            if not cycle.keep_alive:
-                content.append(b"connection: close\r\n")
-            content.append(b"\r\n")
-            if cycle.scope["method"] != "HEAD":
-                content.append(answer.body)
+            body = answer.body if cycle.scope["method"] != "HEAD" else b""
             cycle.response_started = cycle.response_complete = True
-            # one write, nothing held: no answer of this connection is under way the ASGI way
-            self.transport.write(b"".join(content))
+            # through the one-write transport: a head it still holds leaves first
+            self._writer.write(answer_bytes(answer.status, (*cycle.default_headers, *answer.headers), body,
+                                            close=not cycle.keep_alive))
             if not cycle.keep_alive:
-                self.transport.close()
+                self._writer.close()
             cycle.on_response()

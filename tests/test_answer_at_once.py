@@ -5,13 +5,18 @@ under the same limits."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
+import time
 import json
 import re
+import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import uvicorn
 from test_listener_limits import (
     LIMIT,
     PATIENCE,
@@ -29,6 +34,10 @@ from test_tls import Files, LabPKI, listening
 from configserver.limits import AnsweredAtOnce
 
 
+BIG = 16 << 20     # an answer larger than the socket's buffers: its writing pauses
+SLOW = 1.0         # an ASGI answer that takes longer than the keep-alive timeout (SHORT)
+
+
 class Answers:
     """Answers every request with what it saw, at once unless `at_once` is off or the path starts
     with /asgi. /fail: answering at once fails; /fail-after: what follows the answer fails."""
@@ -43,6 +52,8 @@ class Answers:
     def answer(scope: dict[str, Any]) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         seen = {"path": scope["path"], "query": scope["query_string"].decode(), "method": scope["method"],
                 "tls": "tls" in scope.get("extensions", {})}
+        if scope["path"] == "/big":
+            seen["filler"] = "x" * BIG
         body = json.dumps(seen).encode()
         return 200, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))], body
 
@@ -52,7 +63,10 @@ class Answers:
         if scope["path"] == "/fail":
             raise RuntimeError("the app failed to answer at once")
         self.answered_at_once += 1
-        return AnsweredAtOnce(*self.answer(scope), self._fail if scope["path"] == "/fail-after" else self._finish)
+        status, headers, body = self.answer(scope)
+        if scope["path"] == "/no-such-status":
+            status = 1000
+        return AnsweredAtOnce(status, headers, body, self._fail if scope["path"] == "/fail-after" else self._finish)
 
     def _finish(self) -> None:
         self.finished += 1
@@ -64,6 +78,8 @@ class Answers:
         if scope["type"] != "http":
             return
         self.asgi += 1
+        if scope["path"] == "/asgi-slow":
+            await asyncio.sleep(SLOW)
         status, headers, body = self.answer(scope)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -116,16 +132,93 @@ def test_an_answer_given_at_once_is_the_answer_the_asgi_way_writes(files: Files,
         assert all(reply.endswith(b"\r\n\r\n") for reply in replies[0].split(b"HTTP/1.1 ")[1:])
 
 
-def test_requests_sent_together_are_answered_in_order_whichever_way(files: Files, pki: LabPKI) -> None:
+def test_requests_sent_together_are_answered_in_order_the_first_at_once(files: Files, pki: LabPKI) -> None:
     with serving(files) as (port, app), connect(files, pki, port, True) as sock:
         sock.sendall(get("/one") + get("/asgi-two") + get("/three") + get("/four", method="HEAD") + get("/five"))
-        answers = [read_answer(sock, head_only=n == 3) for n in range(5)]
+        reader = Reader(sock)
+        answers = [reader.next(head_only=n == 3) for n in range(5)]
         sock.sendall(get("/six"))
-        answers.append(read_answer(sock))
+        answers.append(reader.next())
     assert [seen(answer)["path"] for n, answer in enumerate(answers) if n != 3] == \
         ["/one", "/asgi-two", "/three", "/five", "/six"]
     assert answers[3].startswith(b"HTTP/1.1 200 OK\r\n") and answers[3].endswith(b"\r\n\r\n")
-    assert app.answered_at_once == app.finished == 5 and app.asgi == 1
+    # one request a read is answered at once: the rest of a pipeline each in its turn
+    assert app.answered_at_once == app.finished == 2 and app.asgi == 4
+
+
+def test_a_long_pipeline_is_answered_whole_and_in_order(files: Files, pki: LabPKI) -> None:
+    paths = ["/asgi-first", *(f"/poll-{n}" for n in range(400))]
+    with serving(files, tls=False) as (port, app), connect(files, pki, port, False) as sock:
+        sock.sendall(b"".join(get(path) for path in paths))
+        reader = Reader(sock)
+        assert [seen(reader.next())["path"] for _ in paths] == paths
+    assert app.answered_at_once == app.finished and app.answered_at_once + app.asgi == len(paths)
+
+
+def test_an_answer_held_the_asgi_way_leaves_before_the_next(files: Files, pki: LabPKI) -> None:
+    # a HEAD answer is a head alone, held until its message ends
+    with serving(files, tls=False) as (port, app), connect(files, pki, port, False) as sock:
+        sock.sendall(get("/asgi-head", method="HEAD") + get("/after"))
+        reader = Reader(sock)
+        head = reader.next(head_only=True)
+        after = reader.next()
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: " in head
+    assert seen(after)["path"] == "/after"
+
+
+def test_a_request_that_waited_its_turn_is_answered_the_asgi_way(files: Files, pki: LabPKI) -> None:
+    # answered when the one before it ends, inside that one's end: never at once there
+    with serving(files, tls=False) as (port, app), connect(files, pki, port, False) as sock:
+        sock.sendall(get("/asgi-slow"))
+        time.sleep(0.3)
+        sock.sendall(get("/waited"))
+        reader = Reader(sock)
+        assert [seen(reader.next())["path"] for _ in range(2)] == ["/asgi-slow", "/waited"]
+    assert app.answered_at_once == 0 and app.asgi == 2
+
+
+def test_an_answer_given_at_once_does_not_end_a_slow_one_after_it(files: Files, pki: LabPKI) -> None:
+    # the first answer arms the keep-alive timer; the next request of the same read outlasts it
+    with serving(files, tls=False) as (port, app), connect(files, pki, port, False) as sock:
+        sock.sendall(get("/first") + get("/asgi-slow"))
+        reader = Reader(sock)
+        assert [seen(reader.next())["path"] for _ in range(2)] == ["/first", "/asgi-slow"]
+    assert app.answered_at_once == 1 and app.asgi == 1
+
+
+def test_an_answer_that_cannot_leave_at_once_waits_its_turn_the_asgi_way(files: Files, pki: LabPKI) -> None:
+    with serving(files, tls=False, keep_alive_timeout=30) as (port, app), connect(files, pki, port, False) as sock:
+        sock.sendall(get("/big"))
+        time.sleep(0.5)   # not read: the answer fills the socket, and the server's writing pauses
+        sock.sendall(get("/after"))
+        time.sleep(0.5)
+        reader = Reader(sock)
+        assert [seen(reader.next())["path"] for _ in range(2)] == ["/big", "/after"]
+    assert app.answered_at_once == 1 and app.asgi == 1
+
+
+class Reader:
+    """The answers on one connection, one at a time, however they arrive."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.settimeout(PATIENCE)
+        self.sock, self.data = sock, b""
+
+    def _more(self) -> None:
+        chunk = self.sock.recv(1 << 20)
+        assert chunk, f"the server closed the connection; unread: {self.data[:200]!r}"
+        self.data += chunk
+
+    def next(self, *, head_only: bool = False) -> bytes:
+        while b"\r\n\r\n" not in self.data:
+            self._more()
+        end = self.data.index(b"\r\n\r\n") + 4
+        if not head_only:
+            end += int(self.data[:end].lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(self.data) < end:
+            self._more()
+        one, self.data = self.data[:end], self.data[end:]
+        return one
 
 
 def test_an_http_1_0_request_is_answered_at_once_then_closed(files: Files, pki: LabPKI) -> None:
@@ -138,6 +231,16 @@ def test_an_http_1_0_request_is_answered_at_once_then_closed(files: Files, pki: 
     assert app.answered_at_once == 1
 
 
+def test_nothing_is_answered_after_an_answer_that_ends_the_connection(files: Files, pki: LabPKI) -> None:
+    with serving(files, tls=False, keep_alive_timeout=30, request_head_timeout=30) as (port, app), \
+            connect(files, pki, port, False) as sock:
+        # HTTP/1.0 asking for keep-alive: the parser reads on, uvicorn closes after the answer
+        sock.sendall(get("/last", version="1.0", extra=b"connection: keep-alive\r\n") + get("/too-late"))
+        reply = answer(sock)
+    assert seen(reply)["path"] == "/last" and reply.count(b"HTTP/1.") == 1
+    assert app.answered_at_once == 1 and app.asgi == 0
+
+
 def test_a_body_sent_with_a_request_answered_at_once_is_read_and_dropped(files: Files, pki: LabPKI) -> None:
     with serving(files, tls=False) as (port, app), connect(files, pki, port, False) as sock:
         sock.sendall(get("/with-body", extra=b"content-length: 13\r\n") + b"GET /smuggled")
@@ -145,6 +248,44 @@ def test_a_body_sent_with_a_request_answered_at_once_is_read_and_dropped(files: 
         sock.sendall(get("/next"))
         assert seen(read_answer(sock))["path"] == "/next"
     assert app.answered_at_once == 2 and app.asgi == 0
+
+
+def test_an_answer_that_cannot_be_written_ends_the_connection(files: Files, pki: LabPKI,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    with serving(files, tls=False) as (port, app), connect(files, pki, port, False) as sock:
+        sock.sendall(get("/no-such-status"))
+        assert answer(sock) == b""
+    assert app.finished == 0   # nothing was answered: nothing is logged or recorded as answered
+    assert "writing an answer given at once failed" in caplog.text
+
+
+def test_a_stopping_server_answers_a_request_under_way_at_once_then_closes(files: Files, pki: LabPKI) -> None:
+    app = Answers()
+    config = uvicorn.Config(app, log_level="warning", proxy_headers=False,
+                            **files.listener("httptools", tls=False, **{**SHORT, "keep_alive_timeout": 30,
+                                                                          "request_head_timeout": 30}))
+    server = uvicorn.Server(config)
+    listening_socket = socket.socket()
+    listening_socket.bind(("127.0.0.1", 0))
+    listening_socket.listen(8)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listening_socket]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        with socket.create_connection(listening_socket.getsockname(), timeout=PATIENCE) as sock:
+            sock.sendall(b"GET /last HTTP/1.1\r\nHost: 127.0.0.1\r\n")   # a head under way
+            time.sleep(0.3)
+            server.should_exit = True
+            time.sleep(0.5)   # the server has told its connections
+            sock.sendall(b"\r\n")
+            reply = answer(sock)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        listening_socket.close()
+    assert b"\r\nconnection: close\r\n" in reply and seen(reply)["path"] == "/last"
+    assert app.answered_at_once == 1
 
 
 def test_a_request_that_expects_100_continue_goes_the_asgi_way(files: Files, pki: LabPKI) -> None:

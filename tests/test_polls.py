@@ -549,3 +549,25 @@ def test_only_polls_are_answered_at_once(app, pki, monkeypatch):
     for path in ("/healthz", "/metrics", "/init"):
         call(app, path, terminator_headers(pki.phone))
     assert asked == ["/init"]
+
+
+def test_a_poll_whose_wait_for_a_changed_template_fails_is_answered_500(app, pki, monkeypatch, caplog):
+    import dataclasses
+
+    from configserver.poll import CONFIGURATION_CHANGING
+
+    answer = app.pipeline.answer
+    monkeypatch.setattr(app.pipeline, "answer", lambda request, now: dataclasses.replace(
+        answer(request, now), status=503, reason=CONFIGURATION_CHANGING))
+
+    async def broken(*args):
+        raise RuntimeError("the store failed")
+
+    monkeypatch.setattr(app.store, "newer_than", broken)
+    recorded = []
+    app.recorders.append(recorded.append)
+    with caplog.at_level(logging.ERROR):
+        reply = call(app, "/", terminator_headers(pki.phone))
+    assert reply.status == 500 and reply.text == "# internal error\n"
+    assert [outcome.status for outcome in recorded] == [500]
+    assert "poll failed" in caplog.text and "the store failed" in caplog.text
