@@ -166,7 +166,7 @@ HEADERS = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", 
 
 
 class Constant:
-    """The same answer to every request, given at once as the app answers a poll."""
+    # the same answer to every request, given at once as the app answers a poll
 
     def answer_at_once(self, scope):
         return AnsweredAtOnce(200, HEADERS, BODY, self.then)

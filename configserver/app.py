@@ -203,7 +203,7 @@ class ConfigServer:
         the same answer, log line, count and record as `poll`, without the task and ASGI
         messages of uvicorn's, which cost a poll as much as its own work. None for every other
         request, and for a poll that waits for a template being changed: `poll` answers those,
-        from the start again (the pipeline's answer is the same for the same snapshot)."""
+        asking the pipeline again (nothing was logged, counted or recorded of the first answer)."""
         if not self._is_poll(scope):
             return None
         outcome, waiting = self._answer(scope)

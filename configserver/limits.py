@@ -139,8 +139,9 @@ class AnsweredAtOnce(NamedTuple):
 
     `headers` are written as given: the app's own, with a content-length, and neither a
     connection nor a transfer-encoding header. uvicorn's request cycle is still made; its task
-    and ASGI messages are what an answer given at once saves. An app uvicorn wraps (its
-    proxy_headers or trace logging) is not asked: `serve` runs uvicorn with proxy_headers off.
+    and ASGI messages are what an answer given at once saves. Such an answer is in no access
+    log of uvicorn's: the app logs it. An app uvicorn wraps (its proxy_headers or trace
+    logging) is not asked: `serve` runs uvicorn with proxy_headers off (tests/test_serve.py).
     """
 
     status: int
@@ -184,7 +185,8 @@ _STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
 
 def answer_bytes(status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes, *, close: bool = False) -> bytes:
     """A whole answer as uvicorn writes one: the status line, `headers`, `connection: close`
-    when `close` (the connection ends after it), a blank line, the body (empty for HEAD)."""
+    when `close` (the connection ends after it), a blank line, the body (the caller gives none
+    for HEAD)."""
     content = [_STATUS_LINES[status]]
     for name, value in headers:
         content += (name, b": ", value, b"\r\n")
@@ -434,9 +436,10 @@ class _Guarded:
         return scope["type"] == "http" and head_size(scope) > self._limits.max_request_head_bytes
 
     def _add_tls(self, scope: dict[str, Any]) -> None:
-        """The ASGI TLS extension of the built-in listener (uvicorn does not fill it); a copy per request."""
+        """The ASGI TLS extension of the built-in listener (uvicorn does not fill it); a copy per
+        request, made once (a request the app did not answer at once has it already)."""
         tls = self._tls
-        if tls is not None and scope["type"] in ("http", "websocket"):
+        if tls is not None and scope["type"] in ("http", "websocket") and "tls" not in scope.get("extensions", ()):
             scope.setdefault("extensions", {})["tls"] = dict(tls, client_cert_chain=list(tls["client_cert_chain"]))
 
     def _guarded_app(self, app: ASGIApp) -> ASGIApp:
@@ -613,16 +616,19 @@ else:
         """uvicorn's httptools protocol under the listener's limits, writing an answer its app
         gives at once (AnsweredAtOnce) itself."""
 
-        _at_once_left = 0   # answers that may still be given at once in this read
+        # Only a request started while a read is parsed is answered at once, and only the first
+        # one started in it: once a request goes the ASGI way, uvicorn queues the rest of the
+        # read behind it, and starts each in its turn from the end of the one before, where no
+        # answer is given at once. A client that pipelines a thousand requests thus holds up no
+        # other connection, and no answer is written inside another's end.
+        _may_answer_at_once = False
 
         def data_received(self, data: bytes) -> None:
-            # one per read: a client that pipelines a thousand requests holds up no other
-            # connection, and no answer is given at once inside another's end (on_response_complete)
-            self._at_once_left = 1
+            self._may_answer_at_once = True
             try:
                 super().data_received(data)
             finally:
-                self._at_once_left = 0
+                self._may_answer_at_once = False
 
         def on_headers_complete(self) -> None:
             super().on_headers_complete()
@@ -632,7 +638,9 @@ else:
             # uvicorn's step from a complete head (or a pipelined one, once its turn comes) to
             # the app: the scope is whole, the cycle made, concurrency and pipelining decided
             if self.transport.is_closing():
-                return   # an answer of this read ended the connection: nothing more is answered
+                # the connection is ending (an answer of this read said `connection: close`, a
+                # head was refused, a write failed): no request is started after that, either way
+                return
             answer = self._given_at_once(cycle, app)
             if answer is None:
                 self._unset_keepalive_if_required()   # armed by an answer given at once in this read
@@ -651,14 +659,14 @@ else:
 
         def _given_at_once(self, cycle: Any, app: ASGIApp) -> AnsweredAtOnce | None:
             """The app's answer to `cycle`'s request given at once, or None for the ASGI way."""
-            if (self._at_once is None or not self._at_once_left
+            if (self._at_once is None or not self._may_answer_at_once
                     or app is not self.app   # uvicorn's 503 over its limit_concurrency
                     or cycle.waiting_for_100_continue or self.flow.write_paused):
                 return None
             scope = cycle.scope
             if self._over_limit(scope):
                 return None   # the ASGI way answers 431
-            self._at_once_left -= 1
+            self._may_answer_at_once = False
             self._add_tls(scope)
             try:
                 return self._at_once(scope)

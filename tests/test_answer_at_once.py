@@ -146,6 +146,14 @@ def test_requests_sent_together_are_answered_in_order_the_first_at_once(files: F
     assert app.answered_at_once == app.finished == 2 and app.asgi == 4
 
 
+def test_of_two_requests_in_one_read_only_the_first_is_answered_at_once(files: Files, pki: LabPKI) -> None:
+    with serving(files, tls=False) as (port, app), connect(files, pki, port, False) as sock:
+        sock.sendall(get("/first") + get("/second"))
+        reader = Reader(sock)
+        assert [seen(reader.next())["path"] for _ in range(2)] == ["/first", "/second"]
+    assert app.answered_at_once == 1 and app.asgi == 1
+
+
 def test_a_long_pipeline_is_answered_whole_and_in_order(files: Files, pki: LabPKI) -> None:
     paths = ["/asgi-first", *(f"/poll-{n}" for n in range(400))]
     with serving(files, tls=False) as (port, app), connect(files, pki, port, False) as sock:
@@ -155,7 +163,7 @@ def test_a_long_pipeline_is_answered_whole_and_in_order(files: Files, pki: LabPK
     assert app.answered_at_once == app.finished and app.answered_at_once + app.asgi == len(paths)
 
 
-def test_an_answer_held_the_asgi_way_leaves_before_the_next(files: Files, pki: LabPKI) -> None:
+def test_a_head_answered_the_asgi_way_leaves_before_the_answer_after_it(files: Files, pki: LabPKI) -> None:
     # a HEAD answer is a head alone, held until its message ends
     with serving(files, tls=False) as (port, app), connect(files, pki, port, False) as sock:
         sock.sendall(get("/asgi-head", method="HEAD") + get("/after"))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,3 +57,18 @@ def test_project_errors_share_one_root():
     for error in (CABundleError, CertificateError, ConfigurationError, InvalidDeviceName, InventoryError, LabError,
                   DNError, UnresolvedDevice, Refused, SettingsError, TrustValueError, OptionsError):
         assert issubclass(error, ConfigserverError), error
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "bench").glob("*.py")), ids=lambda path: path.name)
+def test_a_benchmark_loads_and_the_programs_it_writes_compile(script: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # benchmarks are run by hand, not by the suite: at least they load, and the programs they
+    # write out and start (bench/terminator.py's constant answer) are valid Python
+    spec = importlib.util.spec_from_file_location(f"bench_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)   # its dataclasses look themselves up there
+    monkeypatch.setattr(sys, "path", list(sys.path))      # a benchmark puts its own folders first
+    spec.loader.exec_module(module)
+    assert callable(getattr(module, "main", None))
+    for name, value in vars(module).items():
+        if name.endswith("_APP") and isinstance(value, str):
+            compile(value, f"{script.name}:{name}", "exec")

@@ -58,3 +58,30 @@ def test_metrics_add_up_every_worker(tmp_path):
         server.send_signal(signal.SIGTERM)
         server.wait(30)
     assert set(glob.glob("/tmp/configserver-metrics-*")) == before  # the workers' files are gone
+
+
+def test_serve_hands_the_listener_the_app_that_answers_polls_at_once(tmp_path, monkeypatch):
+    # polls are answered at once only when uvicorn gives the listener's protocol the app itself,
+    # with no wrapper of its own in between (proxy_headers, trace logging): limits.AnsweredAtOnce
+    import logging
+
+    import uvicorn
+
+    from configserver import cli
+    from configserver.limits import GuardedHttpToolsProtocol
+
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates/default.j2").write_text("# script\n")
+    monkeypatch.chdir(tmp_path)
+    for key in [key for key in os.environ if key.startswith("CONFIGSERVER_")]:
+        monkeypatch.delenv(key)
+    handed = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: handed.update(app=app, options=options))
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))   # serve configures logging: undone after
+    assert cli.main(["serve", "--port", str(free_port())]) == 0
+    options = dict(handed["options"], log_config=None)
+    config = uvicorn.Config(handed["app"], **options)
+    config.load()
+    assert config.http_protocol_class.func is GuardedHttpToolsProtocol
+    assert callable(getattr(config.loaded_app, "answer_at_once", None))
