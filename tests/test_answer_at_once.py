@@ -146,21 +146,29 @@ def test_requests_sent_together_are_answered_in_order_the_first_at_once(files: F
     assert app.answered_at_once == app.finished == 2 and app.asgi == 4
 
 
-def test_of_two_requests_in_one_read_only_the_first_is_answered_at_once(files: Files, pki: LabPKI) -> None:
-    with serving(files, tls=False) as (port, app), connect(files, pki, port, False) as sock:
-        sock.sendall(get("/first") + get("/second"))
+def answered(files: Files, *writes: bytes, pause: float = 0.0, **limits: Any) -> tuple[list[str], Answers]:
+    """The paths answered, in order, to `writes` sent on one plain connection, each in one write
+    followed by `pause` seconds; and the app, for what it counted."""
+    with serving(files, tls=False, **limits) as (port, app), \
+            socket.create_connection(("127.0.0.1", port), timeout=PATIENCE) as sock:
+        for data in writes:
+            sock.sendall(data)
+            time.sleep(pause)
         reader = Reader(sock)
-        assert [seen(reader.next())["path"] for _ in range(2)] == ["/first", "/second"]
-    assert app.answered_at_once == 1 and app.asgi == 1
+        paths = [seen(reader.next())["path"] for data in writes for _ in range(data.count(b" HTTP/1.1\r\n"))]
+    return paths, app
 
 
-def test_a_long_pipeline_is_answered_whole_and_in_order(files: Files, pki: LabPKI) -> None:
-    paths = ["/asgi-first", *(f"/poll-{n}" for n in range(400))]
-    with serving(files, tls=False) as (port, app), connect(files, pki, port, False) as sock:
-        sock.sendall(b"".join(get(path) for path in paths))
-        reader = Reader(sock)
-        assert [seen(reader.next())["path"] for _ in paths] == paths
-    assert app.answered_at_once == app.finished and app.answered_at_once + app.asgi == len(paths)
+def test_of_two_requests_in_one_read_only_the_first_is_answered_at_once(files: Files) -> None:
+    paths, app = answered(files, get("/first") + get("/second"))
+    assert paths == ["/first", "/second"] and app.answered_at_once == 1 and app.asgi == 1
+
+
+def test_a_long_pipeline_is_answered_whole_and_in_order(files: Files) -> None:
+    sent = ["/asgi-first", *(f"/poll-{n}" for n in range(400))]
+    paths, app = answered(files, b"".join(get(path) for path in sent))
+    assert paths == sent
+    assert app.answered_at_once == app.finished and app.answered_at_once + app.asgi == len(sent)
 
 
 def test_a_head_answered_the_asgi_way_leaves_before_the_answer_after_it(files: Files, pki: LabPKI) -> None:
@@ -174,35 +182,22 @@ def test_a_head_answered_the_asgi_way_leaves_before_the_answer_after_it(files: F
     assert seen(after)["path"] == "/after"
 
 
-def test_a_request_that_waited_its_turn_is_answered_the_asgi_way(files: Files, pki: LabPKI) -> None:
+def test_a_request_that_waited_its_turn_is_answered_the_asgi_way(files: Files) -> None:
     # answered when the one before it ends, inside that one's end: never at once there
-    with serving(files, tls=False) as (port, app), connect(files, pki, port, False) as sock:
-        sock.sendall(get("/asgi-slow"))
-        time.sleep(0.3)
-        sock.sendall(get("/waited"))
-        reader = Reader(sock)
-        assert [seen(reader.next())["path"] for _ in range(2)] == ["/asgi-slow", "/waited"]
-    assert app.answered_at_once == 0 and app.asgi == 2
+    paths, app = answered(files, get("/asgi-slow"), get("/waited"), pause=0.3)
+    assert paths == ["/asgi-slow", "/waited"] and app.answered_at_once == 0 and app.asgi == 2
 
 
-def test_an_answer_given_at_once_does_not_end_a_slow_one_after_it(files: Files, pki: LabPKI) -> None:
+def test_an_answer_given_at_once_does_not_end_a_slow_one_after_it(files: Files) -> None:
     # the first answer arms the keep-alive timer; the next request of the same read outlasts it
-    with serving(files, tls=False) as (port, app), connect(files, pki, port, False) as sock:
-        sock.sendall(get("/first") + get("/asgi-slow"))
-        reader = Reader(sock)
-        assert [seen(reader.next())["path"] for _ in range(2)] == ["/first", "/asgi-slow"]
-    assert app.answered_at_once == 1 and app.asgi == 1
+    paths, app = answered(files, get("/first") + get("/asgi-slow"))
+    assert paths == ["/first", "/asgi-slow"] and app.answered_at_once == 1 and app.asgi == 1
 
 
-def test_an_answer_that_cannot_leave_at_once_waits_its_turn_the_asgi_way(files: Files, pki: LabPKI) -> None:
-    with serving(files, tls=False, keep_alive_timeout=30) as (port, app), connect(files, pki, port, False) as sock:
-        sock.sendall(get("/big"))
-        time.sleep(0.5)   # not read: the answer fills the socket, and the server's writing pauses
-        sock.sendall(get("/after"))
-        time.sleep(0.5)
-        reader = Reader(sock)
-        assert [seen(reader.next())["path"] for _ in range(2)] == ["/big", "/after"]
-    assert app.answered_at_once == 1 and app.asgi == 1
+def test_an_answer_that_cannot_leave_at_once_waits_its_turn_the_asgi_way(files: Files) -> None:
+    # not read for a while: the first answer fills the socket, and the server's writing pauses
+    paths, app = answered(files, get("/big"), get("/after"), pause=0.5, keep_alive_timeout=30)
+    assert paths == ["/big", "/after"] and app.answered_at_once == 1 and app.asgi == 1
 
 
 class Reader:
