@@ -157,18 +157,35 @@ class ConfigServer:
                 await self.backups.start()  # returns at once, as the inventory does
             await self.firmware.start()  # returns at once, as the inventory does
             yield
-        finally:
-            await self.firmware.close()
-            if self.backups is not None:
-                await self.backups.close()
-            for task in (reloader, giver):
-                task.cancel()
-            # a task that failed is said so; none may keep the audit below from being written
-            for task, ended in zip((reloader, giver), await asyncio.gather(reloader, giver, return_exceptions=True)):
-                if isinstance(ended, Exception):
-                    log.error("background task failed", exc_info=ended, extra={"fields": {
-                        "event": "task_failed", "task": task.get_coro().__qualname__}})
-            await self.inventory.close()
+        except BaseException:
+            await self._stop(reloader, giver, raising=False)   # the start's or the run's failure is the one told
+            raise
+        await self._stop(reloader, giver, raising=True)
+
+    async def _stop(self, *tasks: asyncio.Task[Any], raising: bool) -> None:
+        """Stop what `_lifespan` started, every part of it even when one fails: the firmware watch,
+        the backups, the background tasks, and last the inventory, whose queued polls are written
+        then. A part that fails is logged; the first one is raised when `raising`."""
+        failures: list[Exception] = []
+        closing = [self.firmware.close, *([self.backups.close] if self.backups is not None else [])]
+        for close in closing:
+            try:
+                await close()
+            except Exception as exc:
+                failures.append(exc)
+                if not raising or len(failures) > 1:
+                    log.error("stopping failed", exc_info=exc, extra={"fields": {
+                        "event": "stop_failed", "part": close.__qualname__}})
+        for task in tasks:
+            task.cancel()
+        # a task that failed is said so; none may keep the audit below from being written
+        for task, ended in zip(tasks, await asyncio.gather(*tasks, return_exceptions=True)):
+            if isinstance(ended, Exception):
+                log.error("background task failed", exc_info=ended, extra={"fields": {
+                    "event": "task_failed", "task": task.get_coro().__qualname__}})
+        await self.inventory.close()
+        if failures and raising:
+            raise failures[0]
 
     async def _reload_forever(self) -> None:
         # file events refresh what changed; the slow rescan catches what events miss (content/watcher.py)

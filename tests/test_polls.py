@@ -471,6 +471,21 @@ def test_a_failed_shutdown_is_reported_to_the_server_with_its_cause(site):
     assert lifespan_messages(app) == [{"type": "lifespan.startup.complete"},
                                       {"type": "lifespan.shutdown.failed",
                                        "message": "RuntimeError: the database file is not writable"}]
+    assert app.inventory._closed   # the rest is stopped all the same: the audit is written
+
+
+def test_a_start_up_and_a_stop_that_both_fail_report_the_start_up(site, caplog):
+    app = site.app()
+    app.firmware.start = broken
+
+    async def also_broken() -> None:
+        raise RuntimeError("the firmware watch could not let go")
+
+    app.firmware.close = also_broken
+    assert lifespan_messages(app) == [{"type": "lifespan.startup.failed",
+                                       "message": "RuntimeError: the database file is not writable"}]
+    assert app.inventory._closed
+    assert "the firmware watch could not let go" in caplog.text   # logged, not lost
 
 
 def test_what_is_remembered_about_clients_stays_small(app, pki):
