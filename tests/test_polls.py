@@ -586,3 +586,84 @@ def test_a_poll_whose_wait_for_a_changed_template_fails_is_answered_500(app, pki
     assert reply.status == 500 and reply.text == "# internal error\n"
     assert [outcome.status for outcome in recorded] == [500]
     assert "poll failed" in caplog.text and "the store failed" in caplog.text
+
+
+def failing(text):
+    async def fail(*args, **kwargs):
+        raise RuntimeError(text)
+    return fail
+
+
+def failing_after(close, text):
+    async def fail(*args, **kwargs):
+        await close(*args, **kwargs)
+        raise RuntimeError(text)
+    return fail
+
+
+def test_of_parts_that_fail_to_stop_the_first_is_told_and_every_other_logged(site, caplog):
+    app = site.app()
+    app.firmware.close = failing("the firmware watch could not let go")
+    app.inventory.close = failing_after(app.inventory.close, "the audit could not be written")
+    assert lifespan_messages(app)[-1] == {"type": "lifespan.shutdown.failed",
+                                          "message": "RuntimeError: the firmware watch could not let go"}
+    assert "the audit could not be written" in caplog.text
+
+
+def test_a_failed_start_up_is_told_even_when_the_inventory_fails_to_stop(site, caplog):
+    app = site.app()
+    app.firmware.start = broken
+    app.inventory.close = failing_after(app.inventory.close, "the audit could not be written")
+    assert lifespan_messages(app) == [{"type": "lifespan.startup.failed",
+                                       "message": "RuntimeError: the database file is not writable"}]
+    assert "the audit could not be written" in caplog.text
+
+
+def cancelled_while_serving(app, again=None) -> str:
+    """Cancel the lifespan while it serves (at its yield), and with `again` once more while it
+    stops; how the lifespan ended."""
+    async def main() -> str:
+        serving, never = asyncio.Event(), asyncio.Event()
+        inbox = [{"type": "lifespan.startup"}]
+
+        async def receive():
+            if inbox:
+                return inbox.pop()
+            serving.set()
+            await never.wait()
+
+        async def send(message):
+            pass
+
+        task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+        await serving.wait()
+        task.cancel()
+        if again is not None:
+            await asyncio.sleep(again)
+            task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "returned"
+    return asyncio.run(main())
+
+
+def test_a_lifespan_cancelled_while_serving_stops_everything_and_stays_cancelled(site):
+    app = site.app()
+    app.inventory.close = failing_after(app.inventory.close, "the audit could not be written")
+    assert cancelled_while_serving(app) == "cancelled"
+    assert app.inventory._closed
+
+
+def test_a_stop_cancelled_half_way_still_writes_the_audit(site):
+    app = site.app()
+    close = app.firmware.close
+
+    async def slow_close():
+        await asyncio.sleep(0.2)
+        await close()
+
+    app.firmware.close = slow_close
+    assert cancelled_while_serving(app, again=0.05) == "cancelled"
+    assert app.inventory._closed
