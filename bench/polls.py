@@ -253,7 +253,7 @@ def main() -> None:
         fleet, config = build_site(root, args.devices)
 
         kept, per_poll, paced, bare = in_process(fleet, config, args.requests)
-        print("\nin-process (ASGI app called directly, audit records written), CPU per request, best of 3:")
+        print("\nin-process (the app called as the listener calls it, audit records written), CPU per request, best of 3:")
         print(f"  bare FastAPI route                          : {bare * 1e6:8.1f} us")
         print(f"  poll, template of device and vars (kept)    : {kept * 1e6:8.1f} us   ratio {kept / bare:.2f}")
         print(f"  poll, template also reads request (rendered): {per_poll * 1e6:8.1f} us   ratio {per_poll / bare:.2f}")

@@ -60,28 +60,24 @@ def test_metrics_add_up_every_worker(tmp_path):
     assert set(glob.glob("/tmp/configserver-metrics-*")) == before  # the workers' files are gone
 
 
-def test_serve_hands_the_listener_the_app_that_answers_polls_at_once(tmp_path, monkeypatch):
+def test_serve_hands_the_listener_the_app_that_answers_polls_at_once(tmp_path):
     # polls are answered at once only when uvicorn gives the listener's protocol the app itself,
     # with no wrapper of its own in between (proxy_headers, trace logging): limits.AnsweredAtOnce
-    import logging
+    import types
 
     import uvicorn
 
-    from configserver import cli
+    from configserver import cli, create_app, load_settings
     from configserver.limits import GuardedHttpToolsProtocol
+    from configserver.tls import uvicorn_options
 
     (tmp_path / "templates").mkdir()
-    (tmp_path / "templates/default.j2").write_text("# script\n")
-    monkeypatch.chdir(tmp_path)
-    for key in [key for key in os.environ if key.startswith("CONFIGSERVER_")]:
-        monkeypatch.delenv(key)
+    settings = load_settings(templates=tmp_path / "templates", vars=tmp_path / "vars",
+                             database=f"sqlite:///{tmp_path / 'inventory.db'}")
     handed = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: handed.update(app=app, options=options))
-    root = logging.getLogger()
-    monkeypatch.setattr(root, "handlers", list(root.handlers))   # serve configures logging: undone after
-    assert cli.main(["serve", "--port", str(free_port())]) == 0
-    options = dict(handed["options"], log_config=None)
-    config = uvicorn.Config(handed["app"], **options)
+    runner = types.SimpleNamespace(run=lambda app, **options: handed.update(app=app, options=options))
+    cli._run_uvicorn(runner, settings, uvicorn_options(settings), create_app(settings))   # as serve runs it
+    config = uvicorn.Config(handed["app"], **dict(handed["options"], log_config=None))
     config.load()
     assert config.http_protocol_class.func is GuardedHttpToolsProtocol
     assert callable(getattr(config.loaded_app, "answer_at_once", None))
