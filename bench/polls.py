@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from driving import terminator_headers  # noqa: E402  (the same header forms the tests use)
+from driving import request_scope, terminator_headers  # noqa: E402  (the tests' header forms and scope)
 
 from configserver import create_app, load_settings  # noqa: E402
 from configserver.inventory import Inventory  # noqa: E402
@@ -86,15 +86,6 @@ def build_site(root: Path, devices: int) -> tuple[list[list[tuple[str, str]]], P
 
 
 # -- 1. in-process ------------------------------------------------------------------------
-
-def _scope(path: str, headers: list[tuple[str, str]]) -> dict:
-    return {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
-        "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8080), "extensions": {},
-    }
-
 
 async def _drive(app, scopes: list[dict], n: int) -> float:
     inventory = getattr(app, "inventory", None)
@@ -151,7 +142,7 @@ def in_process(fleet, config: Path, n: int) -> tuple[float, float, float, float]
     handler = lines_to(open(config.parent / "polls.log", "w", buffering=1 << 16))
     logging.getLogger().handlers[:] = [handler]
     logging.getLogger().setLevel(logging.INFO)
-    scopes = [_scope("/init", headers) for headers in fleet]
+    scopes = [request_scope("/init", headers) for headers in fleet]
     best = {"bare": float("inf"), "kept": float("inf"), "per-poll": float("inf"), "paced": float("inf")}
     for round_ in range(3):  # alternate, keep the best of each: the machine is shared and noisy
         best["bare"] = min(best["bare"], asyncio.run(_drive(bare, scopes, n)))

@@ -433,8 +433,11 @@ class CannotListNow(OSError):
     there is not known now, which is not the same as gone."""
 
 
-def _not_now(exc: OSError) -> CannotListNow:
-    return CannotListNow(exc.errno, exc.strerror, exc.filename)
+def _raise_if_passing(exc: OSError) -> None:
+    """Raise CannotListNow for an error of the moment (PASSING_ERRNOS); any other error says
+    that the file or folder is not there to be listed, and the caller skips it."""
+    if exc.errno in PASSING_ERRNOS:
+        raise CannotListNow(exc.errno, exc.strerror, exc.filename) from exc
 
 
 def file_version(path: str, real_root: str) -> Version | None:
@@ -451,8 +454,7 @@ def file_version(path: str, real_root: str) -> Version | None:
                 return None
             st = os.stat(target)
     except OSError as exc:
-        if exc.errno in PASSING_ERRNOS:
-            raise _not_now(exc) from exc
+        _raise_if_passing(exc)
         return None
     if not stat.S_ISREG(st.st_mode):
         return None
@@ -477,8 +479,7 @@ def list_files(root: Path) -> dict[str, Version]:
         try:
             entries = os.scandir(pending.pop())
         except OSError as exc:
-            if exc.errno in PASSING_ERRNOS:
-                raise _not_now(exc) from exc
+            _raise_if_passing(exc)
             continue
         with entries:
             for entry in entries:
@@ -493,8 +494,7 @@ def list_files(root: Path) -> dict[str, Version]:
                         continue
                     st = entry.stat(follow_symlinks=False)
                 except OSError as exc:
-                    if exc.errno in PASSING_ERRNOS:
-                        raise _not_now(exc) from exc
+                    _raise_if_passing(exc)
                     continue
                 if stat.S_ISREG(st.st_mode):
                     found[entry.path[skip:]] = (None, stamp_of(st))
