@@ -16,7 +16,6 @@ import datetime as dt
 import logging
 import os
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
@@ -40,7 +39,7 @@ from .inventory import Inventory, InventoryError
 from .limits import AnsweredAtOnce
 from .logs import configure_logging, log_fields
 from .outcome import Outcome
-from .poll import CONFIGURATION_CHANGING, INTERNAL_ERROR, Pipeline, PollRequest
+from .poll import CONFIGURATION_CHANGING, INTERNAL_ERROR, Pipeline, PollRequest, query_arguments
 from .refusals import Refused
 from .service import Service
 from .settings import Settings, SettingsError, load_settings
@@ -379,9 +378,9 @@ async def _send(send: Callable[..., Any], status: int, body: bytes, *, head: boo
 
 
 def _query(scope: dict[str, Any]) -> dict[str, list[str]]:
-    """The request's query arguments, every value of each, as the device sent them."""
+    """The request's query arguments, every value of each (poll.query_arguments)."""
     raw = scope["query_string"]
-    return urllib.parse.parse_qs(raw.decode("latin-1"), keep_blank_values=True) if raw else {}
+    return query_arguments(raw.decode("latin-1")) if raw else {}
 
 
 def _content_length(scope: dict[str, Any]) -> int | None:

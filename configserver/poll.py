@@ -23,7 +23,8 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,7 +55,8 @@ CONFIGURATION_CHANGING = "configuration changing"
 INTERNAL_ERROR = "internal error"
 
 # What a device sends may never start a line of its script: control characters are dropped
-# from everything `request` shows a template (CR and LF would end a line after the CRLF pass).
+# from everything `request` shows a template (CR and LF would end a line after the CRLF pass),
+# and from the query before anything reads it (`query_arguments`).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -71,13 +73,27 @@ class AskForUploads(Protocol):
     def lines(self, mac: str, hwid: str, model: str, now: float | None = None) -> list[str]: ...
 
 
+def query_arguments(query_string: str, added: Iterable[tuple[str, str]] = ()) -> dict[str, list[str]]:
+    """The arguments of a request's query, every value of each in order, then `added`.
+
+    Control characters are dropped from names and values here, before anything reads them: the
+    admission's check that the query names no other device (`hw%00id=`, `s%1Fn=`) sees the very
+    names and values a template sees in `request.query`.
+    """
+    arguments: dict[str, list[str]] = {}
+    pairs = urllib.parse.parse_qsl(query_string, keep_blank_values=True) if query_string else []
+    for key, value in (*pairs, *added):
+        arguments.setdefault(_CONTROL.sub("", key), []).append(_CONTROL.sub("", value))
+    return arguments
+
+
 @dataclass(frozen=True, slots=True)
 class PollRequest:
     """What the transport saw of one poll."""
 
     method: str
     path: str
-    query: Mapping[str, list[str]]     # every value of every argument, as the device sent them
+    query: Mapping[str, list[str]]     # every value of every argument (query_arguments)
     facts: ClientFacts | None          # the certificate facts (headers or the TLS connection)
     client_ip: str | None              # the device's address as far as it is known
     time: float                        # unix seconds, when the request arrived
@@ -98,8 +114,7 @@ class RequestInfo:
 
     @classmethod
     def of(cls, request: PollRequest) -> "RequestInfo":
-        query = {_CONTROL.sub("", key): _CONTROL.sub("", value) for key, value in request.first_values().items()}
-        return cls(_CONTROL.sub("", request.path), query, request.client_ip)
+        return cls(_CONTROL.sub("", request.path), request.first_values(), request.client_ip)
 
 
 @dataclass(frozen=True, slots=True)

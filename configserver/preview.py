@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from .identity import (
 )
 from .innovaphone import INNOVAPHONE_OUI
 from .outcome import Outcome
-from .poll import PollRequest
+from .poll import PollRequest, query_arguments
 from .service import Service
 
 PREVIEW_ISSUER = "none (configserver render: no certificate)"
@@ -168,9 +167,7 @@ def preview(
     snapshot = service.store.snapshot
     device, note = resolve_device(name, snapshot, service.fixes)
     path, _, query_string = path.partition("?")
-    args = urllib.parse.parse_qs(query_string, keep_blank_values=True)
-    for key, value in query:
-        args.setdefault(key, []).append(value)
+    args = query_arguments(query_string, query)
     request = PollRequest("GET", path or "/", args, None, None, now.timestamp(), time.perf_counter())
     admission = NamedDevice(device, service.fixes, service.revoked.current())
     firmware = FirmwareStage(KnownHalts(halts)) if halts is not None else None

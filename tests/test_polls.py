@@ -191,6 +191,24 @@ def test_query_naming_another_device_is_a_device_mismatch(app, pki, query):
     refused(call(app, "/", terminator_headers(pki.phone), query=query), "device mismatch")
 
 
+@pytest.mark.parametrize("query", [
+    "hw%00id=IP232-30-00-b0",                       # a control character in the name
+    "hwid=IP232-30-00-af&hw%01id=IP232-30-00-b0",   # ... a second value for the name checked
+    "s%1Fn=009033300ab0",
+    "hwid=IP232-30-00-%00b0",                       # ... in the value
+])
+def test_a_query_naming_another_device_behind_control_characters_is_a_device_mismatch(site, pki, query):
+    # the check and the template see the same names and values: control characters dropped from both
+    site.write("templates/default.j2", "hwid={{ request.query.hwid }} sn={{ request.query.sn }}\n")
+    refused(call(site.app(apply_once=False), "/", terminator_headers(pki.phone), query=query), "device mismatch")
+
+
+def test_a_query_with_control_characters_reaches_the_template_without_them(site, pki):
+    site.write("templates/default.j2", "{{ request.query | dictsort }}\n")
+    answer = call(site.app(apply_once=False), "/", terminator_headers(pki.phone), query="hw%0Aid=IP232-30-00-af&t%7Fype=a%0Db")
+    assert answer.text == "[('hwid', 'IP232-30-00-af'), ('type', 'ab')]\r\n"
+
+
 def test_query_in_innovaphone_form_naming_the_device_itself_is_served(app, pki):
     query = "sn=0090333000AF&hwid=IP232-30-00-AF&type=IP232&CHECK=&PROT=13r3"
     assert call(app, "/", terminator_headers(pki.phone), query=query).status == 200
