@@ -260,7 +260,8 @@ class ConfigServer:
             try:
                 facts = self._facts(scope)
             except Refused as refusal:   # the transport itself is not to be believed
-                request = PollRequest(scope["method"], scope["path"], query, None, client_ip, arrived, started)
+                request = PollRequest(scope["method"], scope["path"], query, None, refusal.client_ip or client_ip,
+                                      arrived, started)
                 return self.pipeline.refuse(request, refusal), None
             request = PollRequest(scope["method"], scope["path"], query, facts,
                                   facts.client_ip or client_ip, arrived, started)
@@ -309,6 +310,7 @@ class ConfigServer:
             device = self.pipeline.admission.admit(facts, query, dt.datetime.fromtimestamp(arrived, dt.UTC))
         except Refused as refusal:
             device = refusal.device
+            client_ip = refusal.client_ip or client_ip
             outcome = UploadOutcome(403, refusal.reason, refusal.detail)
             self._refused_upload(PollRequest(scope["method"], scope["path"], query, facts, client_ip, arrived,
                                              started), refusal)

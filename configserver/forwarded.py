@@ -133,11 +133,10 @@ def facts_from_headers(scope: dict[str, Any], trusted: TrustedProxies) -> Client
             raise Refused(DUPLICATE_HEADER, PROXY_SECRET.decode())
         if not secrets or not hmac.compare_digest(secrets[0], trusted.secret):
             raise Refused(UNTRUSTED_PROXY, "proxy secret missing or wrong")
-    if twice is not None:
-        raise Refused(DUPLICATE_HEADER, twice.decode())
-
     # Terminators append to what the client sent: only the right-most entry is theirs.
     client_ip = (forwarded_for[-1] if forwarded_for and forwarded_for[-1] else None) or real_ip or peer
+    if twice is not None:   # the trusted terminator named the client: the security log names it too
+        raise Refused(DUPLICATE_HEADER, twice.decode(), client_ip=client_ip)
     return ClientFacts(
         verify=seen.get(VERIFY),
         subject_dn=_present(seen.get(SUBJECT_DN)),

@@ -34,14 +34,17 @@ class Refused(ConfigserverError):
     """A poll must not get a script. `reason` is one of REASONS; `detail` is for the log only.
 
     `device` is the device the certificate names, when it names one; `claimed` says that the
-    refusal came from the certificate's own checks, so that name is not proven.
+    refusal came from the certificate's own checks, so that name is not proven. `client_ip` is
+    the client a trusted terminator named, for a refusal of what that terminator forwarded.
     """
 
     def __init__(
         self, reason: str, detail: str | None = None, *, device: DeviceIdentity | None = None, claimed: bool = False,
+        client_ip: str | None = None,
     ) -> None:
         super().__init__(reason if detail is None else f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
         self.device = device
         self.claimed = claimed and device is not None
+        self.client_ip = client_ip

@@ -102,6 +102,18 @@ def test_identity_header_sent_twice_is_refused(app, pki, name):
     refused(call(app, "/", smuggled + headers), "duplicate header")
 
 
+def test_a_duplicate_header_refusal_names_the_client_the_terminator_named(app, pki, tmp_path):
+    # for fail2ban: the client, not the terminator (which is in its ignoreip, or would be banned)
+    from configserver import securitylog
+    headers = [("X-SSL-Client-Verify", "SUCCESS"), *terminator_headers(pki.phone), ("X-Forwarded-For", "198.51.100.9")]
+    securitylog.configure(tmp_path / "security.log")
+    try:
+        refused(call(app, "/", headers), "duplicate header")
+    finally:
+        securitylog.configure(None)
+    assert [line.split()[3] for line in (tmp_path / "security.log").read_text().splitlines()] == ["client=198.51.100.9"]
+
+
 def test_no_certificate_facts_means_https_required(app):
     refused(call(app, "/", [("User-Agent", "innovaphone")]), "https required")
 
