@@ -110,7 +110,7 @@ class ConfigServer:
         """GET (or HEAD) /healthz and /metrics; any other method is not allowed."""
         head = scope["method"] == "HEAD"
         if scope["method"] not in ("GET", "HEAD"):
-            await _send(send, 405, b"# method not allowed\n", head=False, allow=b"GET, HEAD")
+            await _send(send, 405, b"# method not allowed\n", head=False, allow=_allowed(405))
         elif scope["path"] == "/healthz":
             await _send(send, 200, b"ok\n", head=head)
         else:
@@ -236,7 +236,8 @@ class ConfigServer:
         outcome, waiting = self._answer(scope)
         if waiting is not None:
             return None
-        return AnsweredAtOnce(outcome.status, _headers(outcome.body), outcome.body, partial(self._finish, outcome))
+        return AnsweredAtOnce(outcome.status, _headers(outcome.body, allow=_allowed(outcome.status)), outcome.body,
+                              partial(self._finish, outcome))
 
     async def poll(self, scope: dict[str, Any], send: Callable[..., Any]) -> None:
         """Answer one update poll with what the pipeline decides; log, count and record it."""
@@ -246,7 +247,7 @@ class ConfigServer:
                 outcome = await self._answer_again(waiting, outcome)
             except Exception:  # a bug must cost one answer, never the script of another device
                 outcome = self._failed(scope, waiting.request.time, waiting.request.started)
-        await _send(send, outcome.status, outcome.body, head=scope["method"] == "HEAD")
+        await _send(send, outcome.status, outcome.body, head=scope["method"] == "HEAD", allow=_allowed(outcome.status))
         self._finish(outcome)
 
     def _answer(self, scope: dict[str, Any]) -> tuple[Outcome, _Waiting | None]:
@@ -362,6 +363,12 @@ class _Waiting(NamedTuple):
     request: PollRequest
     now: dt.datetime
     listed: Snapshot
+
+
+def _allowed(status: int) -> bytes | None:
+    """The `Allow` header a 405 must carry (RFC 9110 15.5.6): polls and the service routes
+    take GET and HEAD (a backup upload's PUT has a path of its own)."""
+    return b"GET, HEAD" if status == 405 else None
 
 
 def _headers(body: bytes, content_type: bytes = _PLAIN, allow: bytes | None = None) -> list[tuple[bytes, bytes]]:

@@ -5,7 +5,7 @@ import json
 import logging
 
 import pytest
-from driving import call, terminator_headers
+from driving import acall, call, terminator_headers
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from configserver.apply_once import digest
@@ -65,8 +65,11 @@ def test_head_answers_headers_only(app, pki):
     assert int(answer.headers["content-length"]) > 0
 
 
-def test_other_methods_are_refused(app, pki):
-    assert call(app, "/", terminator_headers(pki.phone), method="PUT").status == 405
+@pytest.mark.parametrize("way", ["listener", "asgi"])
+@pytest.mark.parametrize("method", ["PUT", "OPTIONS", "DELETE"])
+def test_other_methods_are_refused_saying_which_are_allowed(app, pki, method, way):
+    answer = asyncio.run(acall(app, "/", terminator_headers(pki.phone), method=method, way=way))
+    assert (answer.status, answer.headers.get("allow")) == (405, "GET, HEAD")   # RFC 9110 15.5.6
 
 
 # -- every refusal reason, in the order the checks run ------------------------------------
