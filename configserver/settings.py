@@ -199,6 +199,17 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 32 characters: make one with `openssl rand -hex 32`")
         return value
 
+    @field_validator("proxy_secret")
+    @classmethod
+    def _header_value(cls, value: SecretStr | None) -> SecretStr | None:
+        # a header carries it: bytes beyond ASCII depend on the terminator's encoding, and HTTP
+        # drops the spaces around a value, so such a secret would never match
+        secret = value.get_secret_value() if value is not None else ""
+        if secret and not (secret.isascii() and secret.isprintable() and secret == secret.strip()):
+            raise ValueError("must be printable ASCII without spaces around it, as a header carries it: "
+                             "make one with `openssl rand -hex 32`")
+        return value
+
     # the CA bundle, parsed once here: everything that verifies certificates takes it from here
     _ca_certificates: list[x509.Certificate] | None = PrivateAttr(default=None)
 

@@ -446,6 +446,16 @@ def test_proxy_secret_must_be_long(site):
         site.app(proxy_secret="short")
 
 
+@pytest.mark.parametrize("secret", ["€" * 32, "ü" * 32, "x" * 32 + " ", " " + "x" * 32, "x" * 16 + "\t" + "x" * 16])
+def test_a_proxy_secret_no_header_could_carry_is_refused_at_start(site, secret):
+    # beyond ASCII it would depend on the terminator's encoding; HTTP drops the spaces around a value
+    from configserver.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="'proxy_secret'.*printable ASCII"):
+        site.app(proxy_secret=secret)
+    site.app(proxy_secret="x" * 16 + " " + "x" * 16)   # a space inside is carried as it is
+
+
 def test_metrics_are_not_served_through_a_terminator(app, pki):
     assert call(app, "/metrics", terminator_headers(pki.phone)).status == 404
     assert call(app, "/metrics").status == 200
