@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .errors import ConfigserverError
+
 if TYPE_CHECKING:
     from .settings import Settings
     from .tls import ServerTLS
@@ -114,7 +116,11 @@ class Listener:
     tls: "ServerTLS | None" = None
 
     def ssl_context(self) -> ssl.SSLContext:
-        """The server context, built once per process (a worker builds its own)."""
+        """The server context, built once per process (a worker builds its own; `serve` builds
+        the first one when it checks the files, before it listens).
+
+        Raises SettingsError when the files no longer make one (replaced since they were checked).
+        """
         assert self.tls is not None
         context = _contexts.get(self.tls)
         if context is None:
@@ -123,6 +129,7 @@ class Listener:
 
 
 _contexts: dict["ServerTLS", ssl.SSLContext] = {}
+_told: set[str] = set()   # why this process could not build its context, each reason logged once
 
 
 class AnsweredAtOnce(NamedTuple):
@@ -392,8 +399,17 @@ class _Guarded:
 
     async def _handshake(self, raw: asyncio.BaseTransport) -> None:
         try:
+            context = self._listener.ssl_context()
+        except ConfigserverError as exc:   # no device can connect: not a client's failure, said once
+            if str(exc) not in _told:
+                _told.add(str(exc))
+                log.error("no TLS handshake can succeed: %s", exc)
+            raw.abort()  # type: ignore[attr-defined]
+            self._forget()
+            return
+        try:
             transport = await self.loop.start_tls(
-                raw, self, self._listener.ssl_context(), server_side=True,  # type: ignore[arg-type]
+                raw, self, context, server_side=True,  # type: ignore[arg-type]
                 ssl_handshake_timeout=self._limits.tls_handshake_timeout,
                 # a peer that never answers our close_notify must not keep its descriptor long
                 ssl_shutdown_timeout=self._limits.tls_handshake_timeout,

@@ -211,14 +211,16 @@ def uvicorn_options(settings: "Settings", http: Literal["auto", "h11", "httptool
     server_tls = None
     if settings.builtin_tls:
         server_tls = ServerTLS.from_settings(settings)
-        server_tls.ssl_context()
+    listener = Listener(limits, server_tls)
+    if server_tls is not None:
+        listener.ssl_context()   # checked now, and kept for this process's connections
     ensure_open_files(limits.max_connections + FD_RESERVE)
     if http == "auto":
         http = "httptools" if GuardedHttpToolsProtocol is not None else "h11"
     protocol = GuardedHttpToolsProtocol if http == "httptools" else GuardedH11Protocol
     return {
         # a partial of a module-level class: it pickles, so it reaches every worker process
-        "http": functools.partial(protocol, listener=Listener(limits, server_tls)),
+        "http": functools.partial(protocol, listener=listener),
         "timeout_keep_alive": limits.keep_alive_timeout,
         "h11_max_incomplete_event_size": limits.max_request_head_bytes,
         # no WebSockets: the service has none, and an upgraded connection would leave these limits

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import http.client
 import json
+import logging
 import os
 import shutil
 import socket
@@ -343,6 +344,33 @@ def test_uvicorn_options_survive_the_trip_to_a_worker_process(files: Files) -> N
     protocol = pickle.loads(pickle.dumps(options["http"]))
     assert protocol.func is GuardedHttpToolsProtocol
     assert protocol.keywords["listener"].ssl_context().verify_mode == ssl.CERT_REQUIRED
+
+
+def test_files_replaced_after_start_up_leave_the_checked_context_in_use(files: Files, pki: LabPKI,
+                                                                        tmp_path: Path) -> None:
+    # a renewal that writes the certificate before its key: the running server goes on serving
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.write_bytes(files.server_cert.read_bytes())
+    key.write_bytes(files.server_key.read_bytes())
+    options = uvicorn_options(files.settings(tls_cert=cert, tls_key=key))
+    files.server_ca.issue_server(["localhost"]).write(cert, tmp_path / "renewed.key")
+    with listening(EchoApp(), **options) as port:
+        assert get(port, device_context(files, pki.phone))[0][0] == 200
+
+
+def test_a_listener_that_cannot_build_its_context_says_why_once(files: Files, pki: LabPKI, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # the files checked at start-up, replaced before this process built its context: no device
+    # can connect, which is not a client's failed handshake (those are debug lines)
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    files.server_ca.issue_server(["localhost"]).write(cert, tmp_path / "renewed.key")
+    key.write_bytes(files.server_key.read_bytes())
+    listener = Listener(ListenerLimits(), ServerTLS(cert, key, files.bundle))
+    with caplog.at_level(logging.DEBUG, logger="configserver"), listening(EchoApp(), **listener_options(listener)) as port:
+        for _ in range(3):
+            assert refused(port, device_context(files, pki.phone)).startswith(("handshake failed", "closed"))
+    told = [r.getMessage() for r in caplog.records if r.name.startswith("configserver") and r.levelno >= logging.WARNING]
+    assert len(told) == 1 and told[0].startswith("no TLS handshake can succeed: setting 'tls_cert'/'tls_key'"), told
 
 
 # -- legacy devices: what tls_security_level and tls_min_version admit --------------------------
