@@ -513,3 +513,76 @@ def test_a_read_ahead_that_failed_for_now_is_read_again_when_published(tmp_path,
     now[0] += 2
     assert store.refresh() is True
     assert store.snapshot.vars["default.toml"].data == {"user": "bob"}
+
+
+# -- symlinks --------------------------------------------------------------------------------------
+
+def test_a_file_event_below_a_symlinked_folder_publishes_nothing_from_outside(site, pki, tmp_path):
+    """inotify (watchfiles) follows symlinked folders and reports their files under the link's
+    path; the watcher does not enter them, by event no more than by rescan."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.txt"
+    secret.write_text("proxy_secret = 'hunter2'\n")
+    settled(secret)
+    site.write("templates/default.j2", "{% include 'shared/secret.txt' ignore missing %}config change SIP0 /user a\n")
+    site.templates.joinpath("shared").symlink_to(outside, target_is_directory=True)
+    site.vars.joinpath("shared").symlink_to(outside, target_is_directory=True)
+    settled(site.templates / "default.j2")
+    app = site.app()
+    secret.write_text("proxy_secret = 'hunter3'\n")
+    settled(secret)
+    (outside / "more").mkdir()
+    (outside / "more" / "x.toml").write_text("x = 1\n")
+    settled(outside / "more" / "x.toml")
+
+    app.store.refresh([site.templates / "shared" / "secret.txt", site.templates / "shared" / "more",
+                       site.vars / "shared" / "secret.txt", site.vars / "shared" / "more"])
+    assert set(app.store.snapshot.templates) == {"default.j2"} and not app.store.snapshot.vars
+    assert not app.store.pending
+    answer = call(app, "/", terminator_headers(pki.phone))
+    assert answer.status == 200 and "hunter" not in answer.text
+
+
+def test_a_folder_replaced_by_a_symlink_takes_its_files_out_of_the_snapshot(site):
+    site.write("templates/default.j2", "x\n")
+    site.write("templates/shared/part.j2", "inside\n")
+    site.write(str(site.root / "elsewhere" / "part.j2"), "outside\n")
+    for path in (site.templates / "default.j2", site.templates / "shared" / "part.j2"):
+        settled(path)
+    app = site.app()
+    assert "shared/part.j2" in app.store.snapshot.templates
+    (site.templates / "shared").rename(site.root / "old-shared")
+    (site.templates / "shared").symlink_to(site.root / "elsewhere", target_is_directory=True)
+    app.store.refresh([site.templates / "shared" / "part.j2"])
+    assert set(app.store.snapshot.templates) == {"default.j2"}
+
+
+def test_a_symlinked_folder_is_not_entered_by_the_real_file_events(tmp_path):
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "common.j2").write_text("outside\n")
+    (tmp_path / "templates" / "common").symlink_to(outside, target_is_directory=True)
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    store.refresh()
+
+    async def scenario() -> bool:
+        ready = asyncio.Event()
+        follower = asyncio.create_task(store.follow(3600, ready))
+        await ready.wait()
+        await asyncio.sleep(0.3)
+        (outside / "common.j2").write_text("edited outside\n")
+        (outside / "new.j2").write_text("new outside\n")
+        await asyncio.sleep(0.6)   # its events come first, or with the marker's
+        (tmp_path / "templates" / "marker.j2").write_text("seen\n")
+        try:
+            return await _wait(lambda: "marker.j2" in store.snapshot.templates, 15)
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+    assert asyncio.run(scenario())
+    assert set(store.snapshot.templates) == {"marker.j2"}
+

@@ -335,7 +335,9 @@ class ContentStore:
 
     def _look_at(self, paths: Iterable[str | Path], old: Snapshot) -> dict[Key, Version | None]:
         """What is now on disk at `paths` and below them: a folder that came is listed, and
-        every published file below a folder that went is gone."""
+        every published file below a folder that went is gone. A path below a symlinked folder
+        names nothing of ours (inotify follows such folders and reports their files under the
+        link's path; the folders are not entered, by events no more than by the rescan)."""
         found: dict[Key, Version | None] = {}
         roots = [(kind, str(self._folder(kind))) for kind in ("templates", "vars")]
         for path in map(str, paths):
@@ -349,15 +351,15 @@ class ContentStore:
                         break
                 else:
                     continue
-                if os.path.isdir(path) and not os.path.islink(path):
+                if os.path.isdir(path) and _reached_directly(root, name):   # a folder of ours
                     prefix = f"{name}/" if name else ""
                     below = list_files(Path(path))
                     found.update({(kind, prefix + sub): seen for sub, seen in below.items()})
                     found.update({(kind, n): None for n in published
                                   if n.startswith(prefix) and n[len(prefix):] not in below})
                 elif name:
-                    found[(kind, name)] = self._stat((kind, name))
-                    if not os.path.lexists(path):   # perhaps a folder that went
+                    found[(kind, name)] = seen = self._stat((kind, name))
+                    if seen is None:   # perhaps a folder that went, or one that is now a symlink
                         prefix = f"{name}/"
                         found.update({(kind, n): None for n in published if n.startswith(prefix)})
                 break
@@ -365,10 +367,10 @@ class ContentStore:
 
     def _stat(self, key: Key) -> Version | None:
         kind, name = key
-        root = self._folder(kind)
-        if not _wanted(name):
+        root = str(self._folder(kind))
+        if not _wanted(name) or not _reached_directly(root, os.path.dirname(name)):
             return None
-        return file_version(str(root / name), os.path.realpath(root) + os.sep)
+        return file_version(f"{root}{os.sep}{name}", os.path.realpath(root) + os.sep)
 
     def _settled(self, differing: dict[Key, Version | None], now: float) -> bool:
         """Whether every change may be published: each file's new version (or its absence) has
@@ -421,6 +423,15 @@ def _still(published: SourceFile | None, read: SourceFile) -> bool:
     """Whether `read`, which could not be read for a passing cause, is what the snapshot
     already lists: the same version with the same problem."""
     return published is not None and published.stamp == read.stamp and published.problem == read.problem
+
+
+def _reached_directly(root: str, folder: str) -> bool:
+    """Whether the folder `folder` (relative, with '/'; "" for `root` itself) is reached from
+    `root` through real folders only, no symlink on the way: a path through a symlinked folder
+    is no path of ours. A part that does not exist (a folder that went) is no symlink."""
+    if not folder:
+        return True
+    return os.path.realpath(f"{root}{os.sep}{folder}") == f"{os.path.realpath(root)}{os.sep}{folder}"
 
 
 def _wanted(name: str) -> bool:
