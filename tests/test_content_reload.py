@@ -586,3 +586,41 @@ def test_a_symlinked_folder_is_not_entered_by_the_real_file_events(tmp_path):
     assert asyncio.run(scenario())
     assert set(store.snapshot.templates) == {"marker.j2"}
 
+
+
+def test_an_edit_of_a_symlinked_templates_target_is_published_by_its_file_event(site, pki):
+    """A symlink to a file inside the folder is content; an edit of the file it names reaches
+    the link as soon as the edit itself, not at the next rescan."""
+    target = site.write("templates/shared/phone.j2", "config change SIP0 /pwd old\n")
+    settled(target)
+    site.templates.joinpath("devices").mkdir()
+    site.templates.joinpath("devices", "IP232-30-00-af.j2").symlink_to("../shared/phone.j2")
+    site.write("vars/shared.toml", 'pwd = "old"\n')
+    site.vars.joinpath("default.toml").symlink_to("shared.toml")
+    settled(site.vars / "shared.toml")
+    app = site.app()
+    assert "/pwd old" in call(app, "/", terminator_headers(pki.phone)).text
+
+    settled(site.write("templates/shared/phone.j2", "config change SIP0 /pwd {{ vars.pwd }}\n"))
+    settled(site.write("vars/shared.toml", 'pwd = "new"\n'))
+    assert app.store.refresh([target, site.vars / "shared.toml"]) is True
+    assert app.store.snapshot.vars["default.toml"].data == {"pwd": "new"}
+    assert "/pwd new" in call(app, "/", terminator_headers(pki.phone)).text
+
+    site.templates.joinpath("shared", "phone.j2").unlink()   # the target goes: the link names nothing
+    assert app.store.refresh([target]) is True
+    assert "devices/IP232-30-00-af.j2" not in app.store.snapshot.templates
+    settled(site.write("templates/shared/phone.j2", "config change SIP0 /pwd back\n"))   # and comes back
+    assert app.store.refresh([target]) is True
+    assert "/pwd back" in call(app, "/", terminator_headers(pki.phone)).text
+
+
+def test_an_edit_of_a_hidden_file_a_symlinked_template_names_is_published_by_its_file_event(site, pki):
+    hidden = site.write("templates/.phone.j2", "config change SIP0 /pwd old\n")
+    settled(hidden)
+    site.templates.joinpath("default.j2").symlink_to(".phone.j2")
+    app = site.app()
+    assert "/pwd old" in call(app, "/", terminator_headers(pki.phone)).text
+    settled(site.write("templates/.phone.j2", "config change SIP0 /pwd new\n"))
+    assert app.store.refresh([hidden]) is True
+    assert "/pwd new" in call(app, "/", terminator_headers(pki.phone)).text

@@ -2,8 +2,9 @@
 
 The operating system tells us which files changed (inotify, through `watchfiles`); a refresh
 looks at those files only and publishes a new immutable Snapshot that shares everything else
-with the one before. A slow full rescan (`rescan_seconds`) stays as a safety net for what file
-events miss: network file systems, an overflowed event queue, a symlink whose target changed.
+with the one before; an event on a file is one on every symlinked file that names it too. A
+slow full rescan (`rescan_seconds`) stays as a safety net for what file events miss: network
+file systems, an overflowed event queue.
 
 A poll reads `store.snapshot` once and uses that snapshot from start to end. A file modified
 less than `grace_seconds` ago is not read yet: the snapshot keeps the last version that was
@@ -24,7 +25,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ class ContentStore:
         # again by every refresh until they can be read
         self._again: set[Key] = set()
         self._relist = False   # a listing failed for a passing cause: both folders are listed again
+        self._links = _Links()   # the symlinked files seen, by the file each names
         self._clock = clock
         self._lock = threading.Lock()
         self._told: Callable[[set[str]], None] | None = None   # tells a running `follow` what to look at
@@ -98,9 +100,14 @@ class ContentStore:
             # what is on disk now for every file that may differ from the snapshot (None: gone)
             try:
                 found = self._scan(old) if paths is None else self._look_at(paths, old)
-                for key in (*self._unsettled, *self._again):   # still waiting from before: look again
-                    if key not in found and paths is not None:
-                        found[key] = self._stat(key)
+                if paths is not None:
+                    # an edit of a file is a new version of every symlink that names it
+                    found.update({link: self._stat(link) for link in self._links.naming(self._real_paths(paths, found))
+                                  if link not in found})
+                    for key in (*self._unsettled, *self._again):   # still waiting from before: look again
+                        if key not in found:
+                            found[key] = self._stat(key)
+                self._links.note(found, self._folder)
             except CannotListNow as exc:   # not known now is not gone: publish nothing, list again
                 if not self._relist:
                     log.warning("templates and vars cannot be listed now: listing them again", extra={"fields": {
@@ -322,6 +329,16 @@ class ContentStore:
     def _folder(self, kind: str) -> Path:
         return self.templates_dir if kind == "templates" else self.vars_dir
 
+    def _real_paths(self, paths: Iterable[str | Path], found: Iterable[Key]) -> Iterator[str]:
+        """The real paths of the files an event names (hidden ones too: a link may name one) and
+        of the files found below the folders it names."""
+        if not self._links:
+            return
+        yield from map(os.path.realpath, paths)
+        real = {kind: os.path.realpath(self._folder(kind)) for kind in ("templates", "vars")}
+        for kind, name in found:   # the folders of a found file are real (`_reached_directly`)
+            yield f"{real[kind]}{os.sep}{name}"
+
     def _scan(self, old: Snapshot) -> dict[Key, Version | None]:
         """Every file of both folders that differs from `old`: the safety net's full rescan."""
         found: dict[Key, Version | None] = {}
@@ -391,6 +408,46 @@ class ContentStore:
                 ready = False
         self._unsettled = unsettled
         return ready
+
+
+class _Links:
+    """The symlinked files seen in the folders, by the real path of the file each names (always
+    one inside the same folder): an event names the file that was edited, never the links to it,
+    and a link's version is its target's. Updated with every file looked at, so it holds the
+    links on disk, published or not, and a dangling link is kept for when its target comes back."""
+
+    def __init__(self) -> None:
+        self._target: dict[Key, str] = {}
+        self._links: dict[str, set[Key]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._links)
+
+    def naming(self, real_paths: Iterable[str]) -> set[Key]:
+        """The links that name any of the files at `real_paths`."""
+        return {link for path in real_paths for link in self._links.get(path, ())}
+
+    def note(self, found: dict[Key, Version | None], folder: Callable[[str], Path]) -> None:
+        """Take in what is now on disk for the files `found`."""
+        for key, seen in found.items():
+            if seen is not None:
+                target = seen[0]
+            elif key in self._target:   # no file now: still a link (dangling), or gone?
+                path = folder(key[0]) / key[1]
+                target = os.path.realpath(path) if os.path.islink(path) else None
+            else:
+                continue
+            was = self._target.get(key)
+            if was == target:
+                continue
+            if was is not None:
+                self._target.pop(key)
+                self._links[was].discard(key)
+                if not self._links[was]:
+                    del self._links[was]
+            if target is not None:
+                self._target[key] = target
+                self._links.setdefault(target, set()).add(key)
 
 
 def _published(snapshot: Snapshot, key: Key) -> SourceFile | None:
