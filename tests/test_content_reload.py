@@ -624,3 +624,80 @@ def test_an_edit_of_a_hidden_file_a_symlinked_template_names_is_published_by_its
     settled(site.write("templates/.phone.j2", "config change SIP0 /pwd new\n"))
     assert app.store.refresh([hidden]) is True
     assert "/pwd new" in call(app, "/", terminator_headers(pki.phone)).text
+
+
+# -- a file that keeps changing --------------------------------------------------------------------
+
+def test_a_file_that_keeps_changing_holds_other_edits_back_only_for_ten_grace_windows(tmp_path, caplog):
+    """A file rewritten more often than grace_seconds (a log someone writes under vars/) never
+    settles. The edits made with it wait ten grace windows, as a checkout would, then are
+    published without it; it is named in the log once, and holds nothing back from then on."""
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    clock = [time.time()]
+    edited = tmp_path / "templates" / "default.j2"
+    edited.write_text("config change SIP0 /pwd old\n")
+    noisy = tmp_path / "vars" / "notes.txt"
+    noisy.write_text("0\n")
+    for path in (edited, noisy):
+        settled(path)
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1.0, clock=lambda: clock[0])
+    store.refresh()
+
+    def tick(*also: Path) -> bool:
+        clock[0] += 0.5
+        noisy.write_text(f"{clock[0]}\n")
+        os.utime(noisy, (clock[0], clock[0]))
+        return store.refresh([noisy, *also])
+
+    def dated(path: Path, text: str) -> Path:
+        path.write_text(text)
+        os.utime(path, (clock[0], clock[0]))
+        return path
+
+    caplog.set_level("WARNING", logger="configserver.content")
+    dated(edited, "config change SIP0 /pwd new\n")
+    published = [tick(edited)] + [tick() for _ in range(40)]   # twenty seconds, a tick every half second
+    assert True in published and published.index(True) == 20   # ten grace windows after the edit
+    assert store.snapshot.templates["default.j2"].content == "config change SIP0 /pwd new\n"
+    assert store.snapshot.vars["notes.txt"].stamp != snapshot_stamp(noisy) and store.pending
+    warned = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "reload_partial"]
+    assert warned == [{"event": "reload_partial", "files": ["vars/notes.txt"], "waited_s": 10.0}]
+
+    # from now on an edit waits its own grace window only, and the two files that make it are
+    # still published together
+    dated(tmp_path / "templates" / "part.j2", "a\n")
+    assert tick(tmp_path / "templates" / "part.j2") is False
+    dated(edited, "config change SIP0 /pwd newer\n{% include 'part.j2' %}\n")
+    assert [tick(edited), tick()] == [False, True]   # part.j2 settled first, and waited for default.j2
+    assert {"part.j2", "default.j2"} <= set(store.snapshot.templates)
+    assert "newer" in store.snapshot.templates["default.j2"].content
+    assert len([r for r in caplog.records if getattr(r, "fields", {}).get("event") == "reload_partial"]) == 1
+
+    clock[0] += 1.5   # it stops: published like any file
+    assert store.refresh(()) is True and store.snapshot.vars["notes.txt"].stamp == snapshot_stamp(noisy)
+    assert not store.pending
+
+
+def test_a_checkout_that_settles_within_ten_grace_windows_is_published_whole(tmp_path):
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    clock = [time.time()]
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1.0, clock=lambda: clock[0])
+    store.refresh()
+    written = []
+    for step in range(18):   # a slow checkout: one file every half second for nine seconds
+        clock[0] += 0.5
+        path = tmp_path / "templates" / f"part{step}.j2"
+        path.write_text("x\n")
+        os.utime(path, (clock[0], clock[0]))
+        written.append(path)
+        assert store.refresh([path]) is False
+    clock[0] += 1.0
+    assert store.refresh(()) is True and len(store.snapshot.templates) == 18
+
+
+def snapshot_stamp(path: Path) -> int:
+    from configserver.content.snapshot import stamp_of
+
+    return stamp_of(os.stat(path))

@@ -9,7 +9,8 @@ file systems, an overflowed event queue.
 A poll reads `store.snapshot` once and uses that snapshot from start to end. A file modified
 less than `grace_seconds` ago is not read yet: the snapshot keeps the last version that was
 complete, so a file being written never yields half a script, and a change spread over several
-files (a git checkout, an rsync) is taken at once instead of file by file.
+files (a git checkout, an rsync) is taken at once instead of file by file: it waits for its last
+file RESTLESS_GRACES grace windows at most, then goes without the files still changing.
 
 Nothing outside the two folders is ever read: hidden files and editors' leftovers are skipped,
 symlinked folders are not entered, and a symlinked file counts only when it points at a file
@@ -49,6 +50,11 @@ RESCAN_SECONDS = 600.0   # the safety net's period; file events do the real work
 READ_AT_ONCE = 1000      # changed templates read before publishing; more are read on first use
 FOLDER_CHECK_SECONDS = 5.0   # how soon a folder that went, came back or was replaced is seen
 WAITING_MAX = 100        # polls that may wait at once for the next snapshot (newer_than)
+# A change spread over several files is published whole, but waits at most this many grace
+# windows for its last file: a file rewritten more often than that (a log, a sync tool's state)
+# would otherwise hold every other edit back for good. Past it, the files that have settled are
+# published and the ones still changing wait on their own.
+RESTLESS_GRACES = 10
 
 Key = tuple[str, str]    # ("templates" | "vars", name relative to its folder, with '/')
 Version = tuple[str | None, Stamp]   # a symlink's target to read (None: the file itself) and its version
@@ -76,6 +82,8 @@ class ContentStore:
         # or None if gone; since when it has looked like that by our clock)
         self._unsettled: dict[Key, tuple[Stamp | None, float]] = {}
         self._early: dict[Key, SourceFile] = {}   # changed files read while they settle
+        self._waiting_since: float | None = None   # since when a change has waited for files still changing
+        self._restless: set[Key] = set()   # files that kept the others waiting too long: they wait alone
         # vars files published with a problem that may pass (SourceFile.passing): looked at
         # again by every refresh until they can be read
         self._again: set[Key] = set()
@@ -92,7 +100,9 @@ class ContentStore:
         publish a new snapshot once every change seen has settled.
 
         Returns whether a new snapshot was published. While any file is new, changed or gone
-        for less than `grace_seconds`, the snapshot in use stays as it is, whole.
+        for less than `grace_seconds`, the snapshot in use stays as it is, whole, for at most
+        RESTLESS_GRACES grace windows: then the files that have settled are published, and the
+        ones still changing are published alone once they settle.
         """
         with self._lock:
             old = self.snapshot
@@ -120,19 +130,24 @@ class ContentStore:
             if not differing:
                 self._unsettled.clear()
                 self._early.clear()
+                self._restless.clear()
+                self._waiting_since = None
                 return False
             bulk = sum(kind == "templates" and seen is not None for (kind, _), seen in differing.items()) > READ_AT_ONCE
             # a vars file read again in the version listed, after a passing problem, is no change to wait for
             waiting = {key: seen for key, seen in differing.items() if not _read_again(old, key, seen)}
-            if not self._settled(waiting, now):
+            changing = self._settling(waiting, now)
+            if not self._may_publish(changing, now):
                 if not bulk:
-                    self._read_ahead(waiting)
+                    self._read_ahead({key: seen for key, seen in waiting.items() if key not in self._restless})
                 return False
             templates: dict[str, SourceFile | None] = {}
             variables: dict[str, SourceFile | None] = {}
             # a few changed files are read now, so a file written while it is read is waited
             # for; a bulk of templates is read when a device first needs each (SourceFile)
             for key, seen in differing.items():
+                if key in changing:
+                    continue   # one that keeps changing: published once it settles
                 kind, name = key
                 source = None
                 if seen is not None:
@@ -149,8 +164,9 @@ class ContentStore:
                     if source.passing and _still(_published(old, key), source):
                         continue   # still the same passing problem: nothing to publish for it
                 (templates if kind == "templates" else variables)[name] = source
-            self._unsettled.clear()
+            self._unsettled = {key: since for key, since in self._unsettled.items() if key in changing}
             self._early.clear()
+            self._restless &= changing   # the ones that settled are published: calm again
             if not templates and not variables:
                 return False
             self.snapshot = old.changed(templates, variables)
@@ -389,13 +405,14 @@ class ContentStore:
             return None
         return file_version(f"{root}{os.sep}{name}", os.path.realpath(root) + os.sep)
 
-    def _settled(self, differing: dict[Key, Version | None], now: float) -> bool:
-        """Whether every change may be published: each file's new version (or its absence) has
-        stayed the same for `grace_seconds` by our own clock, or the file was last modified at
-        least that long ago. A modification time ahead of our clock proves nothing either way.
-        Every change is remembered until all of them are published together."""
+    def _settling(self, differing: dict[Key, Version | None], now: float) -> set[Key]:
+        """The changed files that may not be published yet, from what `differing` says is on
+        disk now. A file's new version (or its absence) may be once it has stayed the same for
+        `grace_seconds` by our own clock, or the file was last modified at least that long ago.
+        A modification time ahead of our clock proves nothing either way. Every change is
+        remembered until it is published."""
         unsettled: dict[Key, tuple[Stamp | None, float]] = {}
-        ready = True
+        changing: set[Key] = set()
         for key, seen in differing.items():
             stamp = seen[1] if seen is not None else None
             since = self._unsettled.get(key)
@@ -405,9 +422,31 @@ class ContentStore:
             age = now - stamp_mtime_ns(stamp) / 1e9 if stamp is not None else -1.0
             old_on_disk = 0 <= age and age >= self.grace_seconds
             if not old_on_disk and now - since[1] < self.grace_seconds:
-                ready = False
+                changing.add(key)
         self._unsettled = unsettled
-        return ready
+        return changing
+
+    def _may_publish(self, changing: set[Key], now: float) -> bool:
+        """Whether the changes that have settled may be published now, with `changing` still
+        changing: when no file holds them back (those found restless earlier wait alone), or
+        when the ones that do have held them back RESTLESS_GRACES grace windows. Those are then
+        named in the log, once, and wait alone from then on."""
+        holding = changing - self._restless
+        if not holding:
+            self._waiting_since = None
+            return True
+        if self._waiting_since is None:
+            self._waiting_since = now
+        waited = now - self._waiting_since
+        if waited < RESTLESS_GRACES * self.grace_seconds:
+            return False
+        self._restless |= holding
+        self._waiting_since = None
+        names = sorted(f"{kind}/{name}" for kind, name in holding)
+        log.warning("files still changing hold no other change back any longer", extra={"fields": {
+            "event": "reload_partial", "files": names[:10], **({"more": len(names) - 10} if len(names) > 10 else {}),
+            "waited_s": round(waited, 1)}})
+        return True
 
 
 class _Links:
