@@ -13,7 +13,7 @@ from pydantic import SecretStr
 from test_admin_queries import NOW, fill_sqlite, fleet_rows
 
 from configserver import load_settings, securitylog
-from configserver.admin import add_user, create_admin_app
+from configserver.admin import add_user, create_admin_app, remove_user
 from configserver.admin._sessions import MAX_DELAY, Sessions, Throttle, failure_delay
 
 PASSWORD = "correct horse battery staple"
@@ -81,6 +81,28 @@ def test_the_cookie_is_secure_behind_tls(admin_settings) -> None:
 
 
 PROXY_SECRET = "p" * 40
+
+
+def test_a_removed_admin_loses_their_sessions(browser, admin_settings) -> None:
+    assert log_in(browser).status_code == 303
+    assert browser.get("/").status_code == 200
+    remove_user(admin_settings.admin_users, "alice")          # `configserver admin-user remove alice`
+    for path in ("/", "/devices/00-90-33-00-00-01"):
+        answer = browser.get(path)
+        assert answer.status_code == 303 and answer.headers["location"] == "/login", path
+    add_user(admin_settings.admin_users, "alice", PASSWORD)  # back with the very same password
+    assert browser.get("/").status_code == 303               # a new login, not the old session
+
+
+def test_a_new_password_ends_the_sessions_opened_with_the_old_one(browser, admin_settings) -> None:
+    assert log_in(browser).status_code == 303
+    add_user(admin_settings.admin_users, "bob", "bob's long passphrase")   # others' changes: no effect
+    assert browser.get("/").status_code == 200
+    add_user(admin_settings.admin_users, "alice", "a brand new passphrase")
+    answer = browser.get("/")
+    assert answer.status_code == 303 and answer.headers["location"] == "/login"
+    assert log_in(browser, password="a brand new passphrase").status_code == 303
+    assert browser.get("/").status_code == 200
 
 
 def test_a_wrong_password_is_refused_slowed_down_and_logged(admin_settings) -> None:
@@ -262,22 +284,53 @@ def test_innovaphones_secret_options_are_masked_in_the_script_unless_revealed() 
 
 # -- the rules behind it -----------------------------------------------------------------------
 
+ALICE_HASH = "$argon2id$v=19$m=65536,t=3,p=4$alice"
+
+
 def test_a_session_ends_when_its_lifetime_is_over() -> None:
     clock = [NOW]
-    sessions = Sessions(lifetime=60, clock=lambda: clock[0])
-    cookie, session = sessions.start("alice")
+    sessions = Sessions(lifetime=60, hash_of={"alice": ALICE_HASH}.get, clock=lambda: clock[0])
+    cookie, session = sessions.start("alice", ALICE_HASH)
     assert sessions.find(cookie) == session
     clock[0] += 61
     assert sessions.find(cookie) is None
 
 
 def test_a_session_cookie_that_was_changed_is_no_session() -> None:
-    sessions = Sessions(lifetime=60)
-    cookie, _ = sessions.start("alice")
+    sessions = Sessions(lifetime=60, hash_of={"alice": ALICE_HASH}.get)
+    cookie, _ = sessions.start("alice", ALICE_HASH)
     # another session id under the same signature (the signature's last character may carry only
     # base64 padding bits, so the id is what is changed)
     assert sessions.find(("A" if cookie[0] != "A" else "B") + cookie[1:]) is None
-    assert sessions.find(Sessions(lifetime=60).start("alice")[0]) is None   # another process's key
+    other = Sessions(lifetime=60, hash_of={"alice": ALICE_HASH}.get)
+    assert sessions.find(other.start("alice", ALICE_HASH)[0]) is None   # another process's key
+
+
+def test_a_session_lives_only_while_its_user_keeps_the_password_hash_it_was_opened_with() -> None:
+    from configserver.admin import UsersError
+
+    current: dict[str, str] = {"alice": ALICE_HASH}
+    broken = [False]
+
+    def hash_of(user: str) -> str | None:
+        if broken[0]:
+            raise UsersError("admin-users:1: not 'name:$argon2...'")
+        return current.get(user)
+
+    sessions = Sessions(lifetime=60, hash_of=hash_of)
+    cookie, session = sessions.start("alice", ALICE_HASH)
+    assert ALICE_HASH not in repr(session) and ALICE_HASH not in cookie   # a digest, kept here only
+    broken[0] = True
+    assert sessions.find(cookie) is None            # a file that cannot be read lets nobody in...
+    broken[0] = False
+    assert sessions.find(cookie) == session         # ...and the same hash again is the same session
+    current["alice"] = ALICE_HASH + "-new"
+    assert sessions.find(cookie) is None
+    current["alice"] = ALICE_HASH                   # gone for good: it does not come back
+    assert sessions.find(cookie) is None
+    cookie, _ = sessions.start("alice", ALICE_HASH)
+    del current["alice"]
+    assert sessions.find(cookie) is None
 
 
 @pytest.mark.parametrize(("failures", "delay"), [(0, 0), (1, 0.5), (2, 1), (3, 2), (4, 4), (5, 8), (9, MAX_DELAY)])

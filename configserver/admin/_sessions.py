@@ -3,58 +3,90 @@
 A session lives in this process only: the cookie carries a random session id signed with a key
 made at start-up (itsdangerous), the server keeps who it belongs to, its CSRF token and when it
 ends. Logging out ends it here, whatever the browser keeps; a restart ends them all.
+
+A session also ends when its user is removed from the users file or given a new password: it
+keeps a digest of the password hash it was opened with (never the hash, and nothing of it goes
+into a cookie) and is found only while the user's current hash has that digest.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from itsdangerous import BadSignature, TimestampSigner
+
+from ..errors import ConfigserverError
 
 SESSIONS_KEPT = 10_000
 
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    """One admin's login: who, the token every state-changing form must carry, when it ends."""
+    """One admin's login: who, the token every state-changing form must carry, when it ends,
+    and the digest of the password hash it was opened with."""
 
     user: str
     csrf: str
     expires: float
+    credential: bytes
+
+
+def credential_of(hashed: str) -> bytes:
+    """The digest a session keeps of a user's password hash: enough to tell the hash changed."""
+    return hashlib.sha256(hashed.encode("utf-8")).digest()
 
 
 class Sessions:
-    """Sessions by signed cookie value. `lifetime` in seconds; `clock` for tests."""
+    """Sessions by signed cookie value. `lifetime` in seconds; `hash_of` gives a user's current
+    password hash (None when there is no such user; while it raises ConfigserverError, no
+    session is found);
+    `clock` for tests."""
 
-    def __init__(self, lifetime: float, clock=time.time) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, lifetime: float, hash_of: Callable[[str], str | None],
+                 clock=time.time) -> None:  # type: ignore[no-untyped-def]
         self.lifetime = lifetime
+        self._hash_of = hash_of
         self._clock = clock
         self._signer = TimestampSigner(secrets.token_bytes(32), salt="configserver-admin-session")
         self._login_signer = TimestampSigner(secrets.token_bytes(32), salt="configserver-admin-login")
         self._by_id: dict[str, Session] = {}
 
-    def start(self, user: str) -> tuple[str, Session]:
-        """A new session for `user`: the cookie value to set, and the session."""
+    def start(self, user: str, hashed: str) -> tuple[str, Session]:
+        """A new session for `user`, who logged in with the password whose hash is `hashed`:
+        the cookie value to set, and the session."""
         now = self._clock()
         if len(self._by_id) >= SESSIONS_KEPT:
             self._by_id = {key: s for key, s in self._by_id.items() if s.expires > now}
             while len(self._by_id) >= SESSIONS_KEPT:   # still full: the oldest go first
                 self._by_id.pop(next(iter(self._by_id)))
         session_id = secrets.token_urlsafe(32)
-        session = Session(user, secrets.token_urlsafe(32), now + self.lifetime)
+        session = Session(user, secrets.token_urlsafe(32), now + self.lifetime, credential_of(hashed))
         self._by_id[session_id] = session
         return self._signer.sign(session_id).decode(), session
 
     def find(self, cookie: str | None) -> Session | None:
-        """The live session the cookie names, or None (absent, forged, expired, logged out)."""
+        """The live session the cookie names, or None (absent, forged, expired, logged out,
+        its user removed or given a new password since)."""
         session_id = self._unsign(cookie)
         if session_id is None:
             return None
         session = self._by_id.get(session_id)
         if session is None or session.expires <= self._clock():
+            self._by_id.pop(session_id, None)
+            return None
+        try:
+            hashed = self._hash_of(session.user)
+        except ConfigserverError:
+            # the users file cannot be read now (half edited by hand?): no access until it can,
+            # but the session is kept for when the file is whole again with the same hash
+            return None
+        if hashed is None or not hmac.compare_digest(credential_of(hashed), session.credential):
             self._by_id.pop(session_id, None)
             return None
         return session

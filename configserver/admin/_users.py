@@ -140,10 +140,21 @@ class Users:
     def __len__(self) -> int:
         return len(self._current())
 
-    def verify(self, name: str, password: str) -> bool:
-        """True when `name` exists and `password` is its password. Costs one Argon2 hash either way."""
+    def hash_of(self, name: str) -> str | None:
+        """The current password hash of `name`, None when there is no such user. Raises
+        UsersError when the file cannot be read."""
+        return self._current().get(name)
+
+    def check(self, name: str, password: str) -> str | None:
+        """The hash `password` matched when `name` exists and it is its password, else None.
+        Costs one Argon2 hash either way."""
         hashed = self._current().get(name)
         try:
-            return _hasher.verify(hashed or _DUMMY, password) and hashed is not None
+            matched = _hasher.verify(hashed or _DUMMY, password) and hashed is not None
         except (VerificationError, InvalidHashError):
-            return False
+            return None
+        return hashed if matched else None
+
+    def verify(self, name: str, password: str) -> bool:
+        """True when `name` exists and `password` is its password. Costs one Argon2 hash either way."""
+        return self.check(name, password) is not None

@@ -98,7 +98,7 @@ class AdminPage:
         except UsersError as exc:
             from ..settings import SettingsError
             raise SettingsError(str(exc)) from None
-        self.sessions = Sessions(settings.admin_session_minutes * 60.0)
+        self.sessions = Sessions(settings.admin_session_minutes * 60.0, self.users.hash_of)
         self.throttle = Throttle()
         self.trusted = TrustedProxies(settings.trusted_proxies)
         secret = settings.proxy_secret.get_secret_value() if settings.proxy_secret else None
@@ -345,8 +345,10 @@ def create_admin_app(settings: Settings) -> FastAPI:
                                  user=user, no_users=len(page.users) == 0)
             set_cookie(response, request, LOGIN_COOKIE, token, 3600)
             return response
-        if await asyncio.to_thread(page.users.verify, user, password):
-            cookie, _ = page.sessions.start(user)
+        hashed = await asyncio.to_thread(page.users.check, user, password)
+        if hashed is not None:
+            # bound to this hash: a new password or the user's removal ends the session
+            cookie, _ = page.sessions.start(user, hashed)
             log.info("admin login", extra={"fields": {"event": "admin_login", "user": user, "client_ip": client}})
             response = RedirectResponse("/", status_code=303)
             set_cookie(response, request, SESSION_COOKIE, cookie, int(page.sessions.lifetime))
