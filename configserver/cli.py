@@ -334,9 +334,13 @@ def _cmd_admin_user(args: argparse.Namespace) -> int:
     """`admin-user add|remove|list`: the admin page's users file (setting `admin_users`)."""
     from .admin import UsersError, add_user, read_users, remove_user
 
-    path = _settings(args).admin_users
+    # Absolute in what is said: a relative setting is the working directory's file, which
+    # need not be the one admin-serve reads (README "Admin page").
+    path = _settings(args).admin_users.absolute()
     try:
         if args.admin_command == "list":
+            if not path.exists():
+                print(f"configserver admin-user: no users file {path} (setting 'admin_users')", file=sys.stderr)
             for name in sorted(read_users(path)):
                 print(name)
         elif args.admin_command == "remove":

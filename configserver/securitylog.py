@@ -67,7 +67,7 @@ def configure(target: str | Path | None) -> None:
         try:
             handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
         except OSError as exc:
-            raise OSError(f"setting 'security_log': cannot append to {path}: {exc.strerror or exc}") from None
+            raise OSError(f"setting 'security_log': cannot append to {path.absolute()}: {exc.strerror or exc}") from None
         handler.setFormatter(_FileFormatter())
     _log.addHandler(handler)
 

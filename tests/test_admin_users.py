@@ -82,11 +82,56 @@ def run_cli(tmp_path: Path, *args: str, stdin: str = "") -> subprocess.Completed
 def test_admin_user_add_reads_the_password_from_stdin(tmp_path: Path) -> None:
     added = run_cli(tmp_path, "admin-user", "add", "alice", stdin=PASSWORD + "\n")
     assert added.returncode == 0, added.stderr
-    assert added.stdout == "added alice in admin-users\n"
     assert Users(tmp_path / "admin-users").verify("alice", PASSWORD)
     assert run_cli(tmp_path, "admin-user", "list").stdout == "alice\n"
     short = run_cli(tmp_path, "admin-user", "add", "bob", stdin="short\n")
     assert short.returncode == 1 and "at least 12 characters" in short.stderr
+
+
+def test_admin_user_names_the_absolute_path_of_the_file_it_wrote(tmp_path: Path) -> None:
+    # the default `admin_users` is relative: the path said must be the one written, wherever
+    # the command ran, so that it can be compared with the one admin-serve reads
+    added = run_cli(tmp_path, "admin-user", "add", "alice", stdin=PASSWORD + "\n")
+    assert added.stdout == f"added alice in {tmp_path.resolve() / 'admin-users'}\n"
+    again = run_cli(tmp_path, "admin-user", "add", "alice", stdin="another long passphrase\n")
+    assert again.stdout == f"new password for alice in {tmp_path.resolve() / 'admin-users'}\n"
+    removed = run_cli(tmp_path, "admin-user", "remove", "alice")
+    assert removed.stdout == f"removed alice from {tmp_path.resolve() / 'admin-users'}\n"
+    (tmp_path / "admin-users").unlink()
+    listed = run_cli(tmp_path, "admin-user", "list")
+    assert listed.returncode == 0 and listed.stdout == ""
+    assert f"no users file {tmp_path.resolve() / 'admin-users'}" in listed.stderr
+
+
+def test_the_admin_page_warns_at_start_when_its_users_file_is_not_there(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from configserver import load_settings
+    from configserver.admin import create_admin_app
+
+    settings = load_settings(templates=tmp_path, vars=tmp_path, database=f"sqlite:///{tmp_path}/i.db",
+                             admin_users=tmp_path / "nowhere" / "admin-users", admin_port=8081)
+    with caplog.at_level(logging.WARNING, logger="configserver.admin"):
+        create_admin_app(settings)
+    [warning] = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "admin_users_missing"]
+    assert warning.fields["admin_users"] == str(tmp_path / "nowhere" / "admin-users")
+    assert "absolute path" in warning.fields["fix"] and "admin-user add" in warning.fields["fix"]
+    caplog.clear()
+    add_user(settings.admin_users, "alice", PASSWORD)
+    with caplog.at_level(logging.WARNING, logger="configserver.admin"):
+        create_admin_app(settings)
+    assert not [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "admin_users_missing"]
+
+
+def test_the_production_settings_read_the_users_file_the_readme_installs() -> None:
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    production = tomllib.loads((root / "deploy" / "configserver.production.toml").read_text())
+    for text in ((root / "README.md").read_text(), (root / "deploy" / "systemd" / "configserver-admin.service").read_text()):
+        installed = re.findall(r"install -m 0640 -g configserver /dev/null (\S+)", text)
+        assert installed == [production["admin_users"]]
 
 
 def test_admin_serve_says_how_to_turn_the_page_on(tmp_path: Path) -> None:

@@ -141,3 +141,24 @@ def test_check_names_the_variable_that_set_a_missing_templates_folder(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stdout.startswith("CONFIGSERVER_TEMPLATES:1: templates: ") and "configserver.toml" not in result.stdout
+
+
+def test_the_production_settings_name_every_file_whose_default_is_relative_by_an_absolute_path():
+    # A relative path is looked for in the working directory: / under systemd, root's shell's
+    # folder for `configserver --config ...`; the two would read different files.
+    import tomllib
+    from pathlib import Path
+
+    from configserver.settings import Settings
+
+    production_file = Path(__file__).resolve().parent.parent / "deploy" / "configserver.production.toml"
+    production = tomllib.loads(production_file.read_text())
+    relative = [name for name, field in Settings.model_fields.items()
+                if isinstance(field.default, Path) and not field.default.is_absolute()]
+    assert {"templates", "vars", "admin_users"} <= set(relative)
+    for name in relative:
+        assert Path(production[name]).is_absolute(), name
+    assert production["database"].startswith("sqlite:////")   # four slashes: an absolute file
+    commented = {line.lstrip("# ").split(" = ")[0]: line.split(" = ", 1)[1].strip('"')
+                 for line in production_file.read_text().splitlines() if line.startswith("# ") and " = " in line}
+    assert commented["security_log"] == "journal" and Path(commented["revoked"]).is_absolute()

@@ -98,6 +98,13 @@ class AdminPage:
         except UsersError as exc:
             from ..settings import SettingsError
             raise SettingsError(str(exc)) from None
+        if not settings.admin_users.exists():
+            # Not an error (the page says "no users yet"), but usually the wrong file: a relative
+            # `admin_users` is looked for in the working directory, / under systemd.
+            log.warning("admin users file missing", extra={"fields": {
+                "event": "admin_users_missing", "admin_users": str(settings.admin_users.absolute()),
+                "fix": "set admin_users to an absolute path and add a user there with "
+                       "`configserver --config FILE admin-user add NAME`"}})
         self.sessions = Sessions(settings.admin_session_minutes * 60.0, self.users.hash_of)
         self.throttle = Throttle()
         self.trusted = TrustedProxies(settings.trusted_proxies)
