@@ -251,6 +251,12 @@ def test_the_devices_secret_variables_are_masked_in_its_backup_wherever_they_app
         == f"config change X /desc {MASK} {MASK}"
 
 
+def test_a_password_in_an_array_of_tables_is_masked_in_the_backup() -> None:
+    accounts = {"accounts": ({"user": "desk", "password": "acct-secret-9931"}, {"user": "lobby", "pin": "80443"})}
+    assert mask_config("config change SIP1 /user desk /desc acct-secret-9931 80443", accounts) == \
+        f"config change SIP1 /user desk /desc {MASK} {MASK}"
+
+
 @pytest.mark.parametrize(("old", "new", "pair"), [
     (None, None, (2, 3)), ("1", "3", (1, 3)), ("3", "1", (3, 1)), ("1", "9", (2, 3)), ("x", "1", (2, 3)),
     ("2", "2", (2, 3)),

@@ -248,10 +248,39 @@ def test_the_device_page_shows_the_script_it_would_get_with_secrets_masked(brows
 @pytest.mark.parametrize(("name", "secret"), [
     ("password", True), ("sip.password", True), ("admin_pin", True), ("api_key", True), ("SIP.Secret", True),
     ("site", False), ("keyboard", False), ("pinned", False), ("registrar", False), ("extra", True),
+    ("accounts[0].password", True), ("accounts[1].user", False), ("accounts[3].token", True), ("token", False),
+    ("rooms[0][1].extra", True),
 ])
 def test_which_variables_are_secret(name: str, secret: bool) -> None:
     from configserver.admin._script import is_secret
-    assert is_secret(name, marked=["extra"]) is secret
+    assert is_secret(name, marked=["extra", "accounts.token"]) is secret
+
+
+def test_an_array_of_tables_is_one_variable_per_value_and_its_secrets_are_masked() -> None:
+    from configserver.admin._script import MASK, flatten, mask
+    variables = {"ntp": ("a.example", "b.example"), "accounts": (
+        {"user": "desk", "password": "acct-secret-9931"}, {"user": "lobby", "password": "acct-secret-4417"})}
+    assert flatten(variables) == [
+        ("ntp", ("a.example", "b.example")), ("accounts[0].user", "desk"), ("accounts[0].password", "acct-secret-9931"),
+        ("accounts[1].user", "lobby"), ("accounts[1].password", "acct-secret-4417")]
+    masked = mask("/auth-pw acct-secret-9931\n/auth-pw acct-secret-4417\n", variables)
+    assert masked.script == f"/auth-pw {MASK}\n/auth-pw {MASK}\n"
+    assert ("accounts[0].password", MASK, True) in masked.variables and masked.secrets == 2
+    assert ("accounts[1].user", "lobby", False) in masked.variables
+
+
+def test_a_password_in_an_array_of_tables_is_masked_on_the_device_page(admin_settings) -> None:
+    (admin_settings.vars / "default.toml").write_text(
+        'site = "lab"\n[[accounts]]\nuser = "desk"\npassword = "acct-secret-9931"\n')
+    (admin_settings.templates / "default.j2").write_text(
+        "{% for a in vars.accounts %}config change SIP1 /user {{ a.user }} /auth-pw {{ a.password }}\n{% endfor %}")
+    with TestClient(create_admin_app(admin_settings), follow_redirects=False) as client:
+        log_in(client)
+        page = client.get("/devices/00-90-33-00-00-01").text
+        assert "acct-secret-9931" not in page
+        assert "accounts[0].password" in page and "config change SIP1 /user desk /auth-pw ••••••" in page
+        shown = client.get("/devices/00-90-33-00-00-01", params={"reveal": "1"}).text
+        assert "/auth-pw acct-secret-9931" in shown
 
 
 def test_masking_hides_every_occurrence_but_never_a_short_value() -> None:

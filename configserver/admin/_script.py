@@ -3,7 +3,9 @@ secrets masked unless the admin asks to see them.
 
 A variable is secret when its name (the last part of a dotted key) ends in `password`,
 `secret`, `pin` or `key`, or when the `admin_secret_vars` setting lists it (by its last part or
-its whole dotted name). Its value is masked in the variables table and wherever it appears in the
+its whole dotted name). Tables nested in lists, TOML's arrays of tables (`[[accounts]]`), are
+named by their place in the list: `accounts[0].password` is secret by its last part too, and
+`accounts.password` in `admin_secret_vars` names it in every element. Its value is masked in the variables table and wherever it appears in the
 script, also percent-encoded as innovaphone's configuration lines carry values (`p%40ss%20w0rd`,
 `quote()` and `quote_plus()` forms, either case of hex); values shorter than MIN_MASKED
 characters are masked in the table only, since replacing them throughout would hide unrelated
@@ -30,23 +32,36 @@ MIN_MASKED = 3
 SECRET_ENDINGS = ("password", "secret", "pin", "key")
 
 
+_INDEX = re.compile(r"\[\d+\]")
+
+
 def is_secret(name: str, marked: Iterable[str] = ()) -> bool:
-    """Whether the variable `name` (dotted for nested tables: `sip.password`) is a secret."""
-    last = name.rsplit(".", 1)[-1].lower()
+    """Whether the variable `name` (dotted for nested tables: `sip.password`, with the place in
+    a list for a table in one: `accounts[0].password`) is a secret."""
+    unindexed = _INDEX.sub("", name).lower()
+    last = unindexed.rsplit(".", 1)[-1]
     listed = {m.lower() for m in marked}
-    return last.endswith(SECRET_ENDINGS) or last in listed or name.lower() in listed
+    return last.endswith(SECRET_ENDINGS) or last in listed or unindexed in listed
 
 
 def flatten(variables: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """Nested tables as dotted names, in the order they were given: `[("sip.password", "...")]`."""
+    """Nested tables as dotted names, in the order they were given: `[("sip.password", "...")]`.
+
+    A list holding tables or lists (an array of tables) is one name per element,
+    `accounts[0].password`; a list of plain values stays one variable (`ntp = ["a", "b"]`).
+    """
     out: list[tuple[str, Any]] = []
     for key, value in variables.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.extend(flatten(value, f"{name}."))
-        else:
-            out.append((name, value))
+        out.extend(_flatten_value(f"{prefix}{key}", value))
     return out
+
+
+def _flatten_value(name: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        return flatten(value, f"{name}.")
+    if isinstance(value, (list, tuple)) and any(isinstance(item, (Mapping, list, tuple)) for item in value):
+        return [pair for index, item in enumerate(value) for pair in _flatten_value(f"{name}[{index}]", item)]
+    return [(name, value)]
 
 
 def _secret_texts(value: Any) -> list[str]:
