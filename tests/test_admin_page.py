@@ -221,6 +221,28 @@ def test_the_fleet_filters_and_pages_as_asked(browser) -> None:
     assert "is not a duration" in bad.text
 
 
+@pytest.mark.parametrize("status", ["99999999999999999999", "600", "99", "-403"])
+def test_a_status_filter_out_of_range_is_said_on_the_page(browser, status: str) -> None:
+    log_in(browser)
+    answer = browser.get("/", params={"status": status})
+    assert answer.status_code == 200
+    assert f"status {int(status)} is no HTTP status: give one from 100 to 599" in answer.text
+    assert "showing every status" in answer.text and "120 devices" in answer.text
+
+
+def test_a_page_link_with_a_number_out_of_range_is_said_and_gives_the_first_page(browser) -> None:
+    import base64
+    import json
+
+    log_in(browser)
+    for way in ("after", "before"):
+        cursor = base64.urlsafe_b64encode(json.dumps([10**20, "x"]).encode()).decode()
+        answer = browser.get("/", params={way: cursor})
+        assert answer.status_code == 200
+        assert "not one this page made; showing the first page" in answer.text
+        assert answer.text.count('href="/devices/') == 50 and 'rel="prev"' not in answer.text
+
+
 def test_the_device_page_shows_its_polls_newest_first_with_refusal_reasons(browser) -> None:
     log_in(browser)
     answer = browser.get("/devices/00-90-33-00-00-00")      # device 0: its poll was refused

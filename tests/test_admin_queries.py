@@ -4,6 +4,8 @@ EXPLAIN (not timed), and paging by key that walks a filtered fleet exactly once.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -298,6 +300,14 @@ def test_a_cursor_that_is_not_ours_gives_the_first_page() -> None:
     assert read_cursor("WzEsMiwzXQ", "last_seen") is None          # [1,2,3]: too many values
     assert read_cursor("W3RydWUsIngiXQ", "last_seen") is None      # [true,"x"]: not a time
     assert read_cursor("WzEuNSwieCJd", "last_seen") == [1.5, "x"]
+
+
+@pytest.mark.parametrize("values", [[2**63, "x"], [-(2**63) - 1, "x"], [float("nan"), "x"], [float("inf"), "x"]])
+def test_a_cursor_with_a_number_no_database_holds_gives_the_first_page(values) -> None:
+    text = base64.urlsafe_b64encode(json.dumps(values).encode()).decode()
+    assert read_cursor(text, "last_seen") is None
+    assert read_cursor(base64.urlsafe_b64encode(json.dumps([2**63 - 1, "x"]).encode()).decode(), "last_seen") \
+        == [2**63 - 1, "x"]
 
 
 # -- the same plans on PostgreSQL --------------------------------------------------------------

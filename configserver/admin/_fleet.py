@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -82,7 +83,8 @@ def _cursor(row: sa.Row[Any], sort: str) -> str:
 
 def read_cursor(text: str | None, sort: str) -> list[Any] | None:
     """The values a cursor holds, or None for a cursor that is absent or not one of ours (a
-    hand-edited URL gets the first page, not an error)."""
+    hand-edited URL gets the first page, not an error). A number must be one every database
+    can compare: a 64-bit integer or a finite float."""
     if not text:
         return None
     try:
@@ -91,9 +93,19 @@ def read_cursor(text: str | None, sort: str) -> list[Any] | None:
         return None
     if not isinstance(values, list) or len(values) != len(SORTS[sort]):
         return None
-    if not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in values):
+    if not all(_cursor_value(v) for v in values):
         return None
     return values
+
+
+def _cursor_value(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, str)
 
 
 def _like(text: str) -> str:

@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from .. import securitylog
 from ..firmware import RolloutState
 from ..forwarded import TrustedProxies
-from ..inventory import InventoryError, parse_duration
+from ..inventory import InventoryError, check_status, parse_duration
 from ..inventory._database import database_url, migrate, open_engine
 from ..settings import Settings
 from . import _device, _fleet, _script
@@ -505,8 +505,12 @@ def _fleet_filter(args: Any) -> tuple[_fleet.FleetFilter, str, list[str]]:
     if args.get("status"):
         try:
             status = int(args["status"])
+            check_status(status)   # the CLI's rule: 100 to 599, also what any database can hold
         except ValueError:
-            problems.append(f"status {args['status']!r} is not an HTTP status; showing every status")
+            problems.append(f"status {args['status'][:20]!r} is not an HTTP status; showing every status")
+        except InventoryError as exc:
+            status = None
+            problems.append(f"{exc}; showing every status")
     stale_text = args.get("stale", "").strip()
     stale = _asked_duration(stale_text, problems)
     no_backup = _asked_duration(args.get("nobackup", "").strip(), problems)
@@ -514,6 +518,8 @@ def _fleet_filter(args: Any) -> tuple[_fleet.FleetFilter, str, list[str]]:
     if sort not in _fleet.SORTS:
         sort = "last_seen"
     descending = args.get("order", "desc" if sort == "last_seen" else "asc") != "asc"
+    if any(args.get(way) and _fleet.read_cursor(args[way], sort) is None for way in ("after", "before")):
+        problems.append("the page link is not one this page made; showing the first page")
     return _fleet.FleetFilter(
         model=args.get("model", "").strip() or None, status=status, stale=stale, no_backup=no_backup,
         text=args.get("q", "").strip()[:100] or None, sort=sort, descending=descending,  # type: ignore[arg-type]

@@ -36,11 +36,12 @@ from ._database import (
     migrate,
     open_engine,
 )
-from ._queries import Device, Poll, parse_duration
+from ._queries import Device, Poll, check_status, parse_duration
 from ._recorder import Inventory
 
 __all__ = [
     "age",
+    "check_status",
     "table",
     "when",
     "SCHEMA_VERSION",
