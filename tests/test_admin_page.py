@@ -272,6 +272,8 @@ def test_the_device_page_shows_the_script_it_would_get_with_secrets_masked(brows
     ("site", False), ("keyboard", False), ("pinned", False), ("registrar", False), ("extra", True),
     ("accounts[0].password", True), ("accounts[1].user", False), ("accounts[3].token", True), ("token", False),
     ("rooms[0][1].extra", True),
+    # what a secret table holds is secret: its elements' own names say nothing
+    ("api_key[0].value", True), ("sip_password.note", True), ("extra.sub", True), ("keyboard.layout", False),
 ])
 def test_which_variables_are_secret(name: str, secret: bool) -> None:
     from configserver.admin._script import is_secret

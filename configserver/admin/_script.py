@@ -37,11 +37,12 @@ _INDEX = re.compile(r"\[\d+\]")
 
 def is_secret(name: str, marked: Iterable[str] = ()) -> bool:
     """Whether the variable `name` (dotted for nested tables: `sip.password`, with the place in
-    a list for a table in one: `accounts[0].password`) is a secret."""
-    unindexed = _INDEX.sub("", name).lower()
-    last = unindexed.rsplit(".", 1)[-1]
+    a list for a table in one: `accounts[0].password`) is a secret: its own name or the name of
+    a table holding it is one (`api_key[0].value`), or it or a table holding it is `marked`."""
+    parts = _INDEX.sub("", name).lower().split(".")
     listed = {m.lower() for m in marked}
-    return last.endswith(SECRET_ENDINGS) or last in listed or unindexed in listed
+    return any(part.endswith(SECRET_ENDINGS) or part in listed or ".".join(parts[:n + 1]) in listed
+               for n, part in enumerate(parts))
 
 
 def flatten(variables: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
