@@ -129,6 +129,11 @@ class Answers:
     unchanged_sha256: str = ""
 
 
+# a kept answer: Choice.sources, apply_once and final_command (what it was rendered and wrapped
+# from), and the answer
+_Kept = tuple[tuple[object, ...], bool, str, Answers]
+
+
 class Pipeline:
     """Answers polls from the snapshots of one content store."""
 
@@ -141,11 +146,11 @@ class Pipeline:
         self.store = store
         self.renderer = renderer or Renderer(store.templates_dir)
         self._digest_key = digest_key
-        # device -> (what its answer was rendered from: Choice.sources, the answer). Kept across
-        # snapshots: an edit re-renders only the devices whose sources it changed. Bounded by what
-        # the answers weigh, unless `answers_kept` also bounds how many (no entry weighs less
-        # than its overhead).
-        self._answers: BoundedCache[DeviceIdentity, tuple[tuple[object, ...], Answers]] = BoundedCache.weighed(
+        # device -> (what its answer was rendered from: Choice.sources, how it was wrapped: its
+        # apply_once and final_command, the answer). Kept across snapshots: an edit re-renders
+        # only the devices whose sources or wrap it changed. Bounded by what the answers weigh,
+        # unless `answers_kept` also bounds how many (no entry weighs less than its overhead).
+        self._answers: BoundedCache[DeviceIdentity, _Kept] = BoundedCache.weighed(
             answers_bytes, _weight, _ANSWER_OVERHEAD, size=answers_kept)
         self.firmware = firmware or FirmwareStage()   # the web layer's watch gives it the rollout state
         self.backups = backups                        # None unless backup_url is set
@@ -193,7 +198,7 @@ class Pipeline:
             if answers is None:
                 answers = self.wrap(self.script(snapshot, choice, device, RequestInfo.of(request), now), choice, reported)
                 if not choice.per_poll:
-                    self._answers.put(device, (choice.sources, answers))
+                    self._answers.put(device, (choice.sources, choice.apply_once, choice.final_command, answers))
             above = self.above_script(snapshot, choice, device, query, request.time, now)
         except ContentChanged as changed:
             return self._changing(request, changed.template, query=query, device=device, choice=choice,
@@ -274,9 +279,12 @@ class Pipeline:
         return choice.template
 
     def _kept(self, device: DeviceIdentity, choice: Choice) -> Answers | None:
-        """The answer kept for `device`, while every version it was rendered from is unchanged."""
+        """The answer kept for `device`, while every version it was rendered from is unchanged
+        and it is to be wrapped as it was."""
         kept = self._answers.get(device)
-        return kept[1] if kept is not None and kept[0] == choice.sources else None
+        if kept is None or kept[:3] != (choice.sources, choice.apply_once, choice.final_command):
+            return None
+        return kept[3]
 
     @staticmethod
     def _outcome(
@@ -297,8 +305,8 @@ class Pipeline:
         )
 
 
-def _weight(kept: tuple[tuple[object, ...], Answers]) -> int:
-    sources, answers = kept
+def _weight(kept: _Kept) -> int:
+    sources, _, _, answers = kept
     # the file versions in `sources` are the snapshot's; a devices.csv row's text is the entry's own
     return (len(answers.sent) + len(answers.unchanged) + _ANSWER_OVERHEAD + 8 * len(sources)
             + sum(49 + len(source) for source in sources if type(source) is str))

@@ -1,12 +1,18 @@
 """Template lookup, variable layers, hot reload and the edit grace window."""
 
+import dataclasses
+import datetime as dt
+import errno
 import os
 import time
 
 import pytest
 
-from configserver.content import ConfigurationError, ContentStore, Renderer, to_crlf
+from configserver.admission import NamedDevice
+from configserver.content import ConfigurationError, ContentStore, Renderer, Snapshot, to_crlf
+from configserver.content import snapshot as snapshot_module
 from configserver.identity import DeviceIdentity, parse_device_name
+from configserver.poll import Pipeline, PollRequest
 
 
 def device(cn: str) -> DeviceIdentity:
@@ -257,3 +263,73 @@ def test_a_csv_saved_with_a_byte_order_mark_is_read(store):
     write(store, "vars/devices.csv", "\ufeffhwid,ext\nIP232-30-00-af,42\n")
     store.refresh()
     assert store.snapshot.choose(device("IP232-30-00-af")).variables["ext"] == "42"
+
+
+# -- a template that cannot be read says nothing -------------------------------------------------
+
+def refuse_to_open(monkeypatch, path) -> dict[str, bool]:
+    """Opening `path` fails with EACCES while the switch is on: what the service user sees of a
+    template left 0600 root (a checkout as root) until the admin runs chmod."""
+    blocked = {"on": True}
+    real_open = os.open
+
+    def fake_open(name, flags, *args, **kwargs):
+        if blocked["on"] and str(name) == str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(name))
+        return real_open(name, flags, *args, **kwargs)
+
+    monkeypatch.setattr(snapshot_module.os, "open", fake_open)
+    return blocked
+
+
+def poll(pipeline: Pipeline, dev: DeviceIdentity, query: dict[str, str] | None = None):
+    request = PollRequest("GET", "/", {k: [v] for k, v in (query or {}).items()}, None, "192.0.2.1", time.time())
+    return pipeline.serve(dev, request, dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc))
+
+
+@pytest.mark.parametrize("unreadable", ["templates/default.j2", "templates/part.j2"])
+def test_a_template_unreadable_at_first_is_served_with_its_own_options_once_it_can_be_read(
+        store, monkeypatch, unreadable):
+    write(store, "templates/default.j2", "{# configserver: apply_once=false -#}\n{% include 'part.j2' %}\n")
+    write(store, "templates/part.j2", "mod cmd UP1 check ser own-{{ request.query.get('x', '') }}")
+    blocked = refuse_to_open(monkeypatch, store.templates_dir.parent / unreadable)
+    store.refresh()
+    phone = device("IP232-30-00-af")
+    pipeline = Pipeline(NamedDevice(phone), store, Renderer(store.templates_dir))
+    first = poll(pipeline, phone)
+    name = unreadable.removeprefix("templates/")
+    assert first.status == 500 and first.detail.startswith(f"{name}: cannot read: [Errno 13] Permission denied")
+    blocked["on"] = False   # chmod 644: no new stamp, no new snapshot
+    assert poll(pipeline, phone, {"x": "1"}).body == b"mod cmd UP1 check ser own-1\r\n"
+    assert poll(pipeline, phone, {"x": "2"}).body == b"mod cmd UP1 check ser own-2\r\n"   # rendered on every poll
+
+
+def test_a_template_unreadable_at_first_keeps_its_final_command_in_later_snapshots(store, monkeypatch):
+    path = write(store, "templates/default.j2", "{# configserver: final=ser -#}\nconfig change SIP0 /user a\n")
+    blocked = refuse_to_open(monkeypatch, path)
+    store.refresh()
+    phone = device("IP232-30-00-af")
+    pipeline = Pipeline(NamedDevice(phone), store, Renderer(store.templates_dir))
+    assert poll(pipeline, phone).status == 500
+    blocked["on"] = False
+    assert no_final_line(poll(pipeline, phone).body)
+    write(store, "vars/unrelated.toml", "x = 1\n")   # any later change: a new snapshot
+    assert store.refresh() is True
+    assert no_final_line(poll(pipeline, phone).body)
+
+
+def no_final_line(body: bytes) -> bool:
+    """Whether a wrapped script ends in its check line (`final=ser`: no reset after it)."""
+    return body.split(b"\r\n")[-2].startswith(b"mod cmd UP1 check ser ")
+
+
+def test_an_answer_kept_is_wrapped_again_when_its_wrap_changes(store, monkeypatch):
+    write(store, "templates/default.j2", "config change SIP0 /user a\n")
+    store.refresh()
+    phone = device("IP232-30-00-af")
+    pipeline = Pipeline(NamedDevice(phone), store, Renderer(store.templates_dir))
+    assert poll(pipeline, phone).body.endswith(b"\r\niresetn\r\n")
+    choose = Snapshot.choose
+    monkeypatch.setattr(Snapshot, "choose", lambda snapshot, dev: dataclasses.replace(choose(snapshot, dev),
+                                                                                      final_command="ser"))
+    assert no_final_line(poll(pipeline, phone).body)   # the same sources, another wrap

@@ -38,6 +38,9 @@ class Learned(NamedTuple):
     per_poll: bool                     # reads what changes from poll to poll
     references: tuple[str, ...]        # the templates it includes, imports or extends
     options: TemplateOptions | str     # its apply-once options, or the problem with them
+    # why the text could not be read: then nothing is known of it (per_poll, no references,
+    # no options are placeholders that nothing may rely on)
+    unread: str | None = None
 
 
 # A fleet's templates say the same few things (100,000 device templates that include default.j2):
@@ -90,11 +93,14 @@ def learn(name: str, text: str) -> Learned:
 
 
 def learned(source: SourceFile) -> Learned:
-    """What one version of a template file says, worked out once."""
+    """What one version of a template file says, worked out once. A version that cannot be
+    read says nothing: `unread` is why, and nothing is learned from an empty text. A reading
+    that failed only for now (permissions, no file descriptor left) is not kept: the next
+    call reads again."""
     found = source.learned
     if found is None:
-        text, problem = source.read()   # a file that cannot be read: its render says why
-        found = learn(source.name, text)
+        text, problem = source.read()
+        found = learn(source.name, text) if problem is None else Learned(True, (), _NO_OPTIONS, problem)
         if problem is None or source.problem is not None:   # not from a read that failed only for now
             object.__setattr__(source, "learned", found)   # a memo of the frozen version, not a change
     return found
@@ -111,11 +117,22 @@ def options(source: SourceFile) -> TemplateOptions | str:
     return learned(source).options
 
 
-def dependencies(name: str, templates: Mapping[str, SourceFile]) -> tuple[SourceFile, ...] | None:
-    """The versions of `name` and of every template it includes, imports or extends, in the
-    order met; None when one of them reads what changes from poll to poll (`now`, `request`,
-    randomness) or names a template only at render time: its output may then not be kept.
-    A missing include is left out: the render fails and says so."""
+class Dependencies(NamedTuple):
+    """What the output of one template depends on (`dependencies`)."""
+
+    # the versions of the template and of every one it includes, imports or extends, in the
+    # order met; None when one of them reads what changes from poll to poll
+    files: tuple[SourceFile, ...] | None
+    # "<template>: <why>" for one of them that cannot be read: nothing is known of it
+    unread: str | None = None
+
+
+def dependencies(name: str, templates: Mapping[str, SourceFile]) -> Dependencies:
+    """The versions of `name` and of every template it includes, imports or extends; files is
+    None when one of them reads what changes from poll to poll (`now`, `request`, randomness)
+    or names a template only at render time: its output may then not be kept. A file met that
+    cannot be read is `unread`: what it says (its includes, its per-poll reads) is unknown. A
+    missing include is left out: the render fails and says so."""
     seen: dict[str, SourceFile] = {}
     pending = [name]
     while pending:
@@ -126,8 +143,10 @@ def dependencies(name: str, templates: Mapping[str, SourceFile]) -> tuple[Source
         if source is None:
             continue
         seen[current] = source
-        reads_per_poll, references = facts(source)
-        if reads_per_poll:
-            return None
-        pending.extend(reversed(references))
-    return tuple(seen.values())
+        found = learned(source)
+        if found.unread is not None:
+            return Dependencies(None, f"{current}: {found.unread}")
+        if found.per_poll:
+            return Dependencies(None)
+        pending.extend(reversed(found.references))
+    return Dependencies(tuple(seen.values()))

@@ -109,9 +109,10 @@ class SourceFile:
 
     @property
     def error(self) -> str | None:
-        """Why this version cannot be used, if it cannot; a template not read yet is read now."""
+        """Why this version cannot be used, if it cannot; a template not read yet is read now,
+        and one that cannot be read now (permissions, no file descriptor left) says why."""
         if self.problem is None and self.content is None and self.learned is None and self.folder is not None:
-            analysis.learned(self)
+            return analysis.learned(self).unread
         return self.problem
 
     @property
@@ -285,6 +286,9 @@ class Choice:
     # every version the output depends on: the template files it renders, the vars files and
     # the devices.csv row. An answer kept for an equal tuple is still the answer.
     sources: tuple[object, ...] = ()
+    # `problem` is a template that could not be read (permissions, no file descriptor left...):
+    # nothing is known of what it says, so the choice is not kept; the next poll reads it again
+    unread: bool = False
 
     @property
     def variables(self) -> Mapping[str, Any]:
@@ -325,10 +329,13 @@ class Snapshot:
         return table.data if table is not None and isinstance(table.data, DeviceRows) else None
 
     def choose(self, device: DeviceIdentity) -> Choice:
-        """The template and variables for `device`; worked out once per device per snapshot."""
+        """The template and variables for `device`; worked out once per device per snapshot,
+        unless a template it needs could not be read (Choice.unread)."""
         choice = self._choices.get(device.hwid)
         if choice is None:
-            choice = self._choices.put(device.hwid, self._choose(device))
+            choice = self._choose(device)
+            if not choice.unread:
+                self._choices.put(device.hwid, choice)
         return choice
 
     def template_options(self, template: str) -> tuple[bool, str]:
@@ -370,9 +377,11 @@ class Snapshot:
             template = self.lookup.get(key)
             if template:
                 break
-        problem = self.groups_problem or (self.options_problem(template) if template else None)
-        if template and self.templates[template].error:
-            problem = problem or f"{template}: {self.templates[template].error}"
+        # a template that cannot be read says nothing (options, includes, per-poll reads): never
+        # worked out from an empty text, it is the choice's problem, and the choice is not kept
+        error = self.templates[template].error if template else None
+        unread = f"{template}: {error}" if error else None
+        problem = self.groups_problem or unread or (self.options_problem(template) if template else None)
         table = self.vars.get(DEVICES_CSV)
         if table is not None and table.error:
             # every device may have a row in it: none may be served as if it had none
@@ -399,10 +408,15 @@ class Snapshot:
                 layers.append(found[1])
                 versions += (rows.columns, found[0])   # the header says what each cell sets
         depends = analysis.dependencies(template, self.templates) if template and not problem else None
-        apply, final = self.template_options(template) if template else (self.rules.apply_once, self.rules.final_command)
+        if depends is not None and depends.unread:
+            unread = problem = depends.unread   # an include that cannot be read: what it reads is unknown
+        files = depends.files if depends is not None else None
+        known = template and not unread
+        apply, final = self.template_options(template) if known else (self.rules.apply_once, self.rules.final_command)
         return Choice(
             template, tuple(dict.fromkeys(used)), tuple(layers), problem, groups, apply, final,
-            per_poll=depends is None, sources=(*depends, *versions) if depends is not None else (),
+            per_poll=files is None, sources=(*files, *versions) if files is not None else (),
+            unread=unread is not None and problem == unread,
         )
 
 
