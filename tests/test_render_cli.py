@@ -1,5 +1,6 @@
 """`configserver render`: exactly what a device would get now, and how it was chosen, without a device."""
 
+import os
 import subprocess
 import sys
 
@@ -192,3 +193,22 @@ def test_a_device_argument_that_is_not_text_is_one_clear_line(tree, command):
     assert result.stderr.splitlines()[-1].endswith(
         "argument HWID|MAC: '\\xff\\xfe' is neither a hwid (IP232-30-00-af) nor a MAC (00-90-33-30-00-af)")
     assert "Traceback" not in result.stderr
+
+
+def test_two_devices_known_by_mac_alone_are_previewed_apart_on_one_service(tmp_path):
+    # the admin page keeps one service between previews: each device gets its own template and vars
+    from configserver.preview import preview
+    from configserver.service import Service
+    from configserver.settings import Settings
+
+    for mac in ("00-90-33-30-00-d1", "00-90-33-30-00-d2"):
+        for relative, text in ((f"templates/devices/{mac}.j2", "config change SIP0 /pwd {{ vars.password }}\n"),
+                               (f"vars/devices/{mac}.toml", f'password = "secret-of-{mac[-2:]}"\n')):
+            (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / relative).write_text(text)
+            os.utime(tmp_path / relative, (1, 1))
+    service = Service.from_settings(Settings(templates=tmp_path / "templates", vars=tmp_path / "vars"), grace_seconds=0)
+    service.store.refresh()
+    first, second = preview(service, "00-90-33-30-00-d1"), preview(service, "00-90-33-30-00-d2")
+    assert first.choice.template == "devices/00-90-33-30-00-d1.j2" and b"/pwd secret-of-d1\r\n" in first.body
+    assert second.choice.template == "devices/00-90-33-30-00-d2.j2" and b"/pwd secret-of-d2\r\n" in second.body

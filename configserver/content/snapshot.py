@@ -36,7 +36,7 @@ from .variables import DeviceRows, freeze, merge
 
 log = logging.getLogger("configserver.content")
 
-# Devices whose choice one snapshot remembers (about 280 bytes each). A choice costs about 12 us
+# Devices whose choice one snapshot remembers (about 370 bytes each). A choice costs about 12 us
 # to redo, so this only spares a small fleet's repeat polls; a large fleet's memory goes to the
 # answers (poll.py).
 _CHOICES_KEPT = 4096
@@ -316,7 +316,8 @@ class Snapshot:
     # keys two or more files stand for: key -> the files not used (the first name, sorted, wins)
     shadowed: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     vars_shadowed: Mapping[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
-    _choices: BoundedCache[str, Choice] = field(default_factory=lambda: BoundedCache(_CHOICES_KEPT), repr=False)
+    _choices: BoundedCache[tuple[str, str, str], Choice] = field(
+        default_factory=lambda: BoundedCache(_CHOICES_KEPT), repr=False)
 
     @property
     def fixes(self) -> Mapping[str, str]:
@@ -331,11 +332,12 @@ class Snapshot:
     def choose(self, device: DeviceIdentity) -> Choice:
         """The template and variables for `device`; worked out once per device per snapshot,
         unless a template it needs could not be read (Choice.unread)."""
-        choice = self._choices.get(device.hwid)
+        key = (device.hwid, device.mac, device.model)   # all a choice reads: a MAC alone has no hwid
+        choice = self._choices.get(key)
         if choice is None:
             choice = self._choose(device)
             if not choice.unread:
-                self._choices.put(device.hwid, choice)
+                self._choices.put(key, choice)
         return choice
 
     def template_options(self, template: str) -> tuple[bool, str]:
