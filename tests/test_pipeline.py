@@ -210,3 +210,27 @@ def test_a_template_reaching_for_internals_or_endless_work_is_a_configuration_er
     answer = call(app, "/", terminator_headers(pki.phone))
     assert (answer.status, answer.text) == (500, "# configuration error\n")
     assert outcomes[-1].detail.startswith(("default.j2:1: SecurityError", "default.j2:1: OverflowError: Range too big"))
+
+
+@pytest.mark.parametrize("text, refused", [
+    ("{{ (3 ** 1000 ** 1000 ** 1000) > 1 }}", "the power would be a number of 1,584,001 bits or more (at most 100,000)"),
+    ("{{ 'x' * 10 ** 9 }}", "repeating a text (length 1) 1,000,000,000 times would make 1,000,000,000 characters"),
+    ("{{ 'x' * 1000000000 }}", "repeating a text (length 1) 1,000,000,000 times"),   # never folded while compiling
+    ("{{ (10 ** 9) * 'ab' }}", "repeating a text (length 2) 1,000,000,000 times"),
+    ("{{ [0] * 1000 * 1000 * 1000 }}", "repeating a list (length 1,000,000) 1,000 times would make 1,000,000,000 items"),
+    ("{% set a = 2 ** 999 %}{{ " + " * ".join(["a"] * 101) + " }}", "the product would be a number of 100,900 bits"),
+])
+def test_a_template_building_a_huge_number_text_or_list_is_refused_at_once(site, pki, text, refused):
+    site.write("templates/default.j2", text + "\n")
+    app = site.app()
+    outcomes: list = []
+    app.recorders.append(outcomes.append)
+    answer = call(app, "/", terminator_headers(pki.phone))
+    assert (answer.status, answer.text) == (500, "# configuration error\n")
+    assert outcomes[-1].detail.startswith(f"default.j2:1: SecurityError: {refused}"), outcomes[-1].detail
+
+
+def test_arithmetic_within_the_sandbox_bounds_renders(site, pki):
+    site.write("templates/default.j2", "{{ 2 ** 1000 > 1 }} {{ 'ab' * 3 }} {{ [1] * 3 }} {{ 6 * 7 }} {{ 2 ** -1 }} {{ 1.5 ** 2 }}\n")
+    answer = call(site.app(), "/", terminator_headers(pki.phone))
+    assert answer.status == 200 and answer.text.startswith("True ababab [1, 1, 1] 42 0.5 2.25\r\n"), answer.text

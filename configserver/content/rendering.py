@@ -25,7 +25,13 @@ from ..caches import BoundedCache
 from ..errors import ConfigserverError
 from .snapshot import Snapshot
 
+# What the arithmetic of a template may build. A render runs on the event loop: one that works
+# for minutes, or fills gigabytes, stalls every device of the worker (and `configserver check`).
 _MAX_EXPONENT = 1000     # x ** y with a larger y is refused: 2**10**9 would keep a worker busy for minutes
+# an int of more bits from ** or * is refused: each bound per operator alone lets a chain through
+# ((3**1000)**1000)**1000 runs for minutes with every exponent 1,000; 100,000 bits is 30,000 digits
+_MAX_INT_BITS = 100_000
+_MAX_REPEAT = 1_000_000  # 'x' * n, [..] * n: at most this many characters or items
 # compiled templates kept: the ones many devices share stay (hits are promoted); a per-device
 # one (about 8 KB) is compiled again when its device's answer is rendered again anyway
 _COMPILED_KEPT = 128
@@ -92,15 +98,50 @@ class _SnapshotLoader(jinja2.BaseLoader):
 
 class _Sandbox(SandboxedEnvironment):
     """Jinja's sandbox, a second wall behind the admins who write templates: no attribute that
-    reaches Python's internals (`__class__`, `__globals__`...), no range() beyond 100,000, and no
-    power whose exponent would keep a worker busy for minutes (`2**100000000`)."""
+    reaches Python's internals (`__class__`, `__globals__`...), no range() beyond 100,000, and
+    no arithmetic that would keep a worker busy for minutes or take gigabytes: no exponent above
+    1,000 (`2**100000000`), no number above 100,000 bits from ** or * (`3**1000**1000`), no
+    text or list repeated to more than 1,000,000 characters or items (`'x' * 10**9`)."""
 
-    intercepted_binops = frozenset({"**"})
+    # intercepted operators are also never folded at compile time: `'x' * 1000000000` written
+    # out is refused when rendered, not computed while compiling
+    intercepted_binops = frozenset({"**", "*"})
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" and isinstance(right, (int, float)) and abs(right) > _MAX_EXPONENT:
-            raise SecurityError(f"the exponent {right} is too large (at most {_MAX_EXPONENT})")
+        if operator == "**":
+            _check_power(left, right)
+        else:
+            _check_product(left, right)
         return super().call_binop(context, operator, left, right)
+
+
+def _check_power(base: Any, exponent: Any) -> None:
+    """Raise SecurityError for a power too costly to compute."""
+    if isinstance(exponent, (int, float)) and abs(exponent) > _MAX_EXPONENT:
+        raise SecurityError(f"the exponent {exponent} is too large (at most {_MAX_EXPONENT})")
+    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0:
+        bits = (abs(base).bit_length() - 1) * exponent + 1   # at least this many: 2**n has n + 1 bits
+        if bits > _MAX_INT_BITS:
+            raise SecurityError(f"the power would be a number of {bits:,} bits or more (at most {_MAX_INT_BITS:,}): "
+                                "use smaller numbers; ** chains (a ** b ** c) multiply their exponents")
+
+
+def _check_product(left: Any, right: Any) -> None:
+    """Raise SecurityError for a product too large to build: a text or list repeated too often,
+    or a number of too many bits."""
+    for sequence, count in ((left, right), (right, left)):
+        if isinstance(sequence, (str, bytes, list, tuple)) and isinstance(count, int):
+            size = len(sequence) * count
+            if size > _MAX_REPEAT:
+                kind, unit = ("text", "characters") if isinstance(sequence, (str, bytes)) else ("list", "items")
+                raise SecurityError(f"repeating a {kind} (length {len(sequence):,}) {count:,} times would make "
+                                    f"{size:,} {unit} (at most {_MAX_REPEAT:,}): repeat it fewer times")
+            return
+    if isinstance(left, int) and isinstance(right, int):
+        bits = left.bit_length() + right.bit_length() - 1   # at least this many
+        if bits > _MAX_INT_BITS:
+            raise SecurityError(f"the product would be a number of {bits:,} bits or more (at most {_MAX_INT_BITS:,}): "
+                                "use smaller numbers")
 
 
 class Renderer:
