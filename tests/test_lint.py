@@ -82,6 +82,27 @@ def test_devices_named_only_by_mac_get_their_own_template_and_vars(tree, capsys)
     ])
 
 
+def test_a_devices_csv_row_named_by_mac_alone_is_rendered_as_each_model_it_could_be(tree, capsys):
+    # no template of its own: it gets a model, group or default template once its model is known
+    tree.write("templates/default.j2", "# default\n{% if vars.role == 'reception' %}{% include 'reception.j2' %}{% endif %}\n")
+    tree.write("templates/reception.j2", "config change DESK0 /desk {{ vars.desk }}\n")
+    tree.write("vars/devices.csv", "hwid,mac,user,role,desk\nIP232-30-00-c1,,alice,reception,1\n"
+                                   ",00-90-33-30-00-c2,bob,reception,\n")
+    assert check(capsys) == (1, [
+        "templates/reception.j2:1: UndefinedError: undefined variable 'desk' "
+        "(for 00-90-33-30-00-c2, model unknown, as LINT-30-00-c2)"
+    ])
+
+
+def test_a_vars_file_named_by_mac_alone_is_rendered_with_the_model_templates_it_could_get(tree, capsys):
+    tree.write("vars/devices/00-90-33-30-00-d3.toml", 'hours = 7\n')
+    tree.write("templates/models/IP1202.j2", "mod cmd UP1 times /allow {{ vars.hours.split(',') | first }}\n")
+    assert check(capsys) == (1, [
+        "templates/models/IP1202.j2:1: UndefinedError: 'int object' has no attribute 'split' "
+        "(for 00-90-33-30-00-d3, model unknown, as IP1202-30-00-d3)"
+    ])
+
+
 def test_a_default_template_no_named_device_reaches_is_rendered_for_a_synthetic_device(site, monkeypatch, capsys):
     monkeypatch.chdir(site.root)
     site.write("configserver.toml", 'templates = "templates"\nvars = "vars"\n')

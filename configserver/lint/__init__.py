@@ -9,8 +9,8 @@ The folders are read the way the service reads them (one snapshot), then checked
 * the revoked file: lines that revoke nothing;
 * a folder that can answer no device, or only some;
 * the template each device the folders name gets, rendered through the poll pipeline with that
-  device's vars, and each model and group template rendered for a synthetic device of the
-  model: undefined variables, missing includes, anything a template raises; URLs a device
+  device's vars (a device named by its MAC alone as a device of each model it could be), and
+  each model and group template rendered for a synthetic device of the model: undefined variables, missing includes, anything a template raises; URLs a device
   could not reach;
 * scripts applied once whose applied part differs from one poll to the next (the device would
   apply it, and perhaps reset, on every poll), or that carry lines the wrap adds itself;

@@ -15,11 +15,11 @@ from ..content import Choice, ConfigurationError
 from ..identity import DeviceIdentity
 from ..lab.workspace import LAB_PORT
 from ..poll import RequestInfo
-from ._devices import devices, identity
+from ._devices import ANY_MODEL, devices, identity
 from ._findings import Findings
 
 # A device of a model no file names, for a default template no named device reaches.
-_ANY_MODEL_DEVICE = "LINT-00-00-00"
+_ANY_MODEL_DEVICE = f"{ANY_MODEL}-00-00-00"
 _OWN_APPLY_LINE = re.compile(r"^[ \t]*config[ \t]+(?:write|activate)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 _OWN_CHECK_LINE = re.compile(r"^[ \t]*mod[ \t]+cmd[ \t]+UP1[ \t]+check\b", re.IGNORECASE | re.MULTILINE)
 _URL = re.compile(r"\b[a-z][a-z0-9+.-]*://(?P<host>\[[0-9a-f:.]+\]|[^/:\s\[\]]+)(?::(?P<port>\d+))?[^\s]*", re.IGNORECASE)
