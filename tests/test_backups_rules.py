@@ -98,6 +98,56 @@ def test_unified_diff_shows_the_changed_line_with_labels() -> None:
     assert unified_diff(old, old, "a", "b") == ""
 
 
+def repeated_lines(step: int) -> list[str]:
+    """About 50,000 lines (1.3 MB), 505 distinct ones 99 times each, in an order set by `step`
+    (1, 7: the same lines): each repeats just under the share at which difflib stops looking at
+    a line, which makes its matcher take minutes. A device may upload 4 MB of them."""
+    distinct = 505
+    values = [f"config change X /a {i}" for i in range(distinct)]
+    return [values[(i * step) % distinct] for i in range(distinct * 99)]
+
+
+def test_lines_changed_does_not_count_a_line_that_only_moved() -> None:
+    assert lines_changed(["a", "b", "c"], ["c", "a", "b"]) == 0
+    assert lines_changed(["a", "a", "b"], ["a", "b"]) == 1
+
+
+def test_lines_changed_of_many_repeated_lines_is_counted_at_once() -> None:
+    same = ["config change X /a 1"] * 50_000
+    alternating = ["config change X /a 1", "config change X /b 2"] * 25_000
+    assert lines_changed(same, alternating) == 50_000   # 25,000 gone, 25,000 come
+    assert lines_changed(repeated_lines(1), repeated_lines(7)) == 0
+
+
+def test_a_diff_of_many_repeated_changed_lines_lists_them_without_placing_them() -> None:
+    old = repeated_lines(1)
+    new = repeated_lines(7) + ["config change PHONE /user-1 /name Lobby"]
+    diff = unified_diff(old, new, "version 1", "version 2").splitlines()
+    assert diff[:2] == ["--- version 1", "+++ version 2"]
+    assert diff[2].startswith("@@ too many changed lines to place here: 0 gone, 1 come, of 49995 and 49996;")
+    assert "`configserver backups DEVICE --show N`" in diff[2]
+    assert diff[3:] == ["+config change PHONE /user-1 /name Lobby"]
+
+
+def test_a_diff_lists_each_line_gone_and_come_in_its_version_s_order_when_too_many_to_place() -> None:
+    old = [f"line {i}" for i in range(3000)]
+    new = [f"line {i}" for i in reversed(range(3000))]
+    new[0], new[-1] = "first", "last"   # line 2999 and line 0 went
+    diff = unified_diff(old, new, "a", "b").splitlines()
+    assert diff[2].startswith("@@ too many changed lines to place here: 2 gone, 2 come, of 3000 and 3000;")
+    assert diff[3:] == ["-line 0", "-line 2999", "+first", "+last"]
+
+
+def test_a_diff_deep_in_a_long_configuration_numbers_its_lines_as_in_the_whole() -> None:
+    old = [f"config change X /a {i}" for i in range(5000)]
+    new = old[:4000] + ["config change X /b 1"] + old[4001:]
+    diff = unified_diff(old, new, "a", "b").splitlines()
+    assert diff[2:] == ["@@ -3998,7 +3998,7 @@", *(" " + line for line in old[3997:4000]),
+                        "-config change X /a 4000", "+config change X /b 1",
+                        *(" " + line for line in old[4001:4004])]
+    assert unified_diff(old, old + ["new"], "a", "b").splitlines()[2] == "@@ -4998,3 +4998,4 @@"
+
+
 def test_text_with_umlauts_in_latin1_or_utf8_is_text() -> None:
     check_text("config change PHONE /name Müller\r\n".encode("utf-8"))
     check_text("config change PHONE /name Müller\r\n".encode("latin-1"))

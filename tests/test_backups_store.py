@@ -139,6 +139,34 @@ async def test_a_changed_configuration_is_a_new_version_with_lines_changed(datab
 
 
 @pytest.mark.anyio
+async def test_an_upload_of_many_repeated_lines_is_stored_while_the_audit_goes_on(sqlite_url: str) -> None:
+    """The upload's lines changed are counted under SQLite's write lock, which the audit of every
+    poll needs too: 50,000 repeated lines (1.1 MB; difflib's matcher took hours on them) are
+    counted at once, and the poll of another device recorded meanwhile is written."""
+    same = ("config change X /a 1\r\n" * 50_000).encode()
+    alternating = ("config change X /a 1\r\nconfig change X /b 2\r\n" * 25_000).encode()
+    inventory = Inventory(sqlite_url, flush_interval=0.01, retry_first=0.2, retry_max=0.5)
+    await inventory.migrate()
+    await inventory.start()
+    try:
+        async with opened(sqlite_url) as store:
+            await store.store_config(mac=Phone.mac, hwid=Phone.hwid, model=Phone.model, body=same, now=T0)
+            upload = asyncio.create_task(store.store_config(
+                mac=Phone.mac, hwid=Phone.hwid, model=Phone.model, body=alternating, now=T0 + 60))
+            inventory.record(Outcome(time=T0 + 60, client_ip="198.51.100.7", path="/update", status=200,
+                                     reason=None, hwid=Gateway.hwid, mac=Gateway.mac, model=Gateway.model, query={}))
+            stored = await upload
+            for _ in range(1000):   # the writer's next batch, a few of its 10 ms intervals away
+                if inventory.stats()["written"] or inventory.stats()["failures"]:
+                    break
+                await asyncio.sleep(0.01)
+    finally:
+        await inventory.close()
+    assert (stored.kept, stored.number, stored.lines_changed) == (True, 2, 50_000)
+    assert (inventory.stats()["written"], inventory.stats()["failures"]) == (1, 0)
+
+
+@pytest.mark.anyio
 async def test_each_device_has_its_own_versions(database: str) -> None:
     async with opened(database) as store:
         await store.store_config(mac=Phone.mac, hwid=Phone.hwid, model=Phone.model, body=config(), now=T0)

@@ -63,11 +63,14 @@ class BackupState:
     last_seen: float | None     # its newest poll, from the inventory
 
 
-def _changes(previous: bytes | None, lines: list[str], body: bytes) -> tuple[int | None, bytes]:
-    """Lines changed against the previous version (compressed; None for a first), and the new
-    version compressed."""
-    changed = None if previous is None else lines_changed(meaningful_lines(decode(zlib.decompress(previous))), lines)
-    return changed, zlib.compress(body, _COMPRESSION)
+def _prepared(body: bytes) -> tuple[list[str], bytes]:
+    """The upload's meaningful lines and the upload compressed: the work done before the lock."""
+    return meaningful_lines(decode(body)), zlib.compress(body, _COMPRESSION)
+
+
+def _changes(previous: bytes, lines: list[str]) -> int:
+    """Lines changed against the previous version (compressed): linear, done under the lock."""
+    return lines_changed(meaningful_lines(decode(zlib.decompress(previous))), lines)
 
 
 class BackupStore:
@@ -109,8 +112,10 @@ class BackupStore:
         """
         now = time.time() if now is None else now
         # The text work of a large configuration takes milliseconds: off the event loop, where
-        # polls are answered.
-        lines = await asyncio.to_thread(meaningful_lines, decode(body))
+        # polls are answered, and before the transaction, whose first statement takes the lock
+        # every upload (and on SQLite the audit of every poll) waits for. Only the comparison with
+        # the newest version, linear in its lines, is left for under the lock.
+        lines, compressed = await asyncio.to_thread(_prepared, body)
         digest = content_digest(lines)
         async with self._engine.begin() as connection:
             await connection.execute(self._touch(connection.dialect.name), {
@@ -125,12 +130,12 @@ class BackupStore:
             )).first()
             if newest is not None and newest.digest == digest:
                 return Stored(False, newest.number, None)
-            previous = None
+            changed = None
             if newest is not None:  # only now the content: most uploads end above, unchanged
                 previous = (await connection.execute(
                     sa.select(backup_versions.c.content).where(backup_versions.c.id == newest.id)
                 )).scalar()
-            changed, compressed = await asyncio.to_thread(_changes, previous, lines, body)
+                changed = await asyncio.to_thread(_changes, previous, lines)
             number = newest.number + 1 if newest is not None else 1
             await connection.execute(sa.insert(backup_versions).values(
                 device=mac, number=number, stored_at=now, size=len(body), lines=len(lines),
