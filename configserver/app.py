@@ -154,7 +154,7 @@ class ConfigServer:
             await self.inventory.start()  # returns at once; a database that is away is retried
             if self.backups is not None:
                 await self.backups.start()  # returns at once, as the inventory does
-            await self.firmware.start()  # returns at once, as the inventory does
+            await self.firmware.start()  # returns once the halts are read, or within 2 s
             yield
         except BaseException:
             await self._stop(reloader, giver, raising=False)   # the start's or the run's failure is the one told

@@ -12,6 +12,7 @@ import pytest
 from configserver.firmware import (
     AT_ONCE,
     HALTED,
+    HALTS_UNKNOWN,
     NO_TARGET,
     ON_TARGET,
     OUTSIDE_WINDOW,
@@ -218,6 +219,14 @@ def test_decision_table(reported, placement, now, halted, lines, verdicts):
     assert list(answer.lines) == lines
     assert (answer.verdicts["prot"], answer.verdicts["boot"]) == verdicts
     assert answer.text == "".join(line + "\r\n" for line in lines)
+
+
+def test_a_node_that_does_not_know_the_halts_yet_sends_the_window_and_fast_polling_but_no_file():
+    declared = resolve([("default.toml", {**FLEET, "fast_poll": 2})])
+    answer = decide(declared, "IP232", {"PROT": "1", "BOOT": "13.4711"}, OPEN, DAY, halts_known=False)
+    assert answer.lines == ("mod cmd UP1 times /initial 10", "mod cmd UP1 provision 2")
+    assert (answer.verdicts, answer.sent) == ({"prot": HALTS_UNKNOWN, "boot": ON_TARGET}, {})
+    assert HALTS_UNKNOWN == "halts not known yet"
 
 
 VER = "13r1 dvl IP232[13.4711], Bootcode[13.4711], Hardware[300]"

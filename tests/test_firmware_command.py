@@ -46,6 +46,7 @@ watch = "1h"
 
     async def scenario():
         await app.inventory.start()
+        await app.firmware.tick(watch=False)   # the halts read, as a start does: files may go
         try:
             for moment in (START.timestamp() + 60, START.timestamp() + 2 * HOUR):
                 clock[0] = moment

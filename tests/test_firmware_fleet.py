@@ -15,6 +15,8 @@ from driving import Site
 from configserver import create_app, load_settings
 from configserver.app import ConfigServer
 from configserver.firmware import position
+from configserver.firmware._state import RolloutState
+from configserver.inventory import database_url, migrate, open_engine
 
 START = dt.datetime(2026, 12, 1, 22, 0, tzinfo=dt.UTC)
 DAY, HOUR = 86400.0, 3600.0
@@ -201,6 +203,75 @@ def test_a_rollout_opens_its_waves_in_order_on_both_nodes_and_halts_on_failures(
     assert 'configserver_firmware_halted{build="13.4711",kind="prot",model="ip232"} 1.0' in metrics
     assert 'configserver_firmware_halted{build="13.4711",kind="boot",model="ip232"} 1.0' in metrics
     assert 'model="ip1202"' not in metrics.split("configserver_firmware_halted")[-1]
+
+
+async def halt_by_hand(database: str) -> None:
+    """An admin halts IP232's firmware and boot code (`configserver firmware halt IP232`)."""
+    engine = open_engine(database_url(database))
+    try:
+        await migrate(engine)
+        for kind in ("prot", "boot"):
+            await RolloutState(engine).halt("IP232", kind, NEW, START.timestamp(), by="admin")
+    finally:
+        await engine.dispose()
+
+
+def test_a_node_that_starts_never_sends_a_target_halted_before(rollout_site, tmp_path):
+    database = f"sqlite:///{tmp_path / 'inventory.db'}"
+    asyncio.run(halt_by_hand(database))
+    app = node(rollout_site, database)
+    app.clock = lambda: START.timestamp() + 4 * DAY          # every wave open
+
+    async def scenario():
+        async with app._lifespan():      # what uvicorn runs before it answers any poll
+            return [await poll(app, Device(hwid)) for hwid in ("IP232-30-00-01", "IP1202-31-00-01")]
+
+    (status, halted), (_, other) = asyncio.run(scenario())
+    assert status == 200 and "mod cmd UP0" not in halted and "config change SIP0" in halted
+    assert f"mod cmd UP0 prot {URL}{NEW}/ip1202.bin ser {NEW}" in other   # read the halts, sends the rest
+
+
+def test_a_node_that_cannot_read_the_halts_sends_no_file_until_it_can(rollout_site, tmp_path):
+    """The shared database is away when the node starts: any target may be halted, so no device
+    is sent one, and the scripts go on. Once the database answers, the halt holds and the rest go."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    asyncio.run(halt_by_hand(f"sqlite:///{shared / 'inventory.db'}"))
+    shared.rename(tmp_path / "away")
+    app = node(rollout_site, f"sqlite:///{shared / 'inventory.db'}")
+    app.clock = lambda: START.timestamp() + 4 * DAY
+    devices = [Device("IP232-30-00-01"), Device("IP1202-31-00-01")]
+
+    async def scenario():
+        async with app._lifespan():
+            away = [await poll(app, device) for device in devices]
+            (tmp_path / "away").rename(shared)
+            await app.firmware.tick(watch=False)
+            back = [await poll(app, device) for device in devices]
+        return away, back
+
+    away, back = asyncio.run(scenario())
+    assert [status for status, _ in away + back] == [200] * 4
+    assert all("mod cmd UP0" not in body and "config change SIP0" in body for _, body in away)
+    assert "mod cmd UP0" not in back[0][1]
+    assert f"mod cmd UP0 prot {URL}{NEW}/ip1202.bin ser {NEW}" in back[1][1]
+
+
+def test_sends_that_cannot_be_written_never_keep_the_halts_unread(rollout_site, tmp_path, monkeypatch):
+    database = f"sqlite:///{tmp_path / 'inventory.db'}"
+    app = node(rollout_site, database)
+
+    async def refused() -> int:
+        raise OSError("disk full")
+
+    async def scenario():
+        await halt_by_hand(database)
+        monkeypatch.setattr(app.firmware.state, "flush", refused)
+        with pytest.raises(OSError):
+            await app.firmware.tick(watch=False)
+        return app.firmware.state.halted("IP232", "prot", NEW)
+
+    assert asyncio.run(scenario())
 
 
 def model_of(hwid: str) -> str:

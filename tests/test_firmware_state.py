@@ -193,3 +193,20 @@ def test_a_device_that_never_reported_a_build_is_not_counted_but_named_as_not_ju
     assert failures == ["IP232-30-00-01", "IP232-30-00-02"]
     assert unjudged == ["IP232-30-00-00"]
     assert halts == []
+
+
+def test_the_halts_are_not_known_until_read_once_and_then_held_when_the_database_goes(url):
+    async def scenario():
+        engine = await _open(url)
+        node = RolloutState(engine)
+        before = node.knows_halts()
+        await RolloutState(engine).halt("IP232", "prot", "13.4711", T0)
+        await node.refresh()
+        await engine.dispose()
+        node.engine = open_engine(database_url("sqlite:////nonexistent/folder/inventory.db"))
+        with pytest.raises(OperationalError):
+            await node.refresh()
+        await node.engine.dispose()
+        return before, node.knows_halts(), node.halted("ip232", "prot", "13.4711")
+
+    assert run(scenario()) == (False, True, True)

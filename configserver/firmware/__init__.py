@@ -13,6 +13,7 @@ The rules are pure functions on values; `configserver firmware` and the poll pip
 from ._check import FirmwareProblem, check_firmware
 from ._decision import (
     HALTED,
+    HALTS_UNKNOWN,
     NO_LINES,
     NO_TARGET,
     ON_TARGET,
@@ -48,6 +49,7 @@ __all__ = [
     "BUILD",
     "FIRST",
     "HALTED",
+    "HALTS_UNKNOWN",
     "KINDS",
     "NOTHING",
     "NO_LINES",

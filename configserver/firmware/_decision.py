@@ -39,6 +39,7 @@ TAKES_NONE = "model takes none"
 NO_TARGET = "no target"
 ON_TARGET = "on target"
 HALTED = "halted"
+HALTS_UNKNOWN = "halts not known yet"
 WAITING = "wave not open"
 OUTSIDE_WINDOW = "outside window"
 SENT = "sent"
@@ -115,6 +116,7 @@ def decide(
     now: dt.datetime,
     halted: Collection[str] = (),
     apply_once: bool = True,
+    halts_known: bool = True,
 ) -> FirmwareAnswer:
     """The firmware lines for one poll.
 
@@ -122,7 +124,9 @@ def decide(
     (`PROT`, `BOOT`, `ver`, `CHECK`; untrusted; the build is read by innovaphone.reported_build,
     as the inventory and the failure watch read it); `placement`: its wave; `halted`: the kinds whose
     rollout is halted for its target; `apply_once`: whether the device's template is applied
-    once (the Choice says). A device that reports no `CHECK` is being provisioned for the first
+    once (the Choice says); `halts_known`: False while the node serving the poll has not read
+    the halted targets yet, when it sends no file at all (a halt it does not know of would be
+    sent), only the `times` and `provision` lines. A device that reports no `CHECK` is being provisioned for the first
     time (its serial is empty until it applies a script), but only where scripts are applied
     once: otherwise it is never sent a check line, never reports one, and would count as being
     provisioned forever. Such a device is never provisioning: no fast polling, the window holds.
@@ -148,6 +152,8 @@ def decide(
             verdicts[kind] = ON_TARGET
         elif kind in halted:
             verdicts[kind] = HALTED
+        elif not halts_known:
+            verdicts[kind] = HALTS_UNKNOWN
         elif not placement.open_at(now):
             verdicts[kind] = WAITING
         elif not window_open(declaration.window, now, provisioning):

@@ -38,9 +38,11 @@ class Send:
 
 class Ledger(Protocol):
     """Where a serving node notes the files it sent and learns which targets are halted
-    (RolloutState, over the inventory's database)."""
+    (RolloutState, over the inventory's database). Until it `knows_halts`, no file is sent."""
 
     def note(self, send: Send) -> None: ...
+
+    def knows_halts(self) -> bool: ...
 
     def halted(self, model: str, kind: str, build: str) -> bool: ...
 
@@ -57,6 +59,9 @@ class KnownHalts:
 
     def note(self, send: Send) -> None:
         pass
+
+    def knows_halts(self) -> bool:
+        return True   # `read` answers or raises: `render` says so, and shows the lines unhalted
 
     def halted(self, model: str, kind: str, build: str) -> bool:
         if self._halts is None:
@@ -132,9 +137,10 @@ class FirmwareStage:
             return NO_LINES
         placement = place(declaration.rollout, device.hwid, device.mac, choice.groups)
         state = self.state
-        halted = () if state is None else tuple(
+        known = state is None or state.knows_halts()
+        halted = () if state is None or not known else tuple(
             kind for kind, build in declaration.targets.items() if state.halted(device.model, kind, build))
-        answer = decide(declaration, device.model, query, placement, now, halted, choice.apply_once)
+        answer = decide(declaration, device.model, query, placement, now, halted, choice.apply_once, known)
         if state is not None:
             for kind, build in answer.sent.items():
                 state.note(Send(device.mac, device.hwid, device.model, kind, build, placement.wave, now.timestamp()))

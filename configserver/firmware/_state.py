@@ -7,7 +7,9 @@
   inventory keeps (`devices.firmware`, `devices.boot`).
 * Halts (`firmware_rollouts`): once a target's failures since its last resume reach the
   rollout's `halt_after`, any node halts it; the poll path reads the halted targets from memory,
-  refreshed by `refresh()`. Only an admin resumes a halted target.
+  refreshed by `refresh()`. Until the first `refresh()` has answered, they are not known, and
+  the poll path sends no file at all: a node that (re)starts while the database is away must
+  not send a target any node halted. Only an admin resumes a halted target.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class RolloutState:
         # append and popleft are atomic: safe from any thread. Bounded: with the database away
         # for long, the oldest sends go (a device sent its file again is noted again)
         self._queue: deque[Send] = deque(maxlen=_QUEUE_KEPT)
-        self._halted: frozenset[Target] = frozenset()
+        self._halted: frozenset[Target] | None = None   # not read yet
 
     # -- the poll path: memory only ---------------------------------------------------------
 
@@ -81,13 +83,19 @@ class RolloutState:
         """Queue one send. Never blocks, never touches the database."""
         self._queue.append(send)
 
+    def knows_halts(self) -> bool:
+        """Whether a `refresh()` has answered yet: until then nothing may be sent."""
+        return self._halted is not None
+
     def halted(self, model: str, kind: str, build: str) -> bool:
-        """Whether the target is halted, as of the last `refresh()`."""
-        return (model.casefold(), kind, build) in self._halted
+        """Whether the target is halted, as of the last `refresh()` (none before the first: ask
+        `knows_halts`)."""
+        return (model.casefold(), kind, build) in self.halts
 
     @property
     def halts(self) -> frozenset[Target]:
-        return self._halted
+        """The halted targets as last read; none before the first `refresh()`."""
+        return self._halted if self._halted is not None else frozenset()
 
     # -- the background: database -----------------------------------------------------------
 
@@ -127,8 +135,9 @@ class RolloutState:
             rows = await connection.execute(
                 sa.select(firmware_rollouts.c.model, firmware_rollouts.c.kind, firmware_rollouts.c.build)
                 .where(firmware_rollouts.c.state == HALTED_STATE))
-            self._halted = frozenset((model, kind, build) for model, kind, build in rows)
-        return self._halted
+            halted = frozenset((model, kind, build) for model, kind, build in rows)
+        self._halted = halted
+        return halted
 
     async def failures(self, now: float, policy: Policy) -> list[Failure]:
         """Every device that was sent a build at least its model's `watch` ago (counted from the
@@ -177,7 +186,7 @@ class RolloutState:
         halts: list[Halt] = []
         for (model, kind, build), failures in sorted(counts.items()):
             threshold = (policy(model, kind) or Rollout()).halt_after
-            if failures < threshold or (model, kind, build) in self._halted:
+            if failures < threshold or (model, kind, build) in self.halts:
                 continue
             halt = Halt(model, kind, build, now, failures, threshold, "watch")
             if await self._set_state(halt, HALTED_STATE):

@@ -1,8 +1,9 @@
 """The rollout as a serving node runs it: sends written, halts read, failures watched, metrics.
 
-Every `interval` seconds, off the poll path: write the sends this node's polls queued, read
-the halted targets (so a halt any node takes holds here within one interval), count the
-failures and halt what passed its threshold. The poll path itself only reads memory.
+Every `interval` seconds, off the poll path: read the halted targets (so a halt any node takes
+holds here within one interval), write the sends this node's polls queued, count the failures
+and halt what passed its threshold. The poll path itself only reads memory, and sends no file
+until the halts have been read once (firmware/_state.py).
 
 Imported by the web layer only: it carries the metrics (prometheus_client).
 """
@@ -29,6 +30,7 @@ log = logging.getLogger("configserver.firmware")
 
 INTERVAL = 5.0       # seconds between passes: sends written, halts read
 WATCH_EVERY = 6      # passes between two counts of the failures (30 s)
+FIRST_READ_WAIT = 2.0   # seconds a start waits for the halts before serving polls without files
 
 
 class _CountingState(RolloutState):
@@ -68,6 +70,7 @@ class FirmwareWatch:
         self._migrated = False
         self._passes = 0
         self._failing = False
+        self._read = asyncio.Event()   # set once the halts were read
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -76,16 +79,32 @@ class FirmwareWatch:
         return cls(settings.database, stage, snapshot, registry=registry)
 
     async def tick(self, watch: bool = True) -> None:
-        """One pass: write the queued sends, read the halts, and (with `watch`) halt what
-        failed. Raises the database's errors (the loop logs them and tries again)."""
+        """One pass: read the halts, write the queued sends, and (with `watch`) halt what
+        failed. Each step is tried whatever the one before did, so that sends that cannot be
+        written never keep a halt unread. Raises the first of the database's errors (the loop
+        logs it and tries again); then nothing is halted on this pass."""
+        failed: list[Exception] = []
         if not self._migrated:   # the inventory's writer may not have made our tables yet
-            await migrate(self._engine)
-            self._migrated = True
-        await self.state.flush()
-        await self.state.refresh()
+            try:
+                await migrate(self._engine)
+                self._migrated = True
+            except Exception as exc:  # noqa: BLE001 - another node's tables may be there to read
+                failed.append(exc)
+        try:
+            await self.state.refresh()
+            self._read.set()
+        except Exception as exc:  # noqa: BLE001 - raised below, once the sends were tried too
+            failed.append(exc)
+        self._show(self.state.halts)
+        try:
+            await self.state.flush()
+        except Exception as exc:  # noqa: BLE001 - raised below
+            failed.append(exc)
+        if failed:
+            raise failed[0]
         if watch:
             await self.state.watch(self._clock(), self.stage.policy(self._snapshot()))
-        self._show(self.state.halts)
+            self._show(self.state.halts)
 
     def _show(self, halts: frozenset[tuple[str, str, str]]) -> None:
         for target in self._shown - halts:
@@ -95,9 +114,13 @@ class FirmwareWatch:
         self._shown = set(halts)
 
     async def start(self) -> None:
-        """Start the background passes; returns at once."""
+        """Start the background passes; returns once the halts are read, or after
+        FIRST_READ_WAIT seconds when the database does not answer (until it does, polls get no
+        firmware or boot code line)."""
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="firmware-watch")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._read.wait(), FIRST_READ_WAIT)
 
     async def _run(self) -> None:
         while True:
