@@ -196,38 +196,31 @@ def test_a_devices_csv_header_change_reaches_the_devices_whose_rows_did_not_chan
 
 # -- the sandbox: a second wall behind the admins who write templates -------------------------------
 
-@pytest.mark.parametrize("text", [
-    "{{ device.__class__.__mro__ }}",
-    "{{ vars.__class__.__init__.__globals__ }}",
-    "{{ 2 ** 1000000000 }}",
-    "{% for n in range(10000000) %}x{% endfor %}",
-])
-def test_a_template_reaching_for_internals_or_endless_work_is_a_configuration_error(site, pki, text):
-    site.write("templates/default.j2", text + "\n")
-    app = site.app()
-    outcomes: list = []
-    app.recorders.append(outcomes.append)
-    answer = call(app, "/", terminator_headers(pki.phone))
-    assert (answer.status, answer.text) == (500, "# configuration error\n")
-    assert outcomes[-1].detail.startswith(("default.j2:1: SecurityError", "default.j2:1: OverflowError: Range too big"))
-
-
 @pytest.mark.parametrize("text, refused", [
-    ("{{ (3 ** 1000 ** 1000 ** 1000) > 1 }}", "the power would be a number of 1,584,001 bits or more (at most 100,000)"),
-    ("{{ 'x' * 10 ** 9 }}", "repeating a text (length 1) 1,000,000,000 times would make 1,000,000,000 characters"),
-    ("{{ 'x' * 1000000000 }}", "repeating a text (length 1) 1,000,000,000 times"),   # never folded while compiling
-    ("{{ (10 ** 9) * 'ab' }}", "repeating a text (length 2) 1,000,000,000 times"),
-    ("{{ [0] * 1000 * 1000 * 1000 }}", "repeating a list (length 1,000,000) 1,000 times would make 1,000,000,000 items"),
-    ("{% set a = 2 ** 999 %}{{ " + " * ".join(["a"] * 101) + " }}", "the product would be a number of 100,900 bits"),
+    ("{{ device.__class__.__mro__ }}", "SecurityError"),
+    ("{{ vars.__class__.__init__.__globals__ }}", "SecurityError"),
+    ("{{ 2 ** 1000000000 }}", "SecurityError"),
+    ("{% for n in range(10000000) %}x{% endfor %}", "OverflowError: Range too big"),
+    # what ** and * build, not only each exponent
+    ("{{ (3 ** 1000 ** 1000 ** 1000) > 1 }}",
+     "SecurityError: the power would be a number of 1,584,001 bits or more (at most 100,000)"),
+    ("{{ 'x' * 10 ** 9 }}",
+     "SecurityError: repeating a text (length 1) 1,000,000,000 times would make 1,000,000,000 characters"),
+    ("{{ 'x' * 1000000000 }}", "SecurityError: repeating a text (length 1) 1,000,000,000 times"),   # never folded while compiling
+    ("{{ (10 ** 9) * 'ab' }}", "SecurityError: repeating a text (length 2) 1,000,000,000 times"),
+    ("{{ [0] * 1000 * 1000 * 1000 }}",
+     "SecurityError: repeating a list (length 1,000,000) 1,000 times would make 1,000,000,000 items"),
+    ("{% set a = 2 ** 999 %}{{ " + " * ".join(["a"] * 101) + " }}",
+     "SecurityError: the product would be a number of 100,900 bits"),
 ])
-def test_a_template_building_a_huge_number_text_or_list_is_refused_at_once(site, pki, text, refused):
+def test_a_template_reaching_for_internals_or_endless_work_is_a_configuration_error(site, pki, text, refused):
     site.write("templates/default.j2", text + "\n")
     app = site.app()
     outcomes: list = []
     app.recorders.append(outcomes.append)
     answer = call(app, "/", terminator_headers(pki.phone))
     assert (answer.status, answer.text) == (500, "# configuration error\n")
-    assert outcomes[-1].detail.startswith(f"default.j2:1: SecurityError: {refused}"), outcomes[-1].detail
+    assert outcomes[-1].detail.startswith(f"default.j2:1: {refused}"), outcomes[-1].detail
 
 
 def test_arithmetic_within_the_sandbox_bounds_renders(site, pki):
