@@ -33,6 +33,7 @@ httptools protocol then writes the answer itself, under the same limits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -126,6 +127,15 @@ class Listener:
         if context is None:
             context = _contexts[self.tls] = self.tls.ssl_context()
         return context
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # unpickled in a worker as it starts (uvicorn spawns them): its context is built now,
+        # before it accepts, not at its first connection; when the files make none, each
+        # connection's handshake says why (once)
+        self.__dict__.update(state)
+        if self.tls is not None:
+            with contextlib.suppress(ConfigserverError):
+                self.ssl_context()
 
 
 _contexts: dict["ServerTLS", ssl.SSLContext] = {}

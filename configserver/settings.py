@@ -210,16 +210,6 @@ class Settings(BaseSettings):
                              "make one with `openssl rand -hex 32`")
         return value
 
-    @model_validator(mode="after")
-    def _idle_within_head_timeout(self) -> "Settings":
-        # after an answer the listener waits for the next head: request_head_timeout ends the wait
-        if self.keep_alive_timeout > self.request_head_timeout:
-            raise ValueError(
-                f"keep_alive_timeout: {self.keep_alive_timeout:g} s is longer than request_head_timeout "
-                f"({self.request_head_timeout:g} s), which ends an idle connection first: after an answer a "
-                "connection is waiting for its next request head; raise request_head_timeout as well")
-        return self
-
     # the CA bundle, parsed once here: everything that verifies certificates takes it from here
     _ca_certificates: list[x509.Certificate] | None = PrivateAttr(default=None)
 

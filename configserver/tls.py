@@ -17,6 +17,7 @@ gives uvicorn that protocol for every `serve`, built-in TLS or not, with the lis
 from __future__ import annotations
 
 import functools
+import logging
 import resource
 import ssl
 import warnings
@@ -35,6 +36,8 @@ from .limits import (
     ListenerLimits,
 )
 from .settings import SettingsError
+
+log = logging.getLogger("configserver.listener")
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -208,6 +211,12 @@ def uvicorn_options(settings: "Settings", http: Literal["auto", "h11", "httptool
     trusted-proxy rules, and nothing sits in front of the built-in listener.
     """
     limits = ListenerLimits.from_settings(settings)
+    if settings.keep_alive_timeout > settings.request_head_timeout:
+        # after an answer the listener waits for the next head: request_head_timeout ends the wait
+        log.warning("keep_alive_timeout is longer than request_head_timeout, which closes an idle connection "
+                    "first: raise request_head_timeout to keep connections open longer", extra={"fields": {
+                        "event": "keep_alive_cut_short", "keep_alive_timeout": settings.keep_alive_timeout,
+                        "request_head_timeout": settings.request_head_timeout}})
     server_tls = None
     if settings.builtin_tls:
         server_tls = ServerTLS.from_settings(settings)

@@ -65,14 +65,6 @@ def test_bad_setting_names_the_key(tmp_path, toml, key):
     assert repr(key) in str(error.value)
 
 
-def test_a_keep_alive_the_head_timeout_would_cut_short_is_refused(tmp_path):
-    # an idle connection after an answer waits for its next head: request_head_timeout ends it
-    (tmp_path / "configserver.toml").write_text("keep_alive_timeout = 60\n")
-    with pytest.raises(SettingsError, match="'keep_alive_timeout': 60 s is longer than request_head_timeout"):
-        load_settings(config_file=tmp_path / "configserver.toml")
-    assert load_settings(keep_alive_timeout=60, request_head_timeout=60).keep_alive_timeout == 60
-
-
 def test_ca_bundle_without_a_ca_stops_start_up(tmp_path, pki):
     (tmp_path / "leaf.pem").write_bytes(pki.phone.cert_pem)
     (tmp_path / "junk.pem").write_text("hello")

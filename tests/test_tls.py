@@ -298,6 +298,15 @@ def test_the_header_path_gets_the_listener_limits_without_tls() -> None:
     assert "ssl_context_factory" not in options
 
 
+def test_a_keep_alive_the_head_timeout_cuts_short_is_told_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    # an idle connection after an answer waits for its next head: request_head_timeout ends it
+    with caplog.at_level(logging.WARNING, logger="configserver.listener"):
+        uvicorn_options(load_settings(keep_alive_timeout=15))
+        uvicorn_options(load_settings(keep_alive_timeout=15, request_head_timeout=15))
+    assert [(r.fields["event"], r.fields["keep_alive_timeout"], r.fields["request_head_timeout"])
+            for r in caplog.records] == [("keep_alive_cut_short", 15, 10)]
+
+
 def test_built_in_tls_without_a_ca_bundle_stops_start_up(files: Files) -> None:
     settings = load_settings(tls_cert=files.server_cert, tls_key=files.server_key)
     with pytest.raises(SettingsError, match="'ca_bundle'"):
@@ -371,6 +380,21 @@ def test_a_listener_that_cannot_build_its_context_says_why_once(files: Files, pk
             assert refused(port, device_context(files, pki.phone)).startswith(("handshake failed", "closed"))
     told = [r.getMessage() for r in caplog.records if r.name.startswith("configserver") and r.levelno >= logging.WARNING]
     assert len(told) == 1 and told[0].startswith("no TLS handshake can succeed: setting 'tls_cert'/'tls_key'"), told
+
+
+def test_a_worker_builds_its_context_as_it_starts(files: Files, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # uvicorn spawns workers: the listener reaches each pickled, and is unpickled as it starts
+    import pickle
+
+    from configserver import limits
+    good = pickle.dumps(uvicorn_options(files.settings())["http"].keywords["listener"])
+    broken = ServerTLS(tmp_path / "gone.pem", tmp_path / "gone.key", files.bundle)
+    monkeypatch.setattr(limits, "_contexts", {})   # a new process
+    listener = pickle.loads(good)
+    assert limits._contexts[listener.tls].verify_mode == ssl.CERT_REQUIRED
+    assert pickle.loads(pickle.dumps(Listener(ListenerLimits(), broken))).tls == broken   # its handshakes say why
+    assert broken not in limits._contexts
 
 
 # -- legacy devices: what tls_security_level and tls_min_version admit --------------------------
