@@ -697,6 +697,111 @@ def test_a_checkout_that_settles_within_ten_grace_windows_is_published_whole(tmp
     assert store.refresh(()) is True and len(store.snapshot.templates) == 18
 
 
+def test_a_quick_checkout_that_lands_as_another_file_turns_restless_is_still_published_whole(tmp_path):
+    """A log under vars/ rewritten every half second turns restless ten grace windows after it
+    began; a checkout of two files written just before that (the template, then the include it
+    now names) is not split by it: both are published together once both have settled."""
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    clock = [time.time()]
+    noisy = tmp_path / "vars" / "notes.txt"
+    default = tmp_path / "templates" / "default.j2"
+    part = tmp_path / "templates" / "part.j2"
+    for path, text in ((noisy, "0\n"), (default, "config change SIP0 /user a\n")):
+        path.write_text(text)
+        settled(path)
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1.0, clock=lambda: clock[0])
+    store.refresh()
+
+    def dated(path: Path, text: str) -> Path:
+        path.write_text(text)
+        os.utime(path, (clock[0], clock[0]))
+        return path
+
+    published_at = []
+    for step in range(1, 40):   # the log every half second; the checkout at 10.0 s and 10.5 s
+        clock[0] += 0.5
+        paths = [dated(noisy, f"{step}\n")]
+        if step == 20:
+            paths.append(dated(default, "{% include 'part.j2' %}\n"))
+        if step == 21:
+            paths.append(dated(part, "config change SIP0 /user b\n"))
+        store.refresh(paths)
+        templates = store.snapshot.templates
+        if "include" in templates["default.j2"].content or "part.j2" in templates:
+            assert "include" in templates["default.j2"].content and "part.j2" in templates, step
+            published_at.append(step)
+    assert published_at and published_at[0] == 23   # one grace window after its last file
+
+
+def test_a_file_written_in_bursts_holds_other_edits_back_one_grace_window_per_burst(tmp_path, caplog):
+    """Once a file has been found restless, each later burst of writes to it holds the edits
+    made meanwhile back for one grace window at most, not ten again, and is not logged again."""
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    clock = [time.time()]
+    noisy = tmp_path / "vars" / "state.txt"
+    edited = tmp_path / "templates" / "default.j2"
+    for path in (noisy, edited):
+        path.write_text("0\n")
+        settled(path)
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1.0, clock=lambda: clock[0])
+    store.refresh()
+    caplog.set_level("WARNING", logger="configserver.content")
+
+    def dated(path: Path, text: str) -> Path:
+        path.write_text(text)
+        os.utime(path, (clock[0], clock[0]))
+        return path
+
+    def burst(seconds: int, edit_at: float | None = None) -> list[float]:
+        """The file rewritten every half second for `seconds`, then calm for three seconds;
+        `edited` changed `edit_at` seconds into the burst. When the edit was published."""
+        published = []
+        for step in range(1, 2 * seconds + 7):
+            clock[0] += 0.5
+            paths = [dated(noisy, f"{clock[0]}\n")] if step <= 2 * seconds else []
+            if edit_at is not None and step == 2 * edit_at:
+                paths.append(dated(edited, f"config change SIP0 /user {clock[0]}\n"))
+            if store.refresh(paths) and store.snapshot.templates["default.j2"].content != "0\n":
+                published.append(step / 2)
+        return published
+
+    burst(12)   # restless ten grace windows into its first burst
+    for _ in range(3):
+        dated(edited, "0\n")
+        settled(edited)
+        store.refresh([edited])
+        published = burst(12, edit_at=1)
+        assert published and published[0] <= 2.5, published   # the edit's own grace window, and one for the burst
+    warned = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "reload_partial"]
+    assert len(warned) == 1
+
+
+def test_new_files_coming_one_after_the_other_hold_a_settled_edit_back_thirty_grace_windows_at_most(tmp_path):
+    """A tool that drops a new file every half second: no file keeps changing for long, but
+    there is always one in its grace window. An edit made meanwhile is still published."""
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "vars").mkdir()
+    clock = [time.time()]
+    edited = tmp_path / "templates" / "default.j2"
+    edited.write_text("config change SIP0 /user old\n")
+    settled(edited)
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=1.0, clock=lambda: clock[0])
+    store.refresh()
+    edited.write_text("config change SIP0 /user new\n")
+    os.utime(edited, (clock[0], clock[0]))
+    published = []
+    for step in range(1, 80):
+        clock[0] += 0.5
+        dropped = tmp_path / "vars" / f"state-{step}.txt"
+        dropped.write_text("x\n")
+        os.utime(dropped, (clock[0], clock[0]))
+        published.append(store.refresh([dropped, edited] if step == 1 else [dropped]))
+    assert published.index(True) + 1 == 62   # settled at 1 s, then thirty grace windows
+    assert "/user new" in store.snapshot.templates["default.j2"].content
+
+
 def snapshot_stamp(path: Path) -> int:
     from configserver.content.snapshot import stamp_of
 

@@ -9,8 +9,9 @@ file systems, an overflowed event queue.
 A poll reads `store.snapshot` once and uses that snapshot from start to end. A file modified
 less than `grace_seconds` ago is not read yet: the snapshot keeps the last version that was
 complete, so a file being written never yields half a script, and a change spread over several
-files (a git checkout, an rsync) is taken at once instead of file by file: it waits for its last
-file RESTLESS_GRACES grace windows at most, then goes without the files still changing.
+files (a git checkout, an rsync) is taken at once instead of file by file. A file that has kept
+changing for RESTLESS_GRACES grace windows holds nothing back from then on: it is published
+alone, each time it settles; and an edit that has settled waits HELD_GRACES grace windows at most.
 
 Nothing outside the two folders is ever read: hidden files and editors' leftovers are skipped,
 symlinked folders are not entered, and a symlinked file counts only when it points at a file
@@ -50,11 +51,17 @@ RESCAN_SECONDS = 600.0   # the safety net's period; file events do the real work
 READ_AT_ONCE = 1000      # changed templates read before publishing; more are read on first use
 FOLDER_CHECK_SECONDS = 5.0   # how soon a folder that went, came back or was replaced is seen
 WAITING_MAX = 100        # polls that may wait at once for the next snapshot (newer_than)
-# A change spread over several files is published whole, but waits at most this many grace
-# windows for its last file: a file rewritten more often than that (a log, a sync tool's state)
-# would otherwise hold every other edit back for good. Past it, the files that have settled are
-# published and the ones still changing wait on their own.
+# A change spread over several files is published whole, once all of them have settled. A file
+# that has kept changing, unsettled, for this many grace windows (a log, a sync tool's state)
+# would otherwise hold every other edit back for good: it is "restless" and waits alone from
+# then on, and the others are published without it. Files that began changing more recently
+# still wait for each other. A restless file that comes back to life later (a writer in bursts)
+# is restless again once it has kept changing for one grace window.
 RESTLESS_GRACES = 10
+# An edit that has settled waits at most this many grace windows for files still changing, in
+# case none of them is restless: new files coming one after the other (each settling in its
+# own grace window) would otherwise hold it back for good.
+HELD_GRACES = 3 * RESTLESS_GRACES
 
 Key = tuple[str, str]    # ("templates" | "vars", name relative to its folder, with '/')
 Version = tuple[str | None, Stamp]   # a symlink's target to read (None: the file itself) and its version
@@ -82,8 +89,9 @@ class ContentStore:
         # or None if gone; since when it has looked like that by our clock)
         self._unsettled: dict[Key, tuple[Stamp | None, float]] = {}
         self._early: dict[Key, SourceFile] = {}   # changed files read while they settle
-        self._waiting_since: float | None = None   # since when a change has waited for files still changing
-        self._restless: set[Key] = set()   # files that kept the others waiting too long: they wait alone
+        self._changing_since: dict[Key, float] = {}   # since when each file still changing has been changing
+        self._restless: set[Key] = set()   # files that kept changing too long (while they exist): they wait alone
+        self._held_since: float | None = None   # since when changes that have settled have waited
         # vars files published with a problem that may pass (SourceFile.passing): looked at
         # again by every refresh until they can be read
         self._again: set[Key] = set()
@@ -100,9 +108,9 @@ class ContentStore:
         publish a new snapshot once every change seen has settled.
 
         Returns whether a new snapshot was published. While any file is new, changed or gone
-        for less than `grace_seconds`, the snapshot in use stays as it is, whole, for at most
-        RESTLESS_GRACES grace windows: then the files that have settled are published, and the
-        ones still changing are published alone once they settle.
+        for less than `grace_seconds`, the snapshot in use stays as it is, whole, except for
+        the files that have kept changing for RESTLESS_GRACES grace windows: they hold nothing
+        back, and are published alone once they settle.
         """
         with self._lock:
             old = self.snapshot
@@ -130,16 +138,17 @@ class ContentStore:
             if not differing:
                 self._unsettled.clear()
                 self._early.clear()
-                self._restless.clear()
-                self._waiting_since = None
+                self._changing_since.clear()
+                self._held_since = None
                 return False
             bulk = sum(kind == "templates" and seen is not None for (kind, _), seen in differing.items()) > READ_AT_ONCE
             # a vars file read again in the version listed, after a passing problem, is no change to wait for
             waiting = {key: seen for key, seen in differing.items() if not _read_again(old, key, seen)}
             changing = self._settling(waiting, now)
-            if not self._may_publish(changing, now):
-                if not bulk:
-                    self._read_ahead({key: seen for key, seen in waiting.items() if key not in self._restless})
+            holding = self._holding(changing, now)
+            if holding and not self._held_too_long(len(waiting) > len(changing), holding, now):
+                if not bulk:   # not the restless ones: read once they settle, not at each rewrite
+                    self._read_ahead({key: seen for key, seen in waiting.items() if key in holding or key not in changing})
                 return False
             templates: dict[str, SourceFile | None] = {}
             variables: dict[str, SourceFile | None] = {}
@@ -150,7 +159,9 @@ class ContentStore:
                     continue   # one that keeps changing: published once it settles
                 kind, name = key
                 source = None
-                if seen is not None:
+                if seen is None:
+                    self._restless.discard(key)   # gone: a file of that name later is a new one
+                else:
                     target, stamp = seen
                     if bulk and kind == "templates" and target is None:
                         source = SourceFile(name, stamp, folder=self._templates_folder)
@@ -166,7 +177,7 @@ class ContentStore:
                 (templates if kind == "templates" else variables)[name] = source
             self._unsettled = {key: since for key, since in self._unsettled.items() if key in changing}
             self._early.clear()
-            self._restless &= changing   # the ones that settled are published: calm again
+            self._held_since = None
             if not templates and not variables:
                 return False
             self.snapshot = old.changed(templates, variables)
@@ -426,22 +437,47 @@ class ContentStore:
         self._unsettled = unsettled
         return changing
 
-    def _may_publish(self, changing: set[Key], now: float) -> bool:
-        """Whether the changes that have settled may be published now, with `changing` still
-        changing: when no file holds them back (those found restless earlier wait alone), or
-        when the ones that do have held them back RESTLESS_GRACES grace windows. Those are then
-        named in the log, once, and wait alone from then on."""
-        holding = changing - self._restless
-        if not holding:
-            self._waiting_since = None
-            return True
-        if self._waiting_since is None:
-            self._waiting_since = now
-        waited = now - self._waiting_since
-        if waited < RESTLESS_GRACES * self.grace_seconds:
+    def _holding(self, changing: set[Key], now: float) -> set[Key]:
+        """The files of `changing` (still changing) that hold the changes that have settled
+        back: every one but the restless ones. A file is restless once it has kept changing,
+        unsettled, for RESTLESS_GRACES grace windows (since it was first seen changing, however
+        many versions it went through); one found restless before, once it has kept changing
+        for one grace window (more than a single write), so a writer in bursts holds the
+        others back a grace window per burst, not the whole bound. A file found restless is
+        named in the log the first time only."""
+        since = {key: self._changing_since.get(key, now) for key in changing}
+        self._changing_since = since
+        bound = RESTLESS_GRACES * self.grace_seconds
+        holding: set[Key] = set()
+        found: dict[Key, float] = {}
+        for key, start in since.items():
+            changing_for = now - start
+            if key in self._restless and changing_for >= self.grace_seconds:
+                continue
+            if changing_for >= bound:
+                found[key] = changing_for
+            else:
+                holding.add(key)
+        if found:
+            self._restless |= found.keys()
+            names = sorted(f"{kind}/{name}" for kind, name in found)
+            log.warning("files still changing hold no other change back any longer", extra={"fields": {
+                "event": "reload_partial", "files": names[:10], **({"more": len(names) - 10} if len(names) > 10 else {}),
+                "waited_s": round(max(found.values()), 1)}})
+        return holding
+
+
+    def _held_too_long(self, held: bool, holding: set[Key], now: float) -> bool:
+        """Whether changes that have settled (`held`: some have) have waited HELD_GRACES grace
+        windows for `holding`, which then holds them back no longer this time (named in the log)."""
+        if not held:
+            self._held_since = None
             return False
-        self._restless |= holding
-        self._waiting_since = None
+        if self._held_since is None:
+            self._held_since = now
+        waited = now - self._held_since
+        if waited < HELD_GRACES * self.grace_seconds:
+            return False
         names = sorted(f"{kind}/{name}" for kind, name in holding)
         log.warning("files still changing hold no other change back any longer", extra={"fields": {
             "event": "reload_partial", "files": names[:10], **({"more": len(names) - 10} if len(names) > 10 else {}),
