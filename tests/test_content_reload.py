@@ -215,6 +215,38 @@ def test_a_folder_moved_in_whole_is_published_by_its_file_event(tmp_path):
     assert asyncio.run(scenario())
 
 
+def test_a_folder_of_device_links_to_model_templates_moved_in_whole_is_published_by_its_event(tmp_path):
+    """devices/<hwid>.j2 -> ../models/<model>.j2: the link names a file in another folder of
+    templates/, which a folder's event accepts as the rescan does."""
+    (tmp_path / "templates" / "models").mkdir(parents=True)
+    (tmp_path / "vars").mkdir()
+    (tmp_path / "templates" / "models" / "IP232.j2").write_text("config change SIP0 /user model\n")
+    settled(tmp_path / "templates" / "models" / "IP232.j2")
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    store.refresh()
+    staged = tmp_path / "templates" / ".staging"
+    staged.mkdir()
+    (staged / "IP232-30-00-af.j2").symlink_to("../models/IP232.j2")
+    staged.rename(tmp_path / "templates" / "devices")   # one event, naming the folder
+    assert store.refresh([tmp_path / "templates" / "devices"]) is True
+    assert store.snapshot.templates["devices/IP232-30-00-af.j2"].text == "config change SIP0 /user model\n"
+
+
+def test_an_event_on_a_folder_of_device_links_to_model_templates_keeps_them(tmp_path):
+    (tmp_path / "templates" / "models").mkdir(parents=True)
+    (tmp_path / "templates" / "devices").mkdir()
+    (tmp_path / "vars").mkdir()
+    (tmp_path / "templates" / "models" / "IP232.j2").write_text("config change SIP0 /user model\n")
+    settled(tmp_path / "templates" / "models" / "IP232.j2")
+    (tmp_path / "templates" / "devices" / "IP232-30-00-af.j2").symlink_to("../models/IP232.j2")
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    store.refresh()
+    assert "devices/IP232-30-00-af.j2" in store.snapshot.templates
+    os.chmod(tmp_path / "templates" / "devices", 0o750)   # an event naming the folder
+    store.refresh([tmp_path / "templates" / "devices"])
+    assert "devices/IP232-30-00-af.j2" in store.snapshot.templates
+
+
 def test_a_symlink_out_of_the_folder_made_while_watched_is_never_read(tmp_path):
     (tmp_path / "templates").mkdir()
     (tmp_path / "vars").mkdir()

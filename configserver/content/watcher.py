@@ -397,7 +397,7 @@ class ContentStore:
                     continue
                 if os.path.isdir(path) and _reached_directly(root, name):   # a folder of ours
                     prefix = f"{name}/" if name else ""
-                    below = list_files(Path(path))
+                    below = list_files(Path(path), os.path.realpath(root) + os.sep)   # links: the folder's rule
                     found.update({(kind, prefix + sub): seen for sub, seen in below.items()})
                     found.update({(kind, n): None for n in published
                                   if n.startswith(prefix) and n[len(prefix):] not in below})
@@ -604,18 +604,20 @@ def file_version(path: str, real_root: str) -> Version | None:
     return target, stamp_of(st)
 
 
-def list_files(root: Path) -> dict[str, Version]:
+def list_files(root: Path, real_root: str | None = None) -> dict[str, Version]:
     """Every file below `root` that is not hidden or an editor's leftover, with its version.
 
     Symlinked folders are not entered; a symlinked file is listed only when it resolves to a
-    regular file inside `root` (its version is then the target's). One lstat per file: this
-    is the safety net's whole cost, so it stays lean.
+    regular file inside `real_root` (the real path of the templates or vars folder, ending in
+    the separator; `root`'s own when not given), and its version is then the target's: a folder
+    below the folder is listed by the same rule as the folder. One lstat per file: this is the
+    safety net's whole cost, so it stays lean.
     """
     found: dict[str, Version] = {}
     if not root.is_dir():
         return found
     top = str(root)
-    real_root = os.path.realpath(top) + os.sep
+    real_root = real_root or os.path.realpath(top) + os.sep
     skip = len(top) + 1
     pending = [top]
     while pending:
