@@ -378,10 +378,10 @@ def test_a_vars_file_that_cannot_be_read_for_a_while_is_read_again_until_it_can(
     failing = {"now": True}
     usual = snapshot.read_version
 
-    def read_version(path, stamp, checksum=None):
+    def read_version(path, stamp, checksum=None, folder=None):
         if failing["now"] and path.endswith("default.toml"):
             return snapshot.Read(None, f"{snapshot.NOT_NOW}[Errno 24] Too many open files", False, None)
-        return usual(path, stamp, checksum)
+        return usual(path, stamp, checksum, folder)
 
     monkeypatch.setattr(snapshot, "read_version", read_version)
     store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
@@ -422,7 +422,7 @@ def test_a_vars_file_listed_with_a_passing_problem_is_read_again_at_once_not_wai
     ahead.write_text('user = "alice"\n')
     os.utime(ahead, (time.time() + 3600, time.time() + 3600))   # a tarball from a clock an hour ahead
     usual = snapshot.read_version
-    monkeypatch.setattr(snapshot, "read_version", lambda path, stamp, checksum=None: snapshot.Read(
+    monkeypatch.setattr(snapshot, "read_version", lambda path, stamp, checksum=None, folder=None: snapshot.Read(
         None, f"{snapshot.NOT_NOW}[Errno 23] Too many open files in system", False, None))
     store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
     store.refresh()
@@ -538,7 +538,7 @@ def test_a_read_ahead_that_failed_for_now_is_read_again_when_published(tmp_path,
     path.write_text('user = "bob"\n')   # an edit: read ahead during its grace window
     os.utime(path, (now[0], now[0]))
     usual, storm = snapshot.read_version, {"on": True}
-    monkeypatch.setattr(snapshot, "read_version", lambda p, stamp, checksum=None: snapshot.Read(
+    monkeypatch.setattr(snapshot, "read_version", lambda p, stamp, checksum=None, folder=None: snapshot.Read(
         None, f"{snapshot.NOT_NOW}[Errno 24] Too many open files", False, None) if storm["on"] else usual(p, stamp, checksum))
     assert store.refresh() is False and store.pending   # waiting out the grace window, read ahead meanwhile
     storm["on"] = False
@@ -574,6 +574,52 @@ def test_a_file_event_below_a_symlinked_folder_publishes_nothing_from_outside(si
     assert not app.store.pending
     answer = call(app, "/", terminator_headers(pki.phone))
     assert answer.status == 200 and "hunter" not in answer.text
+
+
+def test_a_folder_swapped_for_a_symlink_right_after_it_was_checked_publishes_nothing_outside(tmp_path, monkeypatch):
+    """The swap lands between the check of the folders on the way and the look at the file:
+    what is looked at is the file opened, so the file outside is never taken."""
+    from configserver.content import watcher
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.j2").write_text("proxy_secret = 'hunter3'\n")
+    settled(outside / "x.j2")
+    sub = tmp_path / "templates" / "sub"
+    sub.mkdir(parents=True)
+    (sub / "x.j2").write_text("harmless\n")
+    settled(sub / "x.j2")
+    (tmp_path / "vars").mkdir()
+    store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
+    store.refresh()
+    checked = watcher._reached_directly
+
+    def swapped_right_after(root, folder):
+        found = checked(root, folder)
+        if folder == "sub" and not sub.is_symlink():
+            (sub / "x.j2").unlink()
+            sub.rmdir()
+            sub.symlink_to(outside, target_is_directory=True)
+        return found
+
+    monkeypatch.setattr(watcher, "_reached_directly", swapped_right_after)
+    store.refresh([str(sub / "x.j2")])
+    listed = store.snapshot.templates.get("sub/x.j2")
+    assert listed is None or "hunter3" not in listed.text
+
+
+def test_a_template_listed_below_a_folder_now_a_symlink_is_never_read_from_outside(tmp_path):
+    """A listing raced the same way (the rescan's): the version listed is the file outside,
+    but reading it opens a file outside the folder, which is taken as changed, never read."""
+    from configserver.content.snapshot import SourceFile, stamp_of
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.j2").write_text("proxy_secret = 'hunter3'\n")
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "sub").symlink_to(outside, target_is_directory=True)
+    listed = SourceFile("sub/x.j2", stamp_of(os.stat(outside / "x.j2")), folder=str(tmp_path / "templates"))
+    assert listed.read() == ("", listed.problem) and listed.changed
 
 
 def test_a_folder_replaced_by_a_symlink_takes_its_files_out_of_the_snapshot(site):

@@ -139,7 +139,7 @@ class SourceFile:
         if self.folder is None:
             found = Read(None, "not read", True, None)
         else:
-            found = read_version(f"{self.folder}/{self.name}", self.stamp, self.checksum)
+            found = read_version(f"{self.folder}/{self.name}", self.stamp, self.checksum, self.folder)
         # memos of this frozen version, not changes to it
         if found.problem is None and found.text is not None:
             text = HELD_TEXTS.hold(self, found.text, found.checksum)
@@ -209,17 +209,19 @@ class Read(NamedTuple):
     checksum: int | None     # CRC-32 of the bytes read
 
 
-def read_text(path: str, stamp: Stamp) -> tuple[str | None, str | None]:
+def read_text(path: str, stamp: Stamp, folder: str | None = None) -> tuple[str | None, str | None]:
     """(text, None), ("", the error the admin must fix), or (None, None) when the file is no
-    longer the version `stamp` names (it changed or went while, or before, it was read)."""
-    found = read_version(path, stamp)
+    longer the version `stamp` names (it changed or went while, or before, it was read, or it
+    is no longer a file inside `folder`)."""
+    found = read_version(path, stamp, folder=folder)
     return (None, None) if found.problem == _CHANGED else (found.text if found.problem is None else "", found.problem)
 
 
-def read_version(path: str, stamp: Stamp, checksum: int | None = None) -> Read:
+def read_version(path: str, stamp: Stamp, checksum: int | None = None, folder: str | None = None) -> Read:
     """The file at `path` read in the version `stamp` names. Its problem is _CHANGED when the
     file is no longer that version (it changed or went while, or before, it was read, or its
-    bytes are not those of `checksum`); too large or not UTF-8 is the version's for good; a
+    bytes are not those of `checksum`), or the file opened is not inside `folder` (a folder on
+    the way was swapped for a symlink): what is outside is never read; too large or not UTF-8 is the version's for good; a
     file that cannot be opened or read now (permissions, no file descriptor left) may be read
     once that passes. Lean (no Path, no buffer): a fleet's templates are read on their first
     poll, and again when their text was let go."""
@@ -233,6 +235,8 @@ def read_version(path: str, stamp: Stamp, checksum: int | None = None) -> Read:
     except OSError as exc:
         return _unreadable(exc)
     try:
+        if folder is not None and not opened_at(fd, path).startswith(real_folder(folder)):
+            return Read(None, _CHANGED, True, None)
         chunks, wanted = [], size + 1   # one more byte than the version had: growth shows
         while wanted > 0 and (chunk := os.read(fd, wanted)):
             chunks.append(chunk)
@@ -250,6 +254,30 @@ def read_version(path: str, stamp: Stamp, checksum: int | None = None) -> Read:
         return Read(raw.decode("utf-8-sig"), None, True, crc)  # a byte order mark (Excel's "CSV UTF-8") is no content
     except UnicodeDecodeError as exc:
         return Read(None, f"not UTF-8 text (byte {exc.start}): save it as UTF-8", True, crc)
+
+
+def opened_at(fd: int, path: str) -> str:
+    """The real path of the file open as `fd` (opened at `path`): where it is, whatever symlinks
+    led to it, as the kernel knows it (a symlink swapped in after the open changes nothing)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:   # no /proc: the path now, the best that can be known
+        return os.path.realpath(path)
+
+
+_REAL_FOLDERS: dict[str, tuple[int, int, str]] = {}   # folder -> its device, inode and real path
+
+
+def real_folder(folder: str) -> str:
+    """The real path of `folder`, ending in the separator (worked out again once the folder
+    is another one, a symlink switched to a new release). Raises OSError when it is gone."""
+    st = os.stat(folder)
+    known = _REAL_FOLDERS.get(folder)
+    if known is not None and known[:2] == (st.st_dev, st.st_ino):
+        return known[2]
+    real = os.path.realpath(folder) + os.sep
+    _REAL_FOLDERS[folder] = (st.st_dev, st.st_ino, real)
+    return real
 
 
 def _unreadable(exc: OSError) -> Read:

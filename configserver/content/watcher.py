@@ -38,6 +38,7 @@ from .snapshot import (
     SourceFile,
     Stamp,
     empty_snapshot,
+    opened_at,
     read_text,
     stamp_mtime_ns,
     stamp_of,
@@ -342,7 +343,7 @@ class ContentStore:
         kind, name = key
         target, stamp = seen
         if kind == "vars":
-            return read_file(target or str(self.vars_dir / name), name, stamp, self._parse_vars)
+            return read_file(target or str(self.vars_dir / name), name, stamp, self._parse_vars, str(self.vars_dir))
         # read from its folder (a symlink through the link: a target that is no longer the one
         # `seen` is another stamp), so its text may be let go, and read again in this version
         return template_version(name, stamp, self._templates_folder)
@@ -414,7 +415,7 @@ class ContentStore:
         root = str(self._folder(kind))
         if not _wanted(name) or not _reached_directly(root, os.path.dirname(name)):
             return None
-        return file_version(f"{root}{os.sep}{name}", os.path.realpath(root) + os.sep)
+        return file_version(f"{root}{os.sep}{name}", os.path.realpath(root) + os.sep, name)
 
     def _settling(self, differing: dict[Key, Version | None], now: float) -> set[Key]:
         """The changed files that may not be published yet, from what `differing` says is on
@@ -583,19 +584,32 @@ def _raise_if_passing(exc: OSError) -> None:
         raise CannotListNow(exc.errno, exc.strerror, exc.filename) from exc
 
 
-def file_version(path: str, real_root: str) -> Version | None:
+def file_version(path: str, real_root: str, name: str | None = None) -> Version | None:
     """A symlink's target to read (None for the file itself) and the version, or None when
-    `path` is no file of the folder (gone, a folder, or a symlink that leads out of `real_root`)."""
+    `path` is no file of the folder: gone, a folder, a symlink that leads out of `real_root`,
+    or (given its `name` below the folder) one reached through a symlinked folder. Checked on
+    the files opened, not on their paths, so a folder swapped for a symlink meanwhile is seen."""
     target = None
     try:
-        st = os.lstat(path)
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW)   # the file, or the symlink itself
+        try:
+            st = os.fstat(fd)
+            at = opened_at(fd, path)
+        finally:
+            os.close(fd)
+        if not (at == real_root + name if name is not None else at.startswith(real_root)):
+            return None   # reached through a symlinked folder: no file of ours
         if stat.S_ISLNK(st.st_mode):
-            target = os.path.realpath(path)
+            fd = os.open(path, os.O_PATH)   # what it names
+            try:
+                st = os.fstat(fd)
+                target = opened_at(fd, path)
+            finally:
+                os.close(fd)
             if not target.startswith(real_root):
                 log.warning("symlink out of the folder ignored", extra={"fields": {
                     "event": "symlink_ignored", "file": path}})
                 return None
-            st = os.stat(target)
     except OSError as exc:
         _raise_if_passing(exc)
         return None
@@ -652,10 +666,11 @@ def list_files(root: Path, real_root: str | None = None) -> dict[str, Version]:
 
 def read_file(
     path: str | Path, name: str, stamp: Stamp, parse: Callable[[str, str], tuple[Any, str | None]],
+    folder: str | None = None,
 ) -> SourceFile | None:
     """The file's text and parsed data, an error the admin must fix, or None when the file
-    changed while it was read (then it is still being written)."""
-    text, problem = read_text(str(path), stamp)
+    changed while it was read (then it is still being written) or is no longer inside `folder`."""
+    text, problem = read_text(str(path), stamp, folder)
     if text is None:
         return None
     if problem:
