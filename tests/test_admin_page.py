@@ -272,8 +272,9 @@ def test_the_device_page_shows_the_script_it_would_get_with_secrets_masked(brows
     ("site", False), ("keyboard", False), ("pinned", False), ("registrar", False), ("extra", True),
     ("accounts[0].password", True), ("accounts[1].user", False), ("accounts[3].token", True), ("token", False),
     ("rooms[0][1].extra", True),
-    # what a secret table holds is secret: its elements' own names say nothing
-    ("api_key[0].value", True), ("sip_password.note", True), ("extra.sub", True), ("keyboard.layout", False),
+    # a table's own name says nothing of what it holds (function keys: labels and extensions);
+    # a table the admin marks, everything in it
+    ("function_key[0].label", False), ("hotkey.number", False), ("extra.sub", True), ("accounts.token.id", True),
 ])
 def test_which_variables_are_secret(name: str, secret: bool) -> None:
     from configserver.admin._script import is_secret
@@ -312,6 +313,20 @@ def test_masking_hides_every_occurrence_but_never_a_short_value() -> None:
     masked = mask("a hunter2 b hunter2x c 12\n", {"sip": {"password": "hunter2"}, "pin": "12", "site": "x"})
     assert masked.script == f"a {MASK} b {MASK}x c 12\n"
     assert masked.variables == [("sip.password", MASK, True), ("pin", MASK, True), ("site", "x", False)]
+
+
+def test_a_short_secret_number_is_masked_where_it_stands_alone_not_among_other_digits() -> None:
+    from configserver.admin._script import MASK, mask
+    masked = mask("/pin 100 /ext 1100 /emergency 911 /room A100b\n", {"pin": "100"})
+    assert masked.script == f"/pin {MASK} /ext 1100 /emergency 911 /room A{MASK}b\n"
+
+
+def test_a_table_named_like_a_secret_leaves_what_it_holds_shown() -> None:
+    # phones have function keys: their labels and extensions are what the page is opened for
+    from configserver.admin._script import mask
+    variables = {"function_key": [{"label": "Reception", "num": "100"}], "hotkey": {"number": "911"}}
+    masked = mask("/label Reception /num 100 /ext 1100 /emergency 911\n", variables)
+    assert masked.script == "/label Reception /num 100 /ext 1100 /emergency 911\n" and masked.secrets == 0
 
 
 

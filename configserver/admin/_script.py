@@ -37,12 +37,14 @@ _INDEX = re.compile(r"\[\d+\]")
 
 def is_secret(name: str, marked: Iterable[str] = ()) -> bool:
     """Whether the variable `name` (dotted for nested tables: `sip.password`, with the place in
-    a list for a table in one: `accounts[0].password`) is a secret: its own name or the name of
-    a table holding it is one (`api_key[0].value`), or it or a table holding it is `marked`."""
+    a list for a table in one: `accounts[0].password`) is a secret: its own name (the last part)
+    ends like one, or it, its last part or a table holding it is `marked` (`sip` marks every
+    value of that table). A table's own name says nothing of what it holds: `[[function_key]]`
+    holds labels and extensions, which the page must show."""
     parts = _INDEX.sub("", name).lower().split(".")
     listed = {m.lower() for m in marked}
-    return any(part.endswith(SECRET_ENDINGS) or part in listed or ".".join(parts[:n + 1]) in listed
-               for n, part in enumerate(parts))
+    return (parts[-1].endswith(SECRET_ENDINGS) or parts[-1] in listed
+            or any(".".join(parts[:n]) in listed for n in range(1, len(parts) + 1)))
 
 
 def flatten(variables: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -119,10 +121,14 @@ _LOWER_HEX = re.compile(r"%[0-9A-F]{2}")
 
 
 def hide(text: str, values: Iterable[str]) -> str:
-    """`text` with every occurrence of each of `values` (longest first) masked."""
-    for value in values:
-        text = text.replace(value, MASK)
-    return text
+    """`text` with every occurrence of each of `values` (longest first) masked; a short number
+    (a PIN) only where it stands alone, not among other digits: PIN `100` leaves `/ext 1100`."""
+    alternatives = [rf"(?<!\d){re.escape(value)}(?!\d)" if value.isdigit() and len(value) < WHOLE_NUMBER_BELOW
+                    else re.escape(value) for value in values if value]
+    return re.sub("|".join(alternatives), MASK, text) if alternatives else text
+
+
+WHOLE_NUMBER_BELOW = 8
 
 
 _SECRET_WORDS = "pwd|passwd|password|pass|secret|pin|key|psk"
