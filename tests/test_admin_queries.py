@@ -310,6 +310,21 @@ def test_a_cursor_with_a_number_no_database_holds_gives_the_first_page(values) -
         == [2**63 - 1, "x"]
 
 
+@pytest.mark.parametrize(("sort", "values", "ours"), [
+    ("status", [403, 1.5, "x"], True),
+    ("status", ["403", 1.5, "x"], False),      # PostgreSQL compares no text with an INTEGER column
+    ("status", [403.5, 1.5, "x"], False),
+    ("status", [2**31, 1.5, "x"], False),      # beyond the column's INTEGER
+    ("model", ["ip232", 1.5, "x"], True),
+    ("model", [232, 1.5, "x"], False),
+    ("hwid", ["ip232-30-00-af", "x"], True),
+    ("hwid", ["ip232-30-00-af", 7], False),
+])
+def test_a_cursor_holds_each_column_s_own_kind(sort, values, ours) -> None:
+    text = base64.urlsafe_b64encode(json.dumps(values).encode()).decode()
+    assert read_cursor(text, sort) == (values if ours else None)
+
+
 # -- the same plans on PostgreSQL --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -383,3 +398,19 @@ def test_postgresql_gives_the_same_pages_and_summary_as_sqlite(sqlite_fleet, pos
             await engine.dispose()
 
     assert asyncio.run(ask(postgres_fleet.replace("+asyncpg", ""))) == asyncio.run(ask(sqlite_fleet))
+
+
+def test_a_hand_edited_page_link_on_postgresql_gives_the_first_page(postgres_fleet) -> None:
+    # a text where the status column is an INTEGER: PostgreSQL would refuse to compare them
+    edited = base64.urlsafe_b64encode(json.dumps(["403", 1.0, "x"]).encode()).decode()
+
+    async def ask():
+        engine = open_engine(database_url(postgres_fleet.replace("+asyncpg", "")))
+        try:
+            first = await fleet_page(engine, FleetFilter(sort="status"), now=NOW)
+            return first, await fleet_page(engine, FleetFilter(sort="status"), now=NOW, after=edited)
+        finally:
+            await engine.dispose()
+
+    first, edited_page = asyncio.run(ask())
+    assert [r.key for r in edited_page.rows] == [r.key for r in first.rows] and first.rows

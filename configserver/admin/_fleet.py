@@ -35,6 +35,15 @@ SORTS: dict[str, tuple[Any, ...]] = {
     "hwid": (devices.c.hwid_key, devices.c.device),
 }
 SORT_LABELS = {"last_seen": "last seen", "status": "status", "model": "model", "hwid": "hwid"}
+# What a cursor may hold for each column of an order: a number for a time, a 32-bit integer for
+# a status (the column's INTEGER), a text for a name (PostgreSQL compares no text with a number)
+_TIME, _STATUS, _TEXT = "time", "status", "text"
+_CURSOR_KINDS: dict[str, tuple[str, ...]] = {
+    "last_seen": (_TIME, _TEXT),
+    "status": (_STATUS, _TIME, _TEXT),
+    "model": (_TEXT, _TIME, _TEXT),
+    "hwid": (_TEXT, _TEXT),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +92,8 @@ def _cursor(row: sa.Row[Any], sort: str) -> str:
 
 def read_cursor(text: str | None, sort: str) -> list[Any] | None:
     """The values a cursor holds, or None for a cursor that is absent or not one of ours (a
-    hand-edited URL gets the first page, not an error). A number must be one every database
-    can compare: a 64-bit integer or a finite float."""
+    hand-edited URL gets the first page, not an error): each of its column's kind, and a number
+    one every database can compare (a finite time, a status within 32 bits)."""
     if not text:
         return None
     try:
@@ -93,19 +102,19 @@ def read_cursor(text: str | None, sort: str) -> list[Any] | None:
         return None
     if not isinstance(values, list) or len(values) != len(SORTS[sort]):
         return None
-    if not all(_cursor_value(v) for v in values):
+    if not all(_cursor_value(v, kind) for v, kind in zip(values, _CURSOR_KINDS[sort])):
         return None
     return values
 
 
-def _cursor_value(value: Any) -> bool:
+def _cursor_value(value: Any, kind: str) -> bool:
+    if kind == _TEXT:
+        return isinstance(value, str)
     if isinstance(value, bool):
         return False
-    if isinstance(value, int):
-        return -(2**63) <= value < 2**63
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return isinstance(value, str)
+    if kind == _STATUS:
+        return isinstance(value, int) and -(2**31) <= value < 2**31
+    return (isinstance(value, int) and -(2**63) <= value < 2**63) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _like(text: str) -> str:
