@@ -183,6 +183,7 @@ def test_the_device_page_lists_backups_and_diffs_the_last_two_with_secrets_maske
     numbers = re.findall(r"<tr><td>(\d)</td>", backups)
     assert numbers == ["3", "2", "1"]
     assert "<td>first</td>" in backups
+    assert "a line that only moved counts none" in backups   # what the count counts
     diff = backups.split('<pre class="diff">')[1].split("</pre>")[0]
     assert '<span class="file">--- version 2</span>' in diff and '<span class="file">+++ version 3</span>' in diff
     assert f'<span class="del">-config change SIP0 /user IP222-00-00-01 /pwd {MASK} /auth {MASK}</span>' in diff
