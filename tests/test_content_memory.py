@@ -272,6 +272,31 @@ def test_a_poll_whose_template_changed_after_its_text_was_let_go_waits_for_the_n
     assert [outcome.status for outcome in outcomes] == [200, 200]   # never a 500, nor a 503
 
 
+def test_a_poll_whose_include_changed_before_it_was_first_read_waits_for_the_new_version(site, pki, monkeypatch):
+    monkeypatch.setattr("configserver.content.watcher.READ_AT_ONCE", 0)   # listed in bulk: read on first use
+    settled(site.write("templates/devices/IP232-30-00-af.j2", "{% include 'parts/own.j2' %}\n"))
+    part = site.write("templates/parts/own.j2", "# first\n")
+    settled(part)
+    app = site.app(grace_seconds=0.3)
+    outcomes: list = []
+    app.recorders.append(outcomes.append)
+
+    async def edit_then_poll():
+        ready = asyncio.Event()
+        follower = asyncio.create_task(app.store.follow(3600, ready))
+        await ready.wait()
+        try:
+            part.write_text("# second, written before the include was first read\n")   # not published yet
+            return await acall(app, "/", terminator_headers(pki.phone))
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+
+    answer = asyncio.run(edit_then_poll())
+    assert answer.status == 200 and answer.text.startswith("# second, written before the include was first read\r\n")
+    assert [outcome.status for outcome in outcomes] == [200]   # never a 500, nor a 503
+
+
 def same_stamp_rewrite(path, text: str) -> None:
     """Rewrite `path` in place with `text` of the same length, and give it back its time: the
     same size, inode and modification time, so the same stamp (as a fast tool's two writes in

@@ -318,6 +318,25 @@ def test_a_template_unreadable_at_first_keeps_its_final_command_in_later_snapsho
     assert no_final_line(poll(pipeline, phone).body)
 
 
+def test_an_include_changed_since_it_was_listed_is_configuration_changing_not_an_error(store, monkeypatch):
+    monkeypatch.setattr("configserver.content.watcher.READ_AT_ONCE", 0)   # a fleet's folders: listed, not read
+    write(store, "templates/default.j2", "{% include 'part.j2' %}\n")
+    part = write(store, "templates/part.j2", "config change SIP0 /user a\n")
+    store.refresh()
+    write(store, "templates/part.j2", "config change SIP0 /user bb\n")   # a checkout, its event not yet handled
+    looked_at: list[str] = []
+    monkeypatch.setattr(store, "look_again", looked_at.append)
+    phone = device("IP232-30-00-af")
+    pipeline = Pipeline(NamedDevice(phone), store, Renderer(store.templates_dir))
+    for _ in range(2):   # the choice worked out once for the snapshot says the same on every poll
+        outcome = poll(pipeline, phone)
+        assert (outcome.status, outcome.reason) == (503, "configuration changing"), (outcome.status, outcome.detail)
+        assert outcome.detail.startswith("part.j2: changed on disk since the folder was listed")
+    assert looked_at == ["part.j2", "part.j2"]   # the watcher is told to look at the include now
+    assert store.refresh([str(part)]) is True
+    assert b"config change SIP0 /user bb\r\n" in poll(pipeline, phone).body
+
+
 def no_final_line(body: bytes) -> bool:
     """Whether a wrapped script ends in its check line (`final=ser`: no reset after it)."""
     return body.split(b"\r\n")[-2].startswith(b"mod cmd UP1 check ser ")

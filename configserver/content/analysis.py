@@ -132,7 +132,10 @@ def dependencies(name: str, templates: Mapping[str, SourceFile]) -> Dependencies
     None when one of them reads what changes from poll to poll (`now`, `request`, randomness)
     or names a template only at render time: its output may then not be kept. A file met that
     cannot be read is `unread`: what it says (its includes, its per-poll reads) is unknown. A
-    missing include is left out: the render fails and says so."""
+    missing include is left out: the render fails and says so. A file found changed on disk
+    since it was listed is not `unread`: the next snapshot has it, and a render that reaches
+    it raises ContentChanged (the poll waits for that snapshot); one that does not reach it
+    does not depend on it, nor on what it includes."""
     seen: dict[str, SourceFile] = {}
     pending = [name]
     while pending:
@@ -145,6 +148,8 @@ def dependencies(name: str, templates: Mapping[str, SourceFile]) -> Dependencies
         seen[current] = source
         found = learned(source)
         if found.unread is not None:
+            if source.changed:
+                continue
             return Dependencies(None, f"{current}: {found.unread}")
         if found.per_poll:
             return Dependencies(None)
