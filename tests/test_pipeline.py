@@ -212,6 +212,22 @@ def test_a_devices_csv_header_change_reaches_the_devices_whose_rows_did_not_chan
      "SecurityError: repeating a list (length 1,000,000) 1,000 times would make 1,000,000,000 items"),
     ("{% set a = 2 ** 999 %}{{ " + " * ".join(["a"] * 101) + " }}",
      "SecurityError: the product would be a number of 100,900 bits"),
+    # the widths that pad a text, and what joins or adds texts and lists
+    ("{{ '%0200000000d' % 1 }}",   # never folded while compiling
+     "SecurityError: a % width or precision of 200,000,000 is too large (at most 1,000,000)"),
+    ("{{ '%.*f' % (200000000, 1.5) }}", "SecurityError: a % width or precision of 200,000,000 is too large"),
+    ("{{ '%0200000000d' | format(1) }}", "SecurityError: a % width or precision of 200,000,000 is too large"),
+    ("{{ '{:>200000000}'.format(1) }}",
+     "SecurityError: a format() width or precision of 200,000,000 is too large (at most 1,000,000)"),
+    ("{{ '{:>{w}}'.format(1, w=200000000) }}", "SecurityError: a format() width or precision of 200,000,000"),
+    ("{{ 'x' | center(200000000) }}", "SecurityError: a center width of 200,000,000 is too large"),
+    ("{{ 'x'.ljust(200000000) }}", "SecurityError: a ljust() width of 200,000,000 is too large"),
+    ("{{ ('x\\n' * 1000) | indent(2000) }}", "SecurityError: indent would make a text of 2,004,000 characters"),
+    ("{{ (['x' * 1000000] * 200) | join }}", "SecurityError: join would make more than 1,000,000 characters"),
+    ("{{ ''.join(['x' * 1000000] * 200) }}", "SecurityError: join() would make more than 1,000,000 characters"),
+    ("{{ [0] * 1000000 + [0] }}", "SecurityError: a sum would make a list of 1,000,001 items (at most 1,000,000)"),
+    ("{% for n in range(100000) %}{{ 'x' * 100 }}{% endfor %}",
+     "SecurityError: the script would be longer than 8,000,000 characters"),
 ])
 def test_a_template_reaching_for_internals_or_endless_work_is_a_configuration_error(site, pki, text, refused):
     site.write("templates/default.j2", text + "\n")
@@ -227,3 +243,14 @@ def test_arithmetic_within_the_sandbox_bounds_renders(site, pki):
     site.write("templates/default.j2", "{{ 2 ** 1000 > 1 }} {{ 'ab' * 3 }} {{ [1] * 3 }} {{ 6 * 7 }} {{ 2 ** -1 }} {{ 1.5 ** 2 }}\n")
     answer = call(site.app(), "/", terminator_headers(pki.phone))
     assert answer.status == 200 and answer.text.startswith("True ababab [1, 1, 1] 42 0.5 2.25\r\n"), answer.text
+
+
+def test_formatting_padding_and_joining_within_the_sandbox_bounds_renders(site, pki):
+    site.write("templates/default.j2",
+               "{{ '%05d|%-3s|%.2f|%%|%*d' % (42, 'a', 1.5, 3, 7) }} {{ '%(x)s' % {'x': 1} }} {{ 7 % 4 }}"
+               " {{ '{:>4}|{:{w}}'.format(1.25, 'b', w=2) }}|{{ '{0:.1f}'.format(1.25) }} {{ '{a}'.format_map({'a': 2}) }}"
+               " {{ 'x' | center(3) }}|{{ 'y'.rjust(2) }}|{{ [1, 2] | join(',') }}|{{ '-'.join(['a', 'b']) }}"
+               " {{ [1] + [2] }} {{ 'a' + 'b' }} {{ 1 + 2 }} {{ '%s=%s' | format('k', 'v') }}\n")
+    answer = call(site.app(), "/", terminator_headers(pki.phone))
+    assert answer.status == 200 and answer.text.startswith(
+        "00042|a  |1.50|%|  7 1 3 1.25|b |1.2 2  x | y|1,2|a-b [1, 2] ab 3 k=v\r\n"), answer.text

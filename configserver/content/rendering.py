@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import os
 import re
+import string
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import SandboxedEnvironment, SecurityError
+from jinja2.filters import do_center, do_format, do_indent, make_attrgetter, sync_do_join
+from jinja2.nodes import EvalContext
+from jinja2.sandbox import SandboxedEnvironment, SandboxedFormatter, SecurityError
 
 from ..caches import BoundedCache
 from ..errors import ConfigserverError
@@ -31,7 +34,12 @@ _MAX_EXPONENT = 1000     # x ** y with a larger y is refused: 2**10**9 would kee
 # an int of more bits from ** or * is refused: each bound per operator alone lets a chain through
 # ((3**1000)**1000)**1000 runs for minutes with every exponent 1,000; 100,000 bits is 30,000 digits
 _MAX_INT_BITS = 100_000
-_MAX_REPEAT = 1_000_000  # 'x' * n, [..] * n: at most this many characters or items
+# 'x' * n, [..] * n, a + b, a width or precision in % or format(), center(), a join: at most
+# this many characters or items
+_MAX_REPEAT = 1_000_000
+# a rendered script longer than this is refused as it is generated: twice the largest template
+# file read (4 MB), and far above a device's whole configuration (uploads are bounded at 4 MB)
+_MAX_SCRIPT = 8_000_000
 # compiled templates kept: the ones many devices share stay (hits are promoted); a per-device
 # one (about 8 KB) is compiled again when its device's answer is rendered again anyway
 _COMPILED_KEPT = 128
@@ -98,21 +106,146 @@ class _SnapshotLoader(jinja2.BaseLoader):
 
 class _Sandbox(SandboxedEnvironment):
     """Jinja's sandbox, a second wall behind the admins who write templates: no attribute that
-    reaches Python's internals (`__class__`, `__globals__`...), no range() beyond 100,000, and
-    no arithmetic that would keep a worker busy for minutes or take gigabytes: no exponent above
-    1,000 (`2**100000000`), no number above 100,000 bits from ** or * (`3**1000**1000`), no
-    text or list repeated to more than 1,000,000 characters or items (`'x' * 10**9`)."""
+    reaches Python's internals (`__class__`, `__globals__`...), no range() beyond 100,000, no
+    exponent above 1,000 (`2**100000000`), no number above 100,000 bits from ** or * (`3**1000**1000`),
+    no text or list above 1,000,000 characters or items from `*` or `+` (`'x' * 10**9`), no width
+    or precision above 1,000,000 in `%`, format() and the format filter (`'%0200000000d' % 1`),
+    in center/ljust/rjust/zfill and the center and indent filters, no join (filter or method)
+    making more than 1,000,000 characters, and no script above 8,000,000 characters. Not bounded
+    (README): `~`, and other filters and methods (replace, wordwrap, sum...), except through the
+    script's length when what they make is output; nor the time loops take."""
 
     # intercepted operators are also never folded at compile time: `'x' * 1000000000` written
     # out is refused when rendered, not computed while compiling
-    intercepted_binops = frozenset({"**", "*"})
+    intercepted_binops = frozenset({"**", "*", "%", "+"})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.filters.update(center=_center, indent=_indent, join=_join, format=_format)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "**":
             _check_power(left, right)
-        else:
+        elif operator == "*":
             _check_product(left, right)
+        elif operator == "%":
+            if isinstance(left, str):
+                _check_percent(left, right)
+        elif isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+            _check_size(len(left) + len(right), "a sum", left)
         return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str):   # a method of a text: those that make a larger one
+            name = getattr(__obj, "__name__", "")
+            if name in ("center", "ljust", "rjust", "zfill") and args:
+                _check_width(args[0], f"a {name}() width")
+            elif name == "join" and args:
+                return owner.join(_joinable(args[0], owner, "join()"))
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        text, by_name = value.__self__, value.__name__ == "format_map"
+
+        def bounded(*args: Any, **kwargs: Any) -> str:
+            if by_name and len(args) == 1 and not kwargs:
+                _WidthCheck(self).vformat(text, (), args[0])
+            else:
+                _WidthCheck(self).vformat(text, args, kwargs)   # each field's spec, nested ones resolved
+            return wrapped(*args, **kwargs)
+
+        return bounded
+
+
+class _WidthCheck(SandboxedFormatter):
+    """A dry run of str.format: every field's spec, resolved as format() would, is checked.
+    Only what a nested spec may be made of (`{:{w}}`: a number, a short text) is formatted."""
+
+    def convert_field(self, value: Any, conversion: str | None) -> Any:
+        return value
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        for number in re.findall(r"\d+", format_spec):
+            _check_width(int(number) if len(number) <= 9 else _MAX_REPEAT + 1, "a format() width or precision")
+        if isinstance(value, int) or (isinstance(value, str) and len(value) <= 100):
+            return format(value, format_spec)
+        return ""
+
+
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?[hlL]?(.?)", re.DOTALL)
+
+
+def _check_percent(text: str, values: Any) -> None:
+    """Raise SecurityError for a % format whose widths or precisions (`*` ones taken from
+    `values`) would make a text too large."""
+    args = values if isinstance(values, tuple) else (values,)
+    taken = 0
+    for width, precision, kind in _PERCENT_SPEC.findall(text):
+        if kind == "%":
+            continue
+        for number in (width, precision):
+            if number == "*":
+                size = args[taken] if taken < len(args) else 0
+                taken += 1
+            else:
+                size = int(number) if 0 < len(number) <= 9 else (_MAX_REPEAT + 1 if number else 0)
+            _check_width(size, "a % width or precision")
+        taken += 1
+
+
+def _check_width(width: Any, what: str) -> None:
+    if isinstance(width, int) and width > _MAX_REPEAT:
+        raise SecurityError(f"{what} of {width:,} is too large (at most {_MAX_REPEAT:,}): use a smaller one")
+
+
+def _check_size(size: int, what: str, sample: Any) -> None:
+    if size > _MAX_REPEAT:
+        kind, unit = ("text", "characters") if isinstance(sample, str) else ("list", "items")
+        raise SecurityError(f"{what} would make a {kind} of {size:,} {unit} (at most {_MAX_REPEAT:,}): "
+                            "make the parts smaller")
+
+
+def _joinable(items: Iterable[Any], separator: str, what: str) -> list[str]:
+    """`items` as the texts a join of them with `separator` is made of; raises SecurityError
+    once they would make more than _MAX_REPEAT characters."""
+    texts: list[str] = []
+    size = 0
+    for item in items:
+        text = item if isinstance(item, str) else str(item)
+        size += len(text) + (len(separator) if texts else 0)
+        if size > _MAX_REPEAT:
+            raise SecurityError(f"{what} would make more than {_MAX_REPEAT:,} characters: join fewer or shorter items")
+        texts.append(text)
+    return texts
+
+
+@jinja2.pass_eval_context
+def _join(eval_ctx: EvalContext, value: Iterable[Any], d: str = "", attribute: str | int | None = None) -> str:
+    if attribute is not None:
+        value = map(make_attrgetter(eval_ctx.environment, attribute), value)
+    return sync_do_join(eval_ctx, _joinable(value, str(d), "join"), d)
+
+
+def _center(value: str, width: int = 80) -> str:
+    _check_width(width, "a center width")
+    return do_center(value, width)
+
+
+def _indent(s: str, width: int | str = 4, first: bool = False, blank: bool = False) -> str:
+    prefix = len(width) if isinstance(width, str) else width
+    if isinstance(prefix, int):
+        _check_width(prefix, "an indent width")
+        _check_size(len(str(s)) + prefix * (str(s).count("\n") + 1), "indent", "")
+    return do_indent(s, width, first, blank)
+
+
+def _format(value: str, *args: Any, **kwargs: Any) -> str:
+    _check_percent(str(value), kwargs or args)
+    return do_format(value, *args, **kwargs)
 
 
 def _check_power(base: Any, exponent: Any) -> None:
@@ -168,7 +301,7 @@ class Renderer:
         """
         token = _rendering.set(snapshot)
         try:
-            text = self.environment.get_template(template).render(context)
+            text = _bounded("".join, self.environment.get_template(template).generate(context))
         except jinja2.TemplateSyntaxError as exc:
             raise ConfigurationError(f"syntax error: {exc.message}", exc.name or template, exc.lineno) from None
         except _Changed as exc:
@@ -206,6 +339,20 @@ class Renderer:
             if filename.startswith(root):
                 return filename[len(root):], line
         return template, None
+
+
+def _bounded(join: Callable[[list[str]], str], pieces: Generator[str, None, None]) -> str:
+    """The pieces of a script as they are generated, joined; past _MAX_SCRIPT characters the
+    error is raised where the template made the piece that crossed it (so it names its line)."""
+    made: list[str] = []
+    size = 0
+    for piece in pieces:
+        made.append(piece)
+        size += len(piece)
+        if size > _MAX_SCRIPT:
+            pieces.throw(SecurityError(f"the script would be longer than {_MAX_SCRIPT:,} characters: "
+                                       "make it shorter (fewer or shorter loops and values)"))
+    return join(made)
 
 
 def to_crlf(text: str) -> str:
