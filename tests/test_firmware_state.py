@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 from test_inventory import postgres_server, postgres_url, sqlite_url  # noqa: F401 - fixtures
 
 from configserver.firmware import Rollout
-from configserver.firmware._state import RolloutState, Send
+from configserver.firmware._state import HALTS_KEPT, RolloutState, Send
 from configserver.inventory._database import database_url, devices, migrate, open_engine
 
 T0 = 1_800_000_000.0
@@ -195,18 +195,31 @@ def test_a_device_that_never_reported_a_build_is_not_counted_but_named_as_not_ju
     assert halts == []
 
 
-def test_the_halts_are_not_known_until_read_once_and_then_held_when_the_database_goes(url):
+def test_the_halts_are_not_known_until_read_and_not_once_the_last_read_is_older_than_the_bound(url):
+    """A node cut off from the database while another halts a target: it may send the target
+    only for HALTS_KEPT after its last read that answered, then nothing until it reads again."""
+    now = [100.0]
+
     async def scenario():
         engine = await _open(url)
-        node = RolloutState(engine)
-        before = node.knows_halts()
-        await RolloutState(engine).halt("IP232", "prot", "13.4711", T0)
-        await node.refresh()
-        await engine.dispose()
+        node = RolloutState(engine, clock=lambda: now[0])
+        seen = [node.knows_halts()]
+        await node.refresh()                     # nothing halted yet
+        await RolloutState(engine).halt("IP232", "prot", "13.4711", T0)   # another node
         node.engine = open_engine(database_url("sqlite:////nonexistent/folder/inventory.db"))
+        now[0] += HALTS_KEPT
         with pytest.raises(OperationalError):
             await node.refresh()
+        seen.append(node.knows_halts())          # still within the bound: the last read holds
+        now[0] += 1
+        with pytest.raises(OperationalError):
+            await node.refresh()
+        seen.append(node.knows_halts())          # older than the bound: not known any more
         await node.engine.dispose()
-        return before, node.knows_halts(), node.halted("ip232", "prot", "13.4711")
+        node.engine = engine                     # the database answers again
+        await node.refresh()
+        seen.append(node.knows_halts())
+        await engine.dispose()
+        return seen, node.halted("ip232", "prot", "13.4711")
 
-    assert run(scenario()) == (False, True, True)
+    assert run(scenario()) == ([False, True, False, True], True)

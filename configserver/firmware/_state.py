@@ -7,14 +7,16 @@
   inventory keeps (`devices.firmware`, `devices.boot`).
 * Halts (`firmware_rollouts`): once a target's failures since its last resume reach the
   rollout's `halt_after`, any node halts it; the poll path reads the halted targets from memory,
-  refreshed by `refresh()`. Until the first `refresh()` has answered, they are not known, and
-  the poll path sends no file at all: a node that (re)starts while the database is away must
-  not send a target any node halted. Only an admin resumes a halted target.
+  refreshed by `refresh()`. Until a `refresh()` has answered, and again once the last answer is
+  older than HALTS_KEPT, they are not known, and the poll path sends no file at all: a node that
+  (re)starts while the database is away, or is cut off from it while other nodes are not, must
+  not send a target another node halted meanwhile. Only an admin resumes a halted target.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,6 +38,12 @@ _QUEUE_KEPT = 100_000
 HALTED_STATE = "halted"
 RESUMED_STATE = "resumed"
 _REPORTED_COLUMN = {"prot": devices.c.firmware, "boot": devices.c.boot}
+# How old the last read of the halts may be before the node stops sending files: six passes of
+# the watch (firmware/_watch.py INTERVAL, 5 s), so five reads in a row may fail (a database
+# restart, a failover) without stopping a rollout, while a node cut off from the database sends
+# a build another node halted for at most this long after its last read. Withholding a file
+# costs a delay; sending a halted build can cost a device.
+HALTS_KEPT = 30.0
 
 Target = tuple[str, str, str]   # (casefolded model, kind, build)
 Policy = Callable[[str, str], "Rollout | None"]   # (model, kind) -> the model's rollout
@@ -70,12 +78,15 @@ class Halt:
 class RolloutState:
     """The sends queued by this node, and the halted targets as last read from the database."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock`: seconds, for the age of the last read of the halts."""
         self.engine = engine
+        self._clock = clock
         # append and popleft are atomic: safe from any thread. Bounded: with the database away
         # for long, the oldest sends go (a device sent its file again is noted again)
         self._queue: deque[Send] = deque(maxlen=_QUEUE_KEPT)
         self._halted: frozenset[Target] | None = None   # not read yet
+        self._read_at = float("-inf")   # when the last read that answered began
 
     # -- the poll path: memory only ---------------------------------------------------------
 
@@ -84,8 +95,13 @@ class RolloutState:
         self._queue.append(send)
 
     def knows_halts(self) -> bool:
-        """Whether a `refresh()` has answered yet: until then nothing may be sent."""
-        return self._halted is not None
+        """Whether a `refresh()` has answered within the last HALTS_KEPT seconds: otherwise
+        nothing may be sent."""
+        return self._halted is not None and self.halts_age() <= HALTS_KEPT
+
+    def halts_age(self) -> float:
+        """Seconds since the last read of the halts that answered began (infinite: never)."""
+        return self._clock() - self._read_at
 
     def halted(self, model: str, kind: str, build: str) -> bool:
         """Whether the target is halted, as of the last `refresh()` (none before the first: ask
@@ -94,7 +110,7 @@ class RolloutState:
 
     @property
     def halts(self) -> frozenset[Target]:
-        """The halted targets as last read; none before the first `refresh()`."""
+        """The halted targets as last read, however long ago; none before the first `refresh()`."""
         return self._halted if self._halted is not None else frozenset()
 
     # -- the background: database -----------------------------------------------------------
@@ -131,12 +147,13 @@ class RolloutState:
 
     async def refresh(self) -> frozenset[Target]:
         """Read the halted targets (every node's halts and resumes)."""
+        began = self._clock()   # what was read is as old as the query, not as its answer
         async with self.engine.connect() as connection:
             rows = await connection.execute(
                 sa.select(firmware_rollouts.c.model, firmware_rollouts.c.kind, firmware_rollouts.c.build)
                 .where(firmware_rollouts.c.state == HALTED_STATE))
             halted = frozenset((model, kind, build) for model, kind, build in rows)
-        self._halted = halted
+        self._halted, self._read_at = halted, began
         return halted
 
     async def failures(self, now: float, policy: Policy) -> list[Failure]:

@@ -3,7 +3,9 @@
 Every `interval` seconds, off the poll path: read the halted targets (so a halt any node takes
 holds here within one interval), write the sends this node's polls queued, count the failures
 and halt what passed its threshold. The poll path itself only reads memory, and sends no file
-until the halts have been read once (firmware/_state.py).
+while the halts are not known: not read yet, or last read more than HALTS_KEPT (six intervals)
+ago (firmware/_state.py). `configserver_firmware_halts_known` shows which, and the log says when
+it changes.
 
 Imported by the web layer only: it carries the metrics (prometheus_client).
 """
@@ -21,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..inventory import database_url, migrate, open_engine
 from ._stage import FirmwareStage, Send
-from ._state import RolloutState
+from ._state import HALTS_KEPT, RolloutState
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -60,6 +62,10 @@ class FirmwareWatch:
                              ["model", "kind"], registry=registry)
         self._halted = Gauge("configserver_firmware_halted", "1 for each target whose rollout is halted",
                              ["model", "kind", "build"], registry=registry, multiprocess_mode="livemax")
+        self._known = Gauge("configserver_firmware_halts_known",
+                            "1 while this node knows the halts (read within the last "
+                            f"{HALTS_KEPT:g} s), 0 while it sends no firmware or boot code line",
+                            registry=registry, multiprocess_mode="livemin")
         self.state = _CountingState(self._engine, self._sent)
         self.stage = stage
         stage.state = self.state
@@ -70,6 +76,8 @@ class FirmwareWatch:
         self._migrated = False
         self._passes = 0
         self._failing = False
+        self._told_unknown = False   # the log said the halts are not known, and not since that they are
+        self._known.set(0)
         self._read = asyncio.Event()   # set once the halts were read
         self._task: asyncio.Task[None] | None = None
 
@@ -96,6 +104,7 @@ class FirmwareWatch:
         except Exception as exc:  # noqa: BLE001 - raised below, once the sends were tried too
             failed.append(exc)
         self._show(self.state.halts)
+        self._show_known()
         try:
             await self.state.flush()
         except Exception as exc:  # noqa: BLE001 - raised below
@@ -113,14 +122,32 @@ class FirmwareWatch:
             self._halted.labels(*target).set(1)
         self._shown = set(halts)
 
+    def _show_known(self) -> None:
+        """The gauge, and a log line when the halts go stale or are known again: once each."""
+        known = self.state.knows_halts()
+        self._known.set(1 if known else 0)
+        if known and self._told_unknown:
+            self._told_unknown = False
+            log.info("firmware halts known", extra={"fields": {"event": "firmware_halts_known"}})
+        elif not known and not self._told_unknown and self.state.halts_age() != float("inf"):
+            self._told_unknown = True
+            log.warning("firmware halts stale: no firmware or boot code line is sent", extra={"fields": {
+                "event": "firmware_halts_stale", "read_seconds_ago": round(self.state.halts_age(), 1),
+                "kept_seconds": HALTS_KEPT}})
+
     async def start(self) -> None:
         """Start the background passes; returns once the halts are read, or after
-        FIRST_READ_WAIT seconds when the database does not answer (until it does, polls get no
-        firmware or boot code line)."""
+        FIRST_READ_WAIT seconds when the database does not answer (logged: until it does, polls
+        get no firmware or boot code line)."""
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="firmware-watch")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._read.wait(), FIRST_READ_WAIT)
+            if not self.state.knows_halts() and not self._told_unknown:
+                self._told_unknown = True
+                log.warning("firmware halts not read at start: no firmware or boot code line is sent",
+                            extra={"fields": {"event": "firmware_halts_unknown_at_start",
+                                              "waited_seconds": FIRST_READ_WAIT}})
 
     async def _run(self) -> None:
         while True:
