@@ -139,6 +139,41 @@ async def test_a_changed_configuration_is_a_new_version_with_lines_changed(datab
 
 
 @pytest.mark.anyio
+async def test_only_an_upload_that_differs_is_compressed(database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from configserver.backups import _store
+
+    compressed: list[bytes] = []
+    real = _store._compressed
+    monkeypatch.setattr(_store, "_compressed", lambda body: compressed.append(body) or real(body))
+    async with opened(database) as store:
+        for n, body in enumerate([config(), config(ticket="ffeeddcc"), config(), config("Lobby")]):
+            await store.store_config(mac=Phone.mac, hwid=Phone.hwid, model=Phone.model, body=body, now=T0 + n)
+        assert [v.number for v in await store.versions(Phone.mac)] == [2, 1]
+        assert await store.content(Phone.mac, 2) == config("Lobby")
+    assert compressed == [config(), config("Lobby")]
+
+
+@pytest.mark.anyio
+async def test_an_upload_found_unchanged_before_another_came_in_is_stored_after_all(
+    database: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The newest version read outside the transaction may be gone by the time the device's lock
+    is taken: the check under the lock decides, and the upload is stored, compressed then."""
+    async with opened(database) as store:
+        await store.store_config(mac=Phone.mac, hwid=Phone.hwid, model=Phone.model, body=config(), now=T0)
+        seen_before = await store._newest_digest(Phone.mac)
+        await store.store_config(mac=Phone.mac, hwid=Phone.hwid, model=Phone.model, body=config("Lobby"), now=T0 + 1)
+
+        async def read_before_the_other_upload(mac: str) -> str | None:
+            return seen_before
+
+        monkeypatch.setattr(store, "_newest_digest", read_before_the_other_upload)
+        stored = await store.store_config(mac=Phone.mac, hwid=Phone.hwid, model=Phone.model, body=config(), now=T0 + 2)
+        assert (stored.kept, stored.number, stored.lines_changed) == (True, 3, 2)
+        assert await store.content(Phone.mac, 3) == config()
+
+
+@pytest.mark.anyio
 async def test_an_upload_of_many_repeated_lines_is_stored_while_the_audit_goes_on(sqlite_url: str) -> None:
     """The upload's lines changed are counted under SQLite's write lock, which the audit of every
     poll needs too: 50,000 repeated lines (1.1 MB; difflib's matcher took hours on them) are

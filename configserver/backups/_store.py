@@ -63,9 +63,16 @@ class BackupState:
     last_seen: float | None     # its newest poll, from the inventory
 
 
-def _prepared(body: bytes) -> tuple[list[str], bytes]:
-    """The upload's meaningful lines and the upload compressed: the work done before the lock."""
-    return meaningful_lines(decode(body)), zlib.compress(body, _COMPRESSION)
+def _prepared(body: bytes) -> tuple[list[str], str]:
+    """The upload's meaningful lines and their digest: the work done before the lock."""
+    lines = meaningful_lines(decode(body))
+    return lines, content_digest(lines)
+
+
+def _compressed(body: bytes) -> bytes:
+    """The upload as stored: only for a new version (compressing costs some three times the
+    reading of the lines, and most uploads are unchanged)."""
+    return zlib.compress(body, _COMPRESSION)
 
 
 def _changes(previous: bytes, lines: list[str]) -> int:
@@ -114,9 +121,13 @@ class BackupStore:
         # The text work of a large configuration takes milliseconds: off the event loop, where
         # polls are answered, and before the transaction, whose first statement takes the lock
         # every upload (and on SQLite the audit of every poll) waits for. Only the comparison with
-        # the newest version, linear in its lines, is left for under the lock.
-        lines, compressed = await asyncio.to_thread(_prepared, body)
-        digest = content_digest(lines)
+        # the newest version, linear in its lines, is left for under the lock. The compression
+        # too comes before it, but only for an upload that differs from the newest version as
+        # read without the lock: most are unchanged and need none.
+        lines, digest = await asyncio.to_thread(_prepared, body)
+        compressed = None
+        if await self._newest_digest(mac) != digest:
+            compressed = await asyncio.to_thread(_compressed, body)
         async with self._engine.begin() as connection:
             await connection.execute(self._touch(connection.dialect.name), {
                 "device": mac, "hwid": hwid, "model": model, "first_upload_at": now, "last_upload_at": now,
@@ -130,6 +141,8 @@ class BackupStore:
             )).first()
             if newest is not None and newest.digest == digest:
                 return Stored(False, newest.number, None)
+            if compressed is None:   # another upload of the device came in meanwhile: stored after all
+                compressed = await asyncio.to_thread(_compressed, body)
             changed = None
             if newest is not None:  # only now the content: most uploads end above, unchanged
                 previous = (await connection.execute(
@@ -150,6 +163,15 @@ class BackupStore:
                 )
             )
             return Stored(True, number, changed)
+
+    async def _newest_digest(self, mac: str) -> str | None:
+        """The digest of the device's newest version as read now, outside any transaction (None
+        without one): a guess the transaction checks again under the lock."""
+        async with self._engine.connect() as connection:
+            return (await connection.execute(
+                sa.select(backup_versions.c.digest).where(backup_versions.c.device == mac)
+                .order_by(backup_versions.c.number.desc()).limit(1)
+            )).scalar()
 
     @staticmethod
     def _touch(dialect: str) -> Any:
