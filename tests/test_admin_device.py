@@ -196,6 +196,32 @@ def test_the_device_page_lists_backups_and_diffs_the_last_two_with_secrets_maske
                for record in caplog.records for secret in ("old-sip-pw", "new-sip-pw", SIP_PASSWORD))
 
 
+def test_the_backup_diff_is_made_and_masked_off_the_pages_event_loop(browser, monkeypatch) -> None:
+    """Two large versions take up to half a second to compare and mask: the other admins' pages
+    are answered meanwhile."""
+    from configserver.admin import _device, _script
+
+    def on_the_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
+    calls: list[tuple[str, bool]] = []
+
+    def watched(name, real):
+        return lambda *args, **kwargs: calls.append((name, on_the_loop())) or real(*args, **kwargs)
+
+    for module, name in ((_device, "meaningful_lines"), (_device, "unified_diff"), (_script, "mask_config"),
+                         (_device, "diff_rows")):
+        monkeypatch.setattr(module, name, watched(name, getattr(module, name)))
+    page = browser.get(f"/devices/{MAC}").text
+    assert f"/pwd {MASK}" in section(page, "Configuration backups")
+    assert sorted(set(calls)) == [("diff_rows", False), ("mask_config", False), ("meaningful_lines", False),
+                                  ("unified_diff", False)]
+
+
 def test_two_versions_chosen_on_the_page_are_compared_and_revealed_only_when_asked(browser, caplog) -> None:
     page = browser.get(f"/devices/{MAC}", params={"old": "1", "new": "2"}).text
     diff = section(page, "Configuration backups").split('<pre class="diff">')[1].split("</pre>")[0]

@@ -8,6 +8,7 @@ remembers: when a build was sent, in which wave, and whether its target is halte
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,11 +94,17 @@ def chosen_pair(versions: Sequence[Version], old: str | None, new: str | None) -
 
 async def diff(engine: AsyncEngine, database: str, mac: str, old: int, new: int) -> str | None:
     """A unified diff of two versions' meaningful lines (the lines that change on every upload
-    left out, as when deciding what is a new version); None when one is gone."""
+    left out, as when deciding what is a new version); None when one is gone. The text work,
+    up to half a second for two large versions, runs in a thread: the page's event loop answers
+    the other admins meanwhile."""
     store = BackupStore(database, engine=engine)
     before, after = await store.content(mac, old), await store.content(mac, new)
     if before is None or after is None:
         return None
+    return await asyncio.to_thread(_diff_text, before, after, old, new)
+
+
+def _diff_text(before: bytes, after: bytes, old: int, new: int) -> str:
     return unified_diff(meaningful_lines(decode(before)), meaningful_lines(decode(after)),
                         f"version {old}", f"version {new}")
 

@@ -447,14 +447,11 @@ def create_admin_app(settings: Settings) -> FastAPI:
         except SQLAlchemyError as exc:
             return page.html("error.html", 503, session=session, title="Inventory unavailable",
                              message=f"The inventory database cannot be read (setting 'database'): {_first(exc)}")
-        if diff and not reveal:
-            # the device's own text: its secret variables' values and what its syntax marks secret
-            # (when the script cannot be rendered, the variables are unknown: the syntax only)
-            diff = _script.hide(_script.mask_config(diff), script.get("secret_values", []))
+        rows = await asyncio.to_thread(_diff_shown, diff, reveal, script.get("secret_values", [])) if diff else None
         certificates_at, certificates = _device.certificates(kept.facts)
         return page.html("device.html", session=session, device=facts, history=history, script=script,
                          firmware=firmware, kind_names=_device.KIND_NAMES, backups=kept, pair=pair,
-                         diff=_device.diff_rows(diff) if diff else None, reveal=reveal,
+                         diff=rows, reveal=reveal,
                          certificates=certificates, certificates_at=certificates_at)
 
     @app.post("/firmware/resume")
@@ -491,6 +488,16 @@ def create_admin_app(settings: Settings) -> FastAPI:
 def _same(a: str, b: str) -> bool:
     import secrets
     return bool(a) and secrets.compare_digest(a, b)
+
+
+def _diff_shown(diff: str, reveal: bool, secret_values: list[str]) -> list[tuple[str, str]]:
+    """The diff's rows for the device page. Unless revealed, the device's own text is masked: its
+    secret variables' values and what its syntax marks secret (when the script cannot be
+    rendered, the variables are unknown: the syntax only). Linear in two whole configurations:
+    run off the event loop."""
+    if not reveal:
+        diff = _script.hide(_script.mask_config(diff), secret_values)
+    return _device.diff_rows(diff)
 
 
 def _first(exc: BaseException) -> str:
