@@ -246,6 +246,19 @@ async def following(app, *polls):
         await asyncio.gather(follower, return_exceptions=True)
 
 
+
+async def edit_then_poll(app, path, text: str, cert):
+    """With the store following the folders: `path` rewritten with `text`, then a poll at once."""
+    ready = asyncio.Event()
+    follower = asyncio.create_task(app.store.follow(3600, ready))
+    await ready.wait()
+    try:
+        path.write_text(text)
+        return await acall(app, "/", terminator_headers(cert))
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+
 def test_a_poll_whose_template_changed_after_its_text_was_let_go_waits_for_the_new_version(site, pki, monkeypatch):
     hold_texts(monkeypatch, 1)
     own = site.write("templates/devices/IP232-30-00-af.j2", "# first\n")
@@ -256,18 +269,8 @@ def test_a_poll_whose_template_changed_after_its_text_was_let_go_waits_for_the_n
     assert call(app, "/", terminator_headers(pki.phone)).text.startswith("# first\r\n")
     let_go(app, "devices/IP232-30-00-af.j2")
 
-    async def edit_then_poll():
-        ready = asyncio.Event()
-        follower = asyncio.create_task(app.store.follow(3600, ready))
-        await ready.wait()
-        try:
-            own.write_text("# second, written while the first was let go\n")   # not published yet
-            return await acall(app, "/", terminator_headers(pki.phone))
-        finally:
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
-
-    answer = asyncio.run(edit_then_poll())
+    # not published yet when the poll comes
+    answer = asyncio.run(edit_then_poll(app, own, "# second, written while the first was let go\n", pki.phone))
     assert answer.status == 200 and answer.text.startswith("# second, written while the first was let go\r\n")
     assert [outcome.status for outcome in outcomes] == [200, 200]   # never a 500, nor a 503
 
@@ -281,18 +284,7 @@ def test_a_poll_whose_include_changed_before_it_was_first_read_waits_for_the_new
     outcomes: list = []
     app.recorders.append(outcomes.append)
 
-    async def edit_then_poll():
-        ready = asyncio.Event()
-        follower = asyncio.create_task(app.store.follow(3600, ready))
-        await ready.wait()
-        try:
-            part.write_text("# second, written before the include was first read\n")   # not published yet
-            return await acall(app, "/", terminator_headers(pki.phone))
-        finally:
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
-
-    answer = asyncio.run(edit_then_poll())
+    answer = asyncio.run(edit_then_poll(app, part, "# second, written before the include was first read\n", pki.phone))
     assert answer.status == 200 and answer.text.startswith("# second, written before the include was first read\r\n")
     assert [outcome.status for outcome in outcomes] == [200]   # never a 500, nor a 503
 

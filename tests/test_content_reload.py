@@ -247,6 +247,22 @@ def test_an_event_on_a_folder_of_device_links_to_model_templates_keeps_them(tmp_
     assert "devices/IP232-30-00-af.j2" in store.snapshot.templates
 
 
+async def _marked_after(store, act) -> bool:
+    """With `store` following its folders: `act`, then a marker template written; whether the
+    marker was published (so every event of `act` was seen before it) within 15 s."""
+    ready = asyncio.Event()
+    follower = asyncio.create_task(store.follow(3600, ready))
+    await ready.wait()
+    await asyncio.sleep(0.3)
+    await act()
+    (store.templates_dir / "marker.j2").write_text("seen\n")
+    try:
+        return await _wait(lambda: "marker.j2" in store.snapshot.templates, 15)
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+
+
 def test_a_symlink_out_of_the_folder_made_while_watched_is_never_read(tmp_path):
     (tmp_path / "templates").mkdir()
     (tmp_path / "vars").mkdir()
@@ -255,20 +271,10 @@ def test_a_symlink_out_of_the_folder_made_while_watched_is_never_read(tmp_path):
     store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
     store.refresh()
 
-    async def scenario() -> bool:
-        ready = asyncio.Event()
-        follower = asyncio.create_task(store.follow(3600, ready))
-        await ready.wait()
-        await asyncio.sleep(0.3)
+    async def act() -> None:
         (tmp_path / "templates" / "default.j2").symlink_to(secret)
-        (tmp_path / "templates" / "marker.j2").write_text("seen\n")
-        try:
-            return await _wait(lambda: "marker.j2" in store.snapshot.templates, 15)
-        finally:
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
 
-    assert asyncio.run(scenario())
+    assert asyncio.run(_marked_after(store, act))
     assert "default.j2" not in store.snapshot.templates
 
 
@@ -646,22 +652,12 @@ def test_a_symlinked_folder_is_not_entered_by_the_real_file_events(tmp_path):
     store = ContentStore(tmp_path / "templates", tmp_path / "vars", grace_seconds=0)
     store.refresh()
 
-    async def scenario() -> bool:
-        ready = asyncio.Event()
-        follower = asyncio.create_task(store.follow(3600, ready))
-        await ready.wait()
-        await asyncio.sleep(0.3)
+    async def act() -> None:
         (outside / "common.j2").write_text("edited outside\n")
         (outside / "new.j2").write_text("new outside\n")
         await asyncio.sleep(0.6)   # its events come first, or with the marker's
-        (tmp_path / "templates" / "marker.j2").write_text("seen\n")
-        try:
-            return await _wait(lambda: "marker.j2" in store.snapshot.templates, 15)
-        finally:
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
 
-    assert asyncio.run(scenario())
+    assert asyncio.run(_marked_after(store, act))
     assert set(store.snapshot.templates) == {"marker.j2"}
 
 
