@@ -880,3 +880,20 @@ def snapshot_stamp(path: Path) -> int:
     from configserver.content.snapshot import stamp_of
 
     return stamp_of(os.stat(path))
+
+
+def test_a_release_renamed_and_the_link_switched_to_it_is_still_read(tmp_path):
+    # the same folder under a new name: its real path is worked out again, not refused for ever
+    from configserver.content.snapshot import read_text, stamp_of
+    releases = tmp_path / "releases"
+    (releases / "staging" / "templates").mkdir(parents=True)
+    (releases / "staging" / "templates" / "a.j2").write_text("x")
+    current = tmp_path / "current"
+    current.symlink_to(releases / "staging")
+    folder = str(current / "templates")
+    assert read_text(f"{folder}/a.j2", stamp_of(os.stat(f"{folder}/a.j2")), folder) == ("x", None)
+    os.rename(releases / "staging", releases / "v42")   # promoted: the same folder, a new name
+    switched = tmp_path / "current.new"
+    switched.symlink_to(releases / "v42")
+    os.replace(switched, current)
+    assert read_text(f"{folder}/a.j2", stamp_of(os.stat(f"{folder}/a.j2")), folder) == ("x", None)

@@ -235,7 +235,7 @@ def read_version(path: str, stamp: Stamp, checksum: int | None = None, folder: s
     except OSError as exc:
         return _unreadable(exc)
     try:
-        if folder is not None and not opened_at(fd, path).startswith(real_folder(folder)):
+        if folder is not None and not _inside(opened_at(fd, path), folder):
             return Read(None, _CHANGED, True, None)
         chunks, wanted = [], size + 1   # one more byte than the version had: growth shows
         while wanted > 0 and (chunk := os.read(fd, wanted)):
@@ -278,6 +278,18 @@ def real_folder(folder: str) -> str:
     real = os.path.realpath(folder) + os.sep
     _REAL_FOLDERS[folder] = (st.st_dev, st.st_ino, real)
     return real
+
+
+def _inside(real: str, folder: str) -> bool:
+    """Whether the real path `real` is in `folder`: by the real path kept for it, else by the one
+    it has now (the same folder under a new name, a release renamed and the link switched to it,
+    or a new folder on a reused inode)."""
+    if real.startswith(real_folder(folder)):
+        return True
+    fresh = os.path.realpath(folder) + os.sep
+    st = os.stat(folder)
+    _REAL_FOLDERS[folder] = (st.st_dev, st.st_ino, fresh)
+    return real.startswith(fresh)
 
 
 def _unreadable(exc: OSError) -> Read:
