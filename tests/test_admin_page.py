@@ -275,6 +275,7 @@ def test_the_device_page_shows_the_script_it_would_get_with_secrets_masked(brows
     # a table's own name says nothing of what it holds (function keys: labels and extensions);
     # a table the admin marks, everything in it
     ("function_key[0].label", False), ("hotkey.number", False), ("extra.sub", True), ("accounts.token.id", True),
+    ("passwords.admin", True), ("secrets.ldap", True), ("ldap_credentials.bind", True), ("secret.note", True),
 ])
 def test_which_variables_are_secret(name: str, secret: bool) -> None:
     from configserver.admin._script import is_secret
@@ -317,8 +318,8 @@ def test_masking_hides_every_occurrence_but_never_a_short_value() -> None:
 
 def test_a_short_secret_number_is_masked_where_it_stands_alone_not_among_other_digits() -> None:
     from configserver.admin._script import MASK, mask
-    masked = mask("/pin 100 /ext 1100 /emergency 911 /room A100b\n", {"pin": "100"})
-    assert masked.script == f"/pin {MASK} /ext 1100 /emergency 911 /room A{MASK}b\n"
+    masked = mask("/pin 100 /ext 1100 /emergency 911 /room A100b /url ?text=PIN%20100&x=%401100\n", {"pin": "100"})
+    assert masked.script == f"/pin {MASK} /ext 1100 /emergency 911 /room A{MASK}b /url ?text=PIN%20{MASK}&x=%401100\n"
 
 
 def test_a_table_named_like_a_secret_leaves_what_it_holds_shown() -> None:

@@ -30,6 +30,8 @@ from typing import Any
 MASK = "••••••"
 MIN_MASKED = 3
 SECRET_ENDINGS = ("password", "secret", "pin", "key")
+# a table whose name ends so holds secrets, whatever their own names
+SECRET_TABLES = ("password", "passwords", "secret", "secrets", "credentials")
 
 
 _INDEX = re.compile(r"\[\d+\]")
@@ -38,12 +40,14 @@ _INDEX = re.compile(r"\[\d+\]")
 def is_secret(name: str, marked: Iterable[str] = ()) -> bool:
     """Whether the variable `name` (dotted for nested tables: `sip.password`, with the place in
     a list for a table in one: `accounts[0].password`) is a secret: its own name (the last part)
-    ends like one, or it, its last part or a table holding it is `marked` (`sip` marks every
-    value of that table). A table's own name says nothing of what it holds: `[[function_key]]`
-    holds labels and extensions, which the page must show."""
+    ends like one (SECRET_ENDINGS), a table holding it is named for secrets (SECRET_TABLES:
+    `passwords.admin`), or it, its last part or a table holding it is `marked` (`sip` marks
+    every value of that table). A table named like a key or a PIN says nothing of what it holds:
+    `[[function_key]]` holds labels and extensions, which the page must show."""
     parts = _INDEX.sub("", name).lower().split(".")
     listed = {m.lower() for m in marked}
     return (parts[-1].endswith(SECRET_ENDINGS) or parts[-1] in listed
+            or any(part.endswith(SECRET_TABLES) for part in parts[:-1])
             or any(".".join(parts[:n]) in listed for n in range(1, len(parts) + 1)))
 
 
@@ -122,9 +126,11 @@ _LOWER_HEX = re.compile(r"%[0-9A-F]{2}")
 
 def hide(text: str, values: Iterable[str]) -> str:
     """`text` with every occurrence of each of `values` (longest first) masked; a short number
-    (a PIN) only where it stands alone, not among other digits: PIN `100` leaves `/ext 1100`."""
-    alternatives = [rf"(?<!\d){re.escape(value)}(?!\d)" if value.isdigit() and len(value) < WHOLE_NUMBER_BELOW
-                    else re.escape(value) for value in values if value]
+    (a PIN) only where it stands alone, not among other digits: PIN `100` leaves `/ext 1100`
+    (a percent-escape before it is no digit of its own: `PIN%20100`)."""
+    alternatives = [rf"(?:(?<!\d)|(?<=%[0-9A-Fa-f]{{2}})){re.escape(value)}(?!\d)"
+                    if value.isdigit() and len(value) < WHOLE_NUMBER_BELOW else re.escape(value)
+                    for value in values if value]
     return re.sub("|".join(alternatives), MASK, text) if alternatives else text
 
 
