@@ -2,10 +2,12 @@
 secrets masked unless the admin asks to see them.
 
 A variable is secret when its name (the last part of a dotted key) ends in `password`,
-`secret`, `pin` or `key`, or when the `admin_secret_vars` setting lists it (by its last part or
-its whole dotted name). Tables nested in lists, TOML's arrays of tables (`[[accounts]]`), are
-named by their place in the list: `accounts[0].password` is secret by its last part too, and
-`accounts.password` in `admin_secret_vars` names it in every element. Its value is masked in the variables table and wherever it appears in the
+`secret`, `pin` or `key`, when a table holding it is named for secrets (`passwords.admin`), or
+when the `admin_secret_vars` setting lists it (by its last part, its whole dotted name, or a
+table holding it); `is_secret` is the rule. Tables nested in lists, TOML's arrays of tables
+(`[[accounts]]`), are named by their place in the list: `accounts[0].password` is secret by its
+last part too, and `accounts.password` in `admin_secret_vars` names it in every element. Its
+value is masked in the variables table and wherever it appears in the
 script, also percent-encoded as innovaphone's configuration lines carry values (`p%40ss%20w0rd`,
 `quote()` and `quote_plus()` forms, either case of hex); values shorter than MIN_MASKED
 characters are masked in the table only, since replacing them throughout would hide unrelated

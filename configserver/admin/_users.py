@@ -148,7 +148,7 @@ class Users:
     def check(self, name: str, password: str) -> str | None:
         """The hash `password` matched when `name` exists and it is its password, else None.
         Costs one Argon2 hash either way."""
-        hashed = self._current().get(name)
+        hashed = self.hash_of(name)
         try:
             matched = _hasher.verify(hashed or _DUMMY, password) and hashed is not None
         except (VerificationError, InvalidHashError):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import string
 import traceback
 from collections.abc import Callable, Generator, Iterable, Mapping
 from contextvars import ContextVar
@@ -204,9 +203,14 @@ def _check_width(width: Any, what: str) -> None:
 
 def _check_size(size: int, what: str, sample: Any) -> None:
     if size > _MAX_REPEAT:
-        kind, unit = ("text", "characters") if isinstance(sample, str) else ("list", "items")
+        kind, unit = _kind_of(sample)
         raise SecurityError(f"{what} would make a {kind} of {size:,} {unit} (at most {_MAX_REPEAT:,}): "
                             "make the parts smaller")
+
+
+def _kind_of(sample: Any) -> tuple[str, str]:
+    """What a sequence is called in an error, and what it is made of."""
+    return ("text", "characters") if isinstance(sample, (str, bytes)) else ("list", "items")
 
 
 def _joinable(items: Iterable[Any], separator: str, what: str) -> list[str]:
@@ -266,7 +270,7 @@ def _check_product(left: Any, right: Any) -> None:
         if isinstance(sequence, (str, bytes, list, tuple)) and isinstance(count, int):
             size = len(sequence) * count
             if size > _MAX_REPEAT:
-                kind, unit = ("text", "characters") if isinstance(sequence, (str, bytes)) else ("list", "items")
+                kind, unit = _kind_of(sequence)
                 raise SecurityError(f"repeating a {kind} (length {len(sequence):,}) {count:,} times would make "
                                     f"{size:,} {unit} (at most {_MAX_REPEAT:,}): repeat it fewer times")
             return
@@ -301,7 +305,7 @@ class Renderer:
         """
         token = _rendering.set(snapshot)
         try:
-            text = _bounded("".join, self.environment.get_template(template).generate(context))
+            text = _bounded(self.environment.get_template(template).generate(context))
         except jinja2.TemplateSyntaxError as exc:
             raise ConfigurationError(f"syntax error: {exc.message}", exc.name or template, exc.lineno) from None
         except _Changed as exc:
@@ -341,7 +345,7 @@ class Renderer:
         return template, None
 
 
-def _bounded(join: Callable[[list[str]], str], pieces: Generator[str, None, None]) -> str:
+def _bounded(pieces: Generator[str, None, None]) -> str:
     """The pieces of a script as they are generated, joined; past _MAX_SCRIPT characters the
     error is raised where the template made the piece that crossed it (so it names its line)."""
     made: list[str] = []
@@ -352,7 +356,7 @@ def _bounded(join: Callable[[list[str]], str], pieces: Generator[str, None, None
         if size > _MAX_SCRIPT:
             pieces.throw(SecurityError(f"the script would be longer than {_MAX_SCRIPT:,} characters: "
                                        "make it shorter (fewer or shorter loops and values)"))
-    return join(made)
+    return "".join(made)
 
 
 def to_crlf(text: str) -> str:

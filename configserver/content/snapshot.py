@@ -286,10 +286,8 @@ def _inside(real: str, folder: str) -> bool:
     or a new folder on a reused inode)."""
     if real.startswith(real_folder(folder)):
         return True
-    fresh = os.path.realpath(folder) + os.sep
-    st = os.stat(folder)
-    _REAL_FOLDERS[folder] = (st.st_dev, st.st_ino, fresh)
-    return real.startswith(fresh)
+    _REAL_FOLDERS.pop(folder, None)   # worked out again
+    return real.startswith(real_folder(folder))
 
 
 def _unreadable(exc: OSError) -> Read:

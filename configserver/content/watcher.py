@@ -461,12 +461,8 @@ class ContentStore:
                 holding.add(key)
         if found:
             self._restless |= found.keys()
-            names = sorted(f"{kind}/{name}" for kind, name in found)
-            log.warning("files still changing hold no other change back any longer", extra={"fields": {
-                "event": "reload_partial", "files": names[:10], **({"more": len(names) - 10} if len(names) > 10 else {}),
-                "waited_s": round(max(found.values()), 1)}})
+            _tell_partial(found, max(found.values()))
         return holding
-
 
     def _held_too_long(self, held: bool, holding: set[Key], now: float) -> bool:
         """Whether changes that have settled (`held`: some have) have waited HELD_GRACES grace
@@ -479,11 +475,16 @@ class ContentStore:
         waited = now - self._held_since
         if waited < HELD_GRACES * self.grace_seconds:
             return False
-        names = sorted(f"{kind}/{name}" for kind, name in holding)
-        log.warning("files still changing hold no other change back any longer", extra={"fields": {
-            "event": "reload_partial", "files": names[:10], **({"more": len(names) - 10} if len(names) > 10 else {}),
-            "waited_s": round(waited, 1)}})
+        _tell_partial(holding, waited)
         return True
+
+
+def _tell_partial(still: Iterable[Key], waited: float) -> None:
+    """The log's word that the files `still` changing hold the others back no longer."""
+    names = sorted(f"{kind}/{name}" for kind, name in still)
+    log.warning("files still changing hold no other change back any longer", extra={"fields": {
+        "event": "reload_partial", "files": names[:10], **({"more": len(names) - 10} if len(names) > 10 else {}),
+        "waited_s": round(waited, 1)}})
 
 
 class _Links:
